@@ -1,0 +1,1 @@
+"""Shared test setup: every test runs on loopback only."""
