@@ -1,0 +1,231 @@
+"""The command line: tether serve | expose | connect | demo."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.live import Live
+from rich.logging import RichHandler
+
+from . import __version__
+from .app import ConnectSide, ExposeSide, Side
+from .cores.aiortc_core import AiortcTubeRegistry
+from .cores.gathering import LOOPBACK
+from .display import demo_line, tube_table
+from .signaling import SignalingServer
+from .signaling.client import AuthenticationError, ConversationFullError
+from .tunnel import parse_hostport
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="tether keeps WebRTC tunnels alive: TCP forwarding over WebRTC data channels.",
+)
+console = Console(stderr=True)
+out = Console()
+
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Show debug logs.")]
+Token = Annotated[
+    str | None,
+    typer.Option("--token", envvar="TETHER_TOKEN", help="Shared secret for the signaling server."),
+]
+Signal = Annotated[
+    str, typer.Option("--signal", help="Signaling server URL, e.g. ws://127.0.0.1:8765.")
+]
+Loopback = Annotated[
+    bool, typer.Option("--loopback", help="Gather ICE candidates on 127.0.0.1 only.")
+]
+IceServer = Annotated[
+    list[str] | None,
+    typer.Option("--ice-server", help="STUN/TURN URL (repeatable); none by default."),
+]
+
+
+def _logging(verbose: bool, default: int = logging.INFO) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else default,
+        format="%(name)s: %(message)s",
+        handlers=[RichHandler(console=console, show_path=False, rich_tracebacks=True)],
+        force=True,
+    )
+    if not verbose:
+        for noisy in ("aioice", "aiortc", "websockets"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _address(value: str, option: str) -> tuple[str, int]:
+    try:
+        return parse_hostport(value)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint=option) from None
+
+
+def _need_token(token: str | None) -> str:
+    if not token:
+        raise typer.BadParameter("give --token or set TETHER_TOKEN", param_hint="--token")
+    return token
+
+
+def _run(main: Callable[[], Awaitable[Any]]) -> Any:
+    """Run ``main``; Ctrl-C ends it cleanly (its finally blocks close everything)."""
+    try:
+        return asyncio.run(main())
+    except KeyboardInterrupt:
+        console.print("stopped")
+        return None
+    except AuthenticationError as exc:
+        console.print(f"[red]signaling server refused the token[/red]: {exc}. Check --token.")
+        raise typer.Exit(2) from None
+    except ConversationFullError as exc:
+        console.print(f"[red]conversation is full[/red]: {exc}. Is another peer using this NAME?")
+        raise typer.Exit(2) from None
+
+
+async def _show(side: Side, title: str) -> None:
+    """Keep a live table of the side's tubes until cancelled."""
+    with Live(tube_table(title, side.snapshot()), console=console, refresh_per_second=2) as live:
+        while True:
+            await asyncio.sleep(0.5)
+            status = "" if side.client.connected else " (signaling: reconnecting)"
+            live.update(tube_table(title + status, side.snapshot()))
+
+
+@app.command()
+def version() -> None:
+    """Print tether's version."""
+    out.print(__version__)
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on (0: any free port).")] = 8765,
+    token: Token = None,
+    verbose: Verbose = False,
+) -> None:
+    """Run the signaling relay that peers meet through."""
+    _logging(verbose)
+    if not token:
+        token = secrets.token_urlsafe(16)
+        console.print(f"no --token given; peers must use [bold]--token {token}[/bold]")
+
+    async def main() -> None:
+        server = SignalingServer(host=host, port=port, token=token)
+        await server.start()
+        console.print(f"signaling server on ws://{host}:{server.port} (Ctrl-C to stop)")
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await server.close()
+
+    _run(main)
+
+
+@app.command()
+def expose(
+    name: Annotated[str, typer.Argument(help="Tunnel name, shared with the connecting side.")],
+    target: Annotated[str, typer.Option(help="HOST:PORT to forward to, e.g. 127.0.0.1:22.")],
+    signal: Signal,
+    token: Token = None,
+    loopback: Loopback = False,
+    ice_server: IceServer = None,
+    verbose: Verbose = False,
+) -> None:
+    """Expose TARGET as tunnel NAME: answer tubes and dial TARGET for each stream."""
+    _logging(verbose)
+    address = _address(target, "--target")
+    token = _need_token(token)
+
+    async def main() -> None:
+        side = ExposeSide(name, target=address, signal_url=signal, token=token,
+                          **_core_options(loopback, ice_server))
+        try:
+            console.print(f"exposing {target} as {name!r} via {signal}")
+            await side.start()
+            await _show(side, f"expose {name} -> {target}")
+        finally:
+            await side.close()
+
+    _run(main)
+
+
+@app.command()
+def connect(
+    name: Annotated[str, typer.Argument(help="Tunnel name, as given to `tether expose`.")],
+    listen: Annotated[str, typer.Option(help="Local HOST:PORT to listen on (port 0: any).")],
+    signal: Signal,
+    token: Token = None,
+    loopback: Loopback = False,
+    ice_server: IceServer = None,
+    verbose: Verbose = False,
+) -> None:
+    """Listen on LISTEN and carry every connection through tunnel NAME."""
+    _logging(verbose)
+    address = _address(listen, "--listen")
+    token = _need_token(token)
+
+    async def main() -> None:
+        side = ConnectSide(name, listen=address, signal_url=signal, token=token,
+                           **_core_options(loopback, ice_server))
+        try:
+            await side.start()
+            host, port = side.listen_address
+            shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            out.print(f"listening on {shown}", highlight=False)
+            await _show(side, f"connect {name} on {shown}")
+        finally:
+            await side.close()
+
+    _run(main)
+
+
+def _core_options(loopback: bool, ice_servers: list[str] | None) -> dict[str, Any]:
+    core = AiortcTubeRegistry(
+        host_addresses=LOOPBACK if loopback else None, ice_servers=ice_servers or ()
+    )
+    return {"core": core}
+
+
+@app.command()
+def demo(
+    mb: Annotated[float, typer.Option(help="Megabytes to push through the tunnel.")] = 32,
+    streams: Annotated[int, typer.Option(help="Concurrent TCP connections.")] = 4,
+    as_json: Annotated[bool, typer.Option("--json", help="End with one JSON line.")] = False,
+    verbose: Verbose = False,
+) -> None:
+    """Run a whole tunnel in this process and check every byte (nothing to configure)."""
+    from .demo import DataMismatch, run_demo
+
+    _logging(verbose, default=logging.WARNING)
+    if mb <= 0 or streams <= 0:
+        raise typer.BadParameter("--mb and --streams must be positive")
+
+    async def main() -> Any:
+        with Live(console=console, refresh_per_second=8, transient=False) as live:
+            return await run_demo(mb=mb, streams=streams,
+                                  on_tick=lambda p: live.update(demo_line(p)))
+
+    try:
+        result = _run(main)
+    except DataMismatch as exc:
+        console.print(f"[red]data check failed[/red]: {exc}")
+        raise typer.Exit(1) from None
+    if result is None:
+        raise typer.Exit(130)
+    console.print(
+        f"[green]ok[/green]: tube {result.tube_id} connected in {result.connect_ms:.0f} ms; "
+        f"{result.mb:g} MB over {result.streams} streams in {result.seconds:.2f} s = "
+        f"[bold]{result.throughput_mb_s:.2f} MB/s[/bold]; "
+        f"{result.bytes_verified:,} of {result.bytes_sent:,} bytes verified"
+    )
+    if as_json:
+        with contextlib.suppress(BrokenPipeError):
+            out.print(json.dumps(result.as_dict()), highlight=False, soft_wrap=True)

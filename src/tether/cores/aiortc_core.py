@@ -1,0 +1,500 @@
+"""The default WebRTC core: tubes on aiortc, behind Contract 2 (the seed's TubeRegistry).
+
+One tube is one RTCPeerConnection with two pre-negotiated data channels: id 0 carries the
+tunnel, id 1 carries tether's own control messages (keepalives). Negotiated channels exist
+on both sides before the SDP exchange, so the tunnel never waits for an in-band open.
+
+aiortc gathers every candidate inside setLocalDescription and puts them in the SDP; with
+trickle_ice (the default) the core strips them from the SDP and hands them to
+signal_callback one by one as ``icecandidate`` signals, then ``''`` for the end, exactly as
+the seed's Rust core does. SDP travels base64-encoded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import inspect
+import logging
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiortc import (
+    RTCConfiguration,
+    RTCDataChannel,
+    RTCIceServer,
+    RTCPeerConnection,
+    RTCSessionDescription,
+)
+
+from .. import signals
+from . import gathering
+from .ice_path import IcePath, candidate_ufrag, parse_candidate
+
+logger = logging.getLogger(__name__)
+
+TUNNEL_CHANNEL_ID = 0
+CONTROL_CHANNEL_ID = 1
+KEEPALIVE_MESSAGE = b"tether:keepalive"
+SIGNAL_QUEUE_LIMIT = 1024
+HELD_CANDIDATES_LIMIT = 256
+
+SignalCallback = Callable[[signals.Signal], Any]
+
+
+class UnknownTubeError(KeyError):
+    """No tube with this id lives in the registry."""
+
+    def __str__(self) -> str:
+        return f"unknown tube {self.args[0]!r}"
+
+
+def encode_sdp(sdp: str) -> str:
+    return base64.b64encode(sdp.encode()).decode("ascii")
+
+
+def decode_sdp(data: str) -> str:
+    try:
+        return base64.b64decode(data.encode("ascii"), validate=True).decode()
+    except (ValueError, UnicodeError) as exc:
+        raise ValueError(f"SDP is not valid base64 text: {exc}") from None
+
+
+def sdp_credentials(sdp: str) -> tuple[str, str]:
+    """The ICE ufrag and password an SDP carries."""
+    ufrag = pwd = None
+    for line in sdp.splitlines():
+        if line.startswith("a=ice-ufrag:"):
+            ufrag = line.split(":", 1)[1].strip()
+        elif line.startswith("a=ice-pwd:"):
+            pwd = line.split(":", 1)[1].strip()
+    if not ufrag or not pwd:
+        raise ValueError("SDP has no ICE credentials (a=ice-ufrag / a=ice-pwd)")
+    return ufrag, pwd
+
+
+def with_credentials(sdp: str, ufrag: str, pwd: str) -> str:
+    """``sdp`` with its ICE credentials replaced and its candidates removed."""
+    lines = []
+    for line in split_candidates(sdp)[0].splitlines():
+        if line.startswith("a=ice-ufrag:"):
+            line = f"a=ice-ufrag:{ufrag}"
+        elif line.startswith("a=ice-pwd:"):
+            line = f"a=ice-pwd:{pwd}"
+        lines.append(line)
+    return "\r\n".join(lines) + "\r\n"
+
+
+def split_candidates(sdp: str) -> tuple[str, list[str]]:
+    """Remove candidate lines from ``sdp``; return it and the candidates ('candidate:...')."""
+    kept: list[str] = []
+    found: list[str] = []
+    for line in sdp.splitlines():
+        if line.startswith("a=candidate:"):
+            found.append(line[2:])
+        elif line != "a=end-of-candidates":
+            kept.append(line)
+    return "\r\n".join(kept) + "\r\n", found
+
+
+@dataclass(eq=False)
+class _Tube:
+    """Everything the core holds for one tube."""
+
+    tube_id: str
+    conversation_id: str
+    pc: RTCPeerConnection
+    tunnel_channel: RTCDataChannel
+    control_channel: RTCDataChannel
+    trickle: bool
+    signal_callback: SignalCallback | None
+    path: IcePath | None = None
+    state: str = "new"
+    pending_candidates: list[str] = field(default_factory=list)
+    outbox: asyncio.Queue[signals.Signal | None] = field(
+        default_factory=lambda: asyncio.Queue(SIGNAL_QUEUE_LIMIT)
+    )
+    pump: asyncio.Task[None] | None = None
+    closing: bool = False
+    created_at: float = field(default_factory=time.monotonic)
+    chunks_sent: int = 0
+    chunks_resent: int = 0
+
+    @property
+    def has_remote_description(self) -> bool:
+        return self.pc.remoteDescription is not None
+
+
+class AiortcTubeRegistry:
+    """Tubes on aiortc.
+
+    ``host_addresses`` picks the local addresses to gather on (None: every interface but
+    loopback, aioice's choice; ``gathering.LOOPBACK`` for a loopback-only host or tests).
+    ``ice_servers`` is a list of STUN/TURN URLs; empty by default, so no public server is
+    ever contacted unless configured. ``liveness`` tunes dead-path detection
+    (IcePath's interval, misses and generation_timeout).
+    """
+
+    def __init__(
+        self,
+        *,
+        host_addresses: Sequence[str] | None = None,
+        ice_servers: Sequence[str] = (),
+        liveness: dict[str, float] | None = None,
+    ) -> None:
+        self.host_addresses = tuple(host_addresses) if host_addresses is not None else None
+        self.ice_servers = list(ice_servers)
+        self.liveness = dict(liveness or {})
+        self._tubes: dict[str, _Tube] = {}
+        gathering.install()
+
+    # -- Contract 2 ---------------------------------------------------------------------
+
+    async def create_tube(
+        self,
+        conversation_id: str,
+        settings: dict[str, Any] | None = None,
+        trickle_ice: bool = True,
+        offer: str | None = None,
+        signal_callback: SignalCallback | None = None,
+        tube_id: str | None = None,
+    ) -> dict[str, str]:
+        """Without ``offer``: make an offer. With one: answer it. Returns tube_id and the SDP."""
+        settings = settings or {}
+        if tube_id is None:
+            tube_id = _new_tube_id()
+        if tube_id in self._tubes:
+            raise ValueError(f"tube {tube_id!r} already exists")
+        ice_servers = settings.get("ice_servers", self.ice_servers)
+        pc = RTCPeerConnection(
+            RTCConfiguration(iceServers=[RTCIceServer(urls=u) for u in ice_servers])
+        )
+        tube = _Tube(
+            tube_id=tube_id,
+            conversation_id=conversation_id,
+            pc=pc,
+            tunnel_channel=pc.createDataChannel(
+                "tether", negotiated=True, id=TUNNEL_CHANNEL_ID
+            ),
+            control_channel=pc.createDataChannel(
+                "tether-control", negotiated=True, id=CONTROL_CHANNEL_ID
+            ),
+            trickle=trickle_ice,
+            signal_callback=signal_callback,
+        )
+        self._tubes[tube_id] = tube
+        tube.pump = asyncio.create_task(self._pump(tube), name=f"tether-signals-{tube_id}")
+        addresses = settings.get("host_addresses", self.host_addresses)
+        tube.path = IcePath(
+            tube_id, pc.sctp.transport.transport,
+            on_state=lambda state: self._set_state(tube, state),
+            host_addresses=addresses, **self.liveness,
+        )
+        self._watch(tube)
+        try:
+            with gathering.host_addresses(addresses):
+                if offer is None:
+                    await pc.setLocalDescription(await pc.createOffer())
+                else:
+                    await self._apply_remote(tube, decode_sdp(offer), "offer")
+                    await pc.setLocalDescription(await pc.createAnswer())
+        except BaseException:
+            await self.close_tube(tube_id, reason="setup failed")
+            raise
+        sdp = self._outgoing_sdp(tube)
+        logger.debug("tube %s: created (%s)", tube_id, "answer" if offer else "offer")
+        key = "answer" if offer is not None else "offer"
+        return {"tube_id": tube_id, key: encode_sdp(sdp)}
+
+    async def set_remote_description(
+        self, tube_id: str, sdp: str, is_answer: bool = False
+    ) -> str | None:
+        """Apply the peer's SDP. An offer (first, or an ICE restart) returns our answer."""
+        tube = self._tube(tube_id)
+        text = decode_sdp(sdp)
+        if not tube.has_remote_description:
+            if is_answer:
+                await self._apply_remote(tube, text, "answer")
+                return None
+            with gathering.host_addresses(self.host_addresses):
+                await self._apply_remote(tube, text, "offer")
+                await tube.pc.setLocalDescription(await tube.pc.createAnswer())
+            return encode_sdp(self._outgoing_sdp(tube))
+        return await self._restart_description(tube, text, is_answer)
+
+    async def add_ice_candidate(self, tube_id: str, candidate: str) -> None:
+        """Add a remote candidate ('' ends them).
+
+        A candidate that arrives before the description it belongs to (the first one, or
+        an ICE restart's, named by its 'ufrag' extension) is held and applied with it.
+        """
+        tube = self._tube(tube_id)
+        ufrag = candidate_ufrag(candidate) if candidate else None
+        gen = tube.path.generation_for(ufrag) if tube.has_remote_description else None
+        if gen is None:
+            if len(tube.pending_candidates) >= HELD_CANDIDATES_LIMIT:
+                raise ValueError(f"tube {tube_id}: too many candidates held")
+            tube.pending_candidates.append(candidate)
+            return
+        if gen._remote_candidates_end:
+            logger.debug("tube %s: candidate after end-of-candidates ignored", tube_id)
+            return
+        if candidate == "":
+            await gen.add_remote_candidate(None)
+            return
+        try:
+            parsed = parse_candidate(candidate)
+        except ValueError as exc:
+            raise ValueError(f"tube {tube_id}: {exc}") from None
+        await gen.add_remote_candidate(parsed)
+
+    async def restart_ice(self, tube_id: str) -> str:
+        """Start an ICE restart: a new offer with fresh credentials; candidates trickle."""
+        tube = self._tube(tube_id)
+        if not tube.has_remote_description:
+            raise RuntimeError(f"tube {tube_id}: cannot restart ICE before the first answer")
+        candidates = await tube.path.start_offer()
+        ufrag, pwd = tube.path.local_credentials
+        sdp = with_credentials(tube.pc.localDescription.sdp, ufrag, pwd)
+        logger.info("tube %s: ICE restart offer (ufrag %s)", tube_id, ufrag)
+        return encode_sdp(self._send_candidates(tube, sdp, candidates, ufrag))
+
+    def get_connection_state(self, tube_id: str) -> str:
+        """'new', 'connecting', 'connected', 'disconnected', 'failed' or 'closed'."""
+        return self._tube(tube_id).state
+
+    def get_connection_stats(self, tube_id: str) -> dict[str, float]:
+        """Bytes on the wire (DTLS records), SCTP smoothed RTT and retransmission rate."""
+        tube = self._tube(tube_id)
+        stats = {
+            "bytes_sent": 0,
+            "bytes_received": 0,
+            "packet_loss_rate": 0.0,
+            "rtt_ms": None,
+        }
+        sctp = tube.pc.sctp
+        if sctp is None:
+            return stats
+        for report in sctp.transport._get_stats().values():
+            stats["bytes_sent"] = report.bytesSent
+            stats["bytes_received"] = report.bytesReceived
+        srtt = sctp._srtt
+        stats["rtt_ms"] = round(srtt * 1000.0, 3) if srtt is not None else None
+        if tube.chunks_sent:
+            stats["packet_loss_rate"] = tube.chunks_resent / tube.chunks_sent
+        return stats
+
+    async def close_tube(self, tube_id: str, reason: str | None = None) -> None:
+        """Close the tube and forget it; closing an unknown or closed tube does nothing."""
+        tube = self._tubes.get(tube_id)
+        if tube is None or tube.closing:
+            return
+        tube.closing = True
+        logger.debug("tube %s: closing (%s)", tube_id, reason or "no reason given")
+        try:
+            await tube.pc.close()
+            if tube.path is not None:
+                await tube.path.close()
+        finally:
+            self._set_state(tube, "closed")
+            self._tubes.pop(tube_id, None)
+            await self._stop_pump(tube)
+
+    # -- tether's additions --------------------------------------------------------------
+
+    @property
+    def tube_ids(self) -> list[str]:
+        return list(self._tubes)
+
+    def channel(self, tube_id: str) -> RTCDataChannel:
+        """The tube's tunnel data channel (open once the tube connects)."""
+        return self._tube(tube_id).tunnel_channel
+
+    async def wait_channel(self, tube_id: str) -> RTCDataChannel:
+        """Return the tunnel channel once it is open."""
+        channel = self.channel(tube_id)
+        if channel.readyState != "open":
+            opened = asyncio.get_running_loop().create_future()
+
+            def on_open() -> None:
+                if not opened.done():
+                    opened.set_result(None)
+
+            def on_close() -> None:
+                if not opened.done():
+                    opened.set_exception(ConnectionError(f"tube {tube_id}: channel closed"))
+
+            channel.once("open", on_open)
+            channel.once("close", on_close)
+            if channel.readyState == "open":
+                on_open()
+            await opened
+        return channel
+
+    def send_keepalive(self, tube_id: str) -> None:
+        """Send a keepalive over the tube, refreshing every NAT mapping on the path."""
+        channel = self._tube(tube_id).control_channel
+        if channel.readyState == "open":
+            channel.send(KEEPALIVE_MESSAGE)
+
+    async def close(self) -> None:
+        """Close every tube."""
+        for tube_id in list(self._tubes):
+            await self.close_tube(tube_id, reason="registry closed")
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _tube(self, tube_id: str) -> _Tube:
+        try:
+            return self._tubes[tube_id]
+        except KeyError:
+            raise UnknownTubeError(tube_id) from None
+
+    def _outgoing_sdp(self, tube: _Tube) -> str:
+        sdp = tube.pc.localDescription.sdp
+        if not tube.trickle:
+            return sdp
+        stripped, candidates = split_candidates(sdp)
+        ufrag, _ = sdp_credentials(sdp)
+        return self._send_candidates(tube, stripped, candidates, ufrag)
+
+    def _send_candidates(
+        self, tube: _Tube, sdp: str, candidates: list[str], ufrag: str
+    ) -> str:
+        """Trickle ``candidates`` tagged with their ufrag, or put them in the SDP.
+
+        End-of-candidates ('') is only sent for the first generation: a bare '' cannot say
+        which generation it ends, and a restart generation is bounded by its own timeout.
+        """
+        if not tube.trickle:
+            lines = sdp.rstrip("\r\n").split("\r\n")
+            lines += [f"a={c}" for c in candidates] + ["a=end-of-candidates"]
+            return "\r\n".join(lines) + "\r\n"
+        for candidate in candidates:
+            self._emit(tube, signals.ICE_CANDIDATE, f"{candidate} ufrag {ufrag}")
+        if tube.path.generation == 1 and tube.path.pending is None:
+            self._emit(tube, signals.ICE_CANDIDATE, "")
+        return sdp
+
+    async def _apply_remote(self, tube: _Tube, sdp: str, kind: str) -> None:
+        tube.path.first_answer(sdp_credentials(sdp)[0])
+        await tube.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type=kind))
+        await self._apply_held(tube)
+
+    async def _apply_held(self, tube: _Tube) -> None:
+        held, tube.pending_candidates = tube.pending_candidates, []
+        for candidate in held:
+            await self.add_ice_candidate(tube.tube_id, candidate)
+
+    async def _restart_description(self, tube: _Tube, sdp: str, is_answer: bool) -> str | None:
+        """The peer's side of an ICE restart (an offer), or its answer to ours."""
+        ufrag, pwd = sdp_credentials(sdp)
+        _, candidates = split_candidates(sdp)
+        path = tube.path
+        if is_answer:
+            if path.pending is None:
+                if ufrag == path.remote_ufrag(path.current):
+                    return None  # the answer we already have
+                raise ValueError(f"tube {tube.tube_id}: ICE restart answer without a restart")
+            path.accept_answer(ufrag, pwd, candidates)
+            await self._apply_held(tube)
+            return None
+        if ufrag == path.remote_ufrag(path.current) and path.pending is None:
+            local_ufrag, local_pwd = path.local_credentials
+            return encode_sdp(with_credentials(tube.pc.localDescription.sdp, local_ufrag, local_pwd))
+        logger.info("tube %s: answering ICE restart (remote ufrag %s)", tube.tube_id, ufrag)
+        self._set_state(tube, "connecting")
+        local = await path.accept_offer(ufrag, pwd, candidates)
+        await self._apply_held(tube)
+        local_ufrag, local_pwd = path.local_credentials
+        answer = with_credentials(tube.pc.localDescription.sdp, local_ufrag, local_pwd)
+        return encode_sdp(self._send_candidates(tube, answer, local, local_ufrag))
+
+    def _set_state(self, tube: _Tube, state: str) -> None:
+        if state == tube.state or tube.state == "closed":
+            return
+        logger.debug("tube %s: %s -> %s", tube.tube_id, tube.state, state)
+        tube.state = state
+        self._emit(tube, signals.CONNECTION_STATE_CHANGED, state)
+
+    def _watch(self, tube: _Tube) -> None:
+        """Turn aiortc events into signals and count SCTP retransmissions for loss."""
+        pc = tube.pc
+
+        @pc.on("connectionstatechange")
+        def on_state() -> None:
+            # Once connected, the IcePath reports the path's health; aiortc then only
+            # still speaks for the end of the connection.
+            state = pc.connectionState
+            if tube.path.watching and state not in ("failed", "closed"):
+                return
+            if state == "connected":
+                tube.path.connected()
+                self._count_retransmissions(tube)
+            self._set_state(tube, state)
+
+        @tube.control_channel.on("message")
+        def on_control(message: bytes | str) -> None:
+            if message == KEEPALIVE_MESSAGE:
+                self._emit(tube, signals.KEEPALIVE, "")
+
+        @tube.tunnel_channel.on("close")
+        def on_close() -> None:
+            self._emit(tube, signals.CHANNEL_CLOSED, "tunnel channel closed")
+
+    @staticmethod
+    def _count_retransmissions(tube: _Tube) -> None:
+        sctp = tube.pc.sctp
+        if sctp is None or "_send_chunk" in vars(sctp):
+            return
+        send_chunk = sctp._send_chunk
+
+        async def counting_send_chunk(chunk: Any) -> None:
+            tube.chunks_sent += 1
+            if getattr(chunk, "_sent_count", 1) > 1:
+                tube.chunks_resent += 1
+            await send_chunk(chunk)
+
+        sctp._send_chunk = counting_send_chunk
+
+    def _emit(self, tube: _Tube, kind: str, data: str) -> None:
+        if tube.signal_callback is None:
+            return
+        signal = signals.make_signal(tube.tube_id, tube.conversation_id, kind, data)
+        try:
+            tube.outbox.put_nowait(signal)
+        except asyncio.QueueFull:
+            logger.error("tube %s: signal queue full, %s signal not delivered", tube.tube_id, kind)
+
+    async def _pump(self, tube: _Tube) -> None:
+        """Deliver this tube's signals in order; the callback may be sync or async."""
+        while (signal := await tube.outbox.get()) is not None:
+            try:
+                result = tube.signal_callback(signal) if tube.signal_callback else None
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:
+                logger.exception("tube %s: signal callback failed on %s", tube.tube_id, signal["kind"])
+
+    @staticmethod
+    async def _stop_pump(tube: _Tube) -> None:
+        """Let queued signals (the final state changes) go out, then end the pump."""
+        if tube.pump is None or tube.pump is asyncio.current_task():
+            return
+        try:
+            tube.outbox.put_nowait(None)
+            await asyncio.wait_for(asyncio.shield(tube.pump), timeout=2.0)
+        except (asyncio.QueueFull, TimeoutError):
+            tube.pump.cancel()
+        try:
+            await tube.pump
+        except asyncio.CancelledError:
+            if not tube.pump.cancelled():
+                raise
+
+
+def _new_tube_id() -> str:
+    return secrets.token_urlsafe(12)

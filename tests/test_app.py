@@ -1,0 +1,125 @@
+"""End to end: two sides meet through a real signaling server and carry real TCP streams."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+
+import pytest
+
+from tether.app import ConnectSide, ExposeSide
+from tether.connection_manager import ConnectionState
+from tether.cores.gathering import LOOPBACK
+from tether.echo import start_echo_server
+from tether.signaling import SignalingServer
+
+
+@pytest.fixture
+async def echo_address():
+    server = await start_echo_server("127.0.0.1", 0)
+    yield server.sockets[0].getsockname()[:2]
+    server.close()
+    await server.wait_closed()
+
+
+@pytest.fixture
+async def relay():
+    server = SignalingServer(host="127.0.0.1", port=0, token="t0ken")
+    await server.start()
+    yield server
+    await server.close()
+
+
+def sides(relay_port: int, target, name: str = "db"):
+    url = f"ws://127.0.0.1:{relay_port}"
+    common = {"signal_url": url, "token": "t0ken", "host_addresses": LOOPBACK}
+    expose = ExposeSide(name, target=target, **common)
+    connect = ConnectSide(name, listen=("127.0.0.1", 0), **common)
+    return expose, connect
+
+
+async def echo_once(address, payload: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection(*address)
+    writer.write(payload)
+    writer.write_eof()
+    data = await asyncio.wait_for(reader.read(), 20)
+    writer.close()
+    await writer.wait_closed()
+    return data
+
+
+async def test_tube_connects_and_carries_a_stream(relay, echo_address):
+    expose, connect = sides(relay.port, echo_address)
+    states: list[ConnectionState] = []
+    async with expose, connect:
+        handle = await connect.wait_ready(timeout=20)
+        states.append(handle.manager.state)
+        payload = os.urandom(200_000)
+        assert await echo_once(connect.listen_address, payload) == payload
+        assert handle.connect_ms is not None and handle.connect_ms > 0
+        # The exposing side has one tube with the same id, managed and connected.
+        assert list(expose.tubes) == [handle.tube_id]
+        remote = expose.managers.get(handle.tube_id)
+        assert remote is not None and remote.state is ConnectionState.CONNECTED
+        rows = connect.snapshot()
+        assert rows[0]["tube_id"] == handle.tube_id and rows[0]["state"] == "connected"
+    assert states == [ConnectionState.CONNECTED]
+    # Closing the sides closed every tube and unregistered every manager.
+    assert connect.core.tube_ids == [] and expose.core.tube_ids == []
+    assert connect.managers.get(handle.tube_id) is None
+
+
+async def test_relay_restart_during_setup(echo_address):
+    """The relay dies right after the offer reached the exposing side; the tube still comes up."""
+    server = SignalingServer(host="127.0.0.1", port=0, token="t0ken")
+    await server.start()
+    port = server.port
+    expose, connect = sides(port, echo_address, name="restart")
+    restarted = asyncio.Event()
+    answer_offer = expose._on_unknown_tube
+
+    async def offer_then_relay_dies(signal):
+        if signal["kind"] == "offer" and not restarted.is_set():
+            await server.close()
+            restarted.set()
+        return await answer_offer(signal)
+
+    expose._on_unknown_tube = offer_then_relay_dies
+    second = None
+    try:
+        async with expose, connect:
+            await asyncio.wait_for(restarted.wait(), 20)
+            second = SignalingServer(host="127.0.0.1", port=port, token="t0ken")
+            await second.start()
+            handle = await connect.wait_ready(timeout=30)
+            payload = secrets.token_bytes(50_000)
+            assert await echo_once(connect.listen_address, payload) == payload
+            assert handle.manager.state is ConnectionState.CONNECTED
+    finally:
+        if second is not None:
+            await second.close()
+
+
+async def test_refused_target_ends_only_that_stream(relay):
+    closed = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    dead_port = closed.sockets[0].getsockname()[1]
+    closed.close()
+    await closed.wait_closed()
+    expose, connect = sides(relay.port, ("127.0.0.1", dead_port), name="refused")
+    async with expose, connect:
+        handle = await connect.wait_ready(timeout=20)
+        assert await echo_once(connect.listen_address, b"hello") == b""
+        # The tube itself is fine and a later stream is tried again.
+        assert handle.manager.state is ConnectionState.CONNECTED
+        assert handle.tunnel.stats["open_failures"] >= 1
+
+
+async def test_wrong_token_is_refused(relay, echo_address):
+    from tether.signaling.client import AuthenticationError
+
+    expose = ExposeSide("x", target=echo_address, signal_url=f"ws://127.0.0.1:{relay.port}",
+                        token="wrong", host_addresses=LOOPBACK)
+    with pytest.raises(AuthenticationError):
+        await asyncio.wait_for(expose.start(), 10)
+    await expose.close()
