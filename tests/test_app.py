@@ -77,7 +77,7 @@ async def test_relay_restart_during_setup(echo_address):
     port = server.port
     expose, connect = sides(port, echo_address, name="restart")
     restarted = asyncio.Event()
-    answer_offer = expose._on_unknown_tube
+    answer_offer = expose.router._on_unknown_tube
 
     async def offer_then_relay_dies(signal):
         if signal["kind"] == "offer" and not restarted.is_set():
@@ -85,7 +85,7 @@ async def test_relay_restart_during_setup(echo_address):
             restarted.set()
         return await answer_offer(signal)
 
-    expose._on_unknown_tube = offer_then_relay_dies
+    expose.router._on_unknown_tube = offer_then_relay_dies
     second = None
     try:
         async with expose, connect:

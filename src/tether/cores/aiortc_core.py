@@ -257,6 +257,7 @@ class AiortcTubeRegistry:
         if not tube.has_remote_description:
             raise RuntimeError(f"tube {tube_id}: cannot restart ICE before the first answer")
         candidates = await tube.path.start_offer()
+        self._set_state(tube, "connecting")  # 'connected' again once the new path works
         ufrag, pwd = tube.path.local_credentials
         sdp = with_credentials(tube.pc.localDescription.sdp, ufrag, pwd)
         logger.info("tube %s: ICE restart offer (ufrag %s)", tube_id, ufrag)

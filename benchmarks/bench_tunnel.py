@@ -1,0 +1,189 @@
+"""Tunnel throughput: N MB through K concurrent TCP streams of one tube, in one process.
+
+Two aiortc peers on loopback, a connecting tunnel listening on 127.0.0.1, an exposing
+tunnel dialing a local target. Every byte is checked:
+
+- sink mode (default, one way): each client sends seeded random bytes then EOF; the target
+  hashes everything it reads and answers with the SHA-256, which the client compares.
+- echo mode (--echo, both ways): the target echoes; the client compares every byte.
+
+Measures, does not assert. Both peers share one process (and one core), so numbers are
+lower than with two processes. ``--json`` prints one JSON object on the last line.
+
+    .venv/bin/python benchmarks/bench_tunnel.py [--mb 32] [--streams 4] [--echo] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import random
+import sys
+import time
+from typing import Any
+
+from aiortc import RTCConfiguration, RTCDataChannel, RTCPeerConnection
+
+from tether.cores.gathering import LOOPBACK, host_addresses
+from tether.tunnel import DEFAULT_HIGH_WATER, DEFAULT_WINDOW, Tunnel
+
+MB = 1024 * 1024
+CHUNK = 64 * 1024
+
+
+async def channel_pair() -> tuple[RTCPeerConnection, RTCPeerConnection, RTCDataChannel, RTCDataChannel]:
+    a = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    b = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    ca = a.createDataChannel("tether", negotiated=True, id=0)
+    cb = b.createDataChannel("tether", negotiated=True, id=0)
+    with host_addresses(LOOPBACK):
+        await a.setLocalDescription(await a.createOffer())
+        await b.setRemoteDescription(a.localDescription)
+        await b.setLocalDescription(await b.createAnswer())
+        await a.setRemoteDescription(b.localDescription)
+
+    async def opened(ch: RTCDataChannel) -> None:
+        if ch.readyState != "open":
+            ev = asyncio.Event()
+            ch.on("open", ev.set)
+            if ch.readyState != "open":
+                await ev.wait()
+
+    await asyncio.wait_for(asyncio.gather(opened(ca), opened(cb)), 30)
+    return a, b, ca, cb
+
+
+async def _sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    digest = hashlib.sha256()
+    try:
+        while data := await reader.read(256 * 1024):
+            digest.update(data)
+        writer.write(digest.digest())
+        await writer.drain()
+    finally:
+        writer.close()
+
+
+async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(256 * 1024):
+            writer.write(data)
+            await writer.drain()
+        writer.write_eof()
+        await writer.drain()
+    finally:
+        writer.close()
+
+
+async def _client(address: tuple[str, int], size: int, seed: int, echo: bool) -> None:
+    reader, writer = await asyncio.open_connection(*address)
+    gen, check = random.Random(seed), random.Random(seed)
+    digest = hashlib.sha256()
+
+    async def send() -> None:
+        left = size
+        while left:
+            block = gen.randbytes(min(CHUNK, left))
+            digest.update(block)
+            writer.write(block)
+            await writer.drain()
+            left -= len(block)
+        writer.write_eof()
+
+    async def receive_echo() -> None:
+        left = size
+        while left:
+            data = await reader.read(min(CHUNK, left))
+            if not data:
+                raise RuntimeError(f"stream {seed}: echo ended {left} bytes early")
+            if data != check.randbytes(len(data)):
+                raise RuntimeError(f"stream {seed}: bytes differ at offset {size - left}")
+            left -= len(data)
+        if await reader.read() != b"":
+            raise RuntimeError(f"stream {seed}: extra bytes after the echo")
+
+    try:
+        if echo:
+            await asyncio.gather(send(), receive_echo())
+        else:
+            await send()
+            answer = await reader.read()
+            if answer != digest.digest():
+                raise RuntimeError(f"stream {seed}: the target's SHA-256 does not match")
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError, OSError):
+            await writer.wait_closed()
+
+
+async def run(mb: float, streams: int, echo: bool, window: int, high_water: int) -> dict[str, Any]:
+    total = int(mb * MB)
+    target_server = await asyncio.start_server(_echo if echo else _sink, "127.0.0.1", 0)
+    target = target_server.sockets[0].getsockname()[:2]
+    a, b, ca, cb = await channel_pair()
+    connect = Tunnel(ca, name="bench-c", target=None, window=window, high_water=high_water)
+    expose = Tunnel(cb, name="bench-e", target=target, window=window, high_water=high_water)
+    connect.start()
+    expose.start()
+    try:
+        server = await connect.listen("127.0.0.1", 0)
+        address = server.sockets[0].getsockname()[:2]
+        sizes = [total // streams + (1 if i < total % streams else 0) for i in range(streams)]
+        cpu0, t0 = time.process_time(), time.perf_counter()
+        await asyncio.gather(*(_client(address, size, seed, echo)
+                               for seed, size in enumerate(sizes)))
+        seconds = time.perf_counter() - t0
+        cpu = time.process_time() - cpu0
+        moved = total * (2 if echo else 1)
+        return {
+            "mode": "echo" if echo else "sink",
+            "mb": mb,
+            "streams": streams,
+            "window": window,
+            "high_water": high_water,
+            "seconds": round(seconds, 3),
+            "throughput_mb_s": round(total / MB / seconds, 2),
+            "moved_mb_s": round(moved / MB / seconds, 2),
+            "cpu_ms_per_mb": round(cpu * 1000 / (moved / MB), 1),
+            "bytes_verified": total,
+            "max_buffered_connect": connect.stats["max_buffered"],
+            "max_buffered_expose": expose.stats["max_buffered"],
+            "buffered_waits": connect.stats["buffered_waits"] + expose.stats["buffered_waits"],
+        }
+    finally:
+        await connect.close()
+        await expose.close()
+        await a.close()
+        await b.close()
+        target_server.close()
+        await target_server.wait_closed()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--mb", type=float, default=32, help="megabytes to push (default 32)")
+    parser.add_argument("--streams", type=int, default=4, help="concurrent streams (default 4)")
+    parser.add_argument("--echo", action="store_true", help="echo target: data goes both ways")
+    parser.add_argument("--window", type=int, default=DEFAULT_WINDOW)
+    parser.add_argument("--high-water", type=int, default=DEFAULT_HIGH_WATER)
+    parser.add_argument("--json", action="store_true", help="print one JSON object last")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    result = asyncio.run(run(args.mb, args.streams, args.echo, args.window, args.high_water))
+    print(f"tunnel {result['mode']}: {args.mb:g} MB through {args.streams} streams in "
+          f"{result['seconds']:.2f} s = {result['throughput_mb_s']:.2f} MB/s "
+          f"({result['moved_mb_s']:.2f} MB/s on the channel, "
+          f"{result['cpu_ms_per_mb']:.0f} ms CPU per MB moved), every byte verified; "
+          f"max bufferedAmount {result['max_buffered_connect']:,} / "
+          f"{result['max_buffered_expose']:,}")
+    if args.json:
+        print(json.dumps(result))
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

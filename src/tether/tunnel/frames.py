@@ -1,0 +1,225 @@
+"""The tunnel's frame format: pure encoding and decoding, no I/O.
+
+One frame travels as one binary data-channel message. Every frame starts with a 5-byte
+header, then a payload whose layout depends on the type::
+
+    0      1              5
+    +------+--------------+------------------------------------+
+    | type | stream id    | payload                            |
+    | u8   | u32, big end |                                    |
+    +------+--------------+------------------------------------+
+
+    type        payload
+    OPEN     1  window u32 (the opener's receive window), then an optional UTF-8
+                target "host:port" (reserved for dynamic forwarding; empty today)
+    OPEN_OK  2  window u32 (the acceptor's receive window)
+    OPEN_FAIL 3 UTF-8 reason
+    DATA     4  1 .. MAX_DATA bytes of the stream
+    WINDOW   5  credit increment u32, > 0
+    FIN      6  empty: the sender's direction of the stream has ended (TCP half-close)
+    RESET    7  UTF-8 reason: the stream is gone in both directions
+
+Stream id 0 is never used for a stream. Reasons are at most MAX_REASON bytes (longer ones
+are cut when encoding); invalid UTF-8 in a reason is replaced, not rejected, since reasons
+are only ever logged.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+
+HEADER = struct.Struct(">BI")
+HEADER_SIZE = HEADER.size  # 5
+U32 = struct.Struct(">I")
+MAX_STREAM_ID = 0xFFFFFFFF
+MAX_WINDOW = 0xFFFFFFFF
+
+#: Largest DATA payload. Small enough that streams interleave fairly on one channel.
+MAX_DATA = 16 * 1024
+#: Largest reason carried by OPEN_FAIL / RESET, and largest OPEN target.
+MAX_REASON = 1024
+#: Largest frame of any type.
+MAX_FRAME = HEADER_SIZE + MAX_DATA
+
+
+class FrameType(enum.IntEnum):
+    OPEN = 1
+    OPEN_OK = 2
+    OPEN_FAIL = 3
+    DATA = 4
+    WINDOW = 5
+    FIN = 6
+    RESET = 7
+
+
+class FrameError(ValueError):
+    """A message from the peer is not a valid frame.
+
+    ``stream_id`` names the stream the frame was for when the header could be read (so
+    the caller can reset just that stream), else None.
+    """
+
+    def __init__(self, message: str, stream_id: int | None = None) -> None:
+        super().__init__(message)
+        self.stream_id = stream_id
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """A decoded frame. Only the fields of its type are meaningful."""
+
+    type: FrameType
+    stream_id: int
+    data: bytes = b""  # DATA
+    value: int = 0  # OPEN / OPEN_OK window, WINDOW increment
+    text: str = ""  # OPEN_FAIL / RESET reason, OPEN target
+
+
+# ---------------------------------------------------------------------------- encoding
+
+_pack_header = HEADER.pack
+_DATA = FrameType.DATA.value
+
+
+def _check_id(stream_id: int) -> None:
+    if not 0 <= stream_id <= MAX_STREAM_ID:
+        raise ValueError(f"stream id {stream_id} out of range 0..{MAX_STREAM_ID}")
+
+
+def _check_u32(name: str, value: int, minimum: int = 0) -> None:
+    if not minimum <= value <= MAX_WINDOW:
+        raise ValueError(f"{name} {value} out of range {minimum}..{MAX_WINDOW}")
+
+
+def _text(text: str) -> bytes:
+    raw = text.encode("utf-8")
+    if len(raw) > MAX_REASON:
+        raw = raw[:MAX_REASON].decode("utf-8", "ignore").encode("utf-8")
+    return raw
+
+
+def encode_open(stream_id: int, window: int, target: str = "") -> bytes:
+    _check_id(stream_id)
+    _check_u32("window", window)
+    raw = target.encode("utf-8")
+    if len(raw) > MAX_REASON:
+        raise ValueError(f"OPEN target of {len(raw)} bytes exceeds {MAX_REASON}")
+    return _pack_header(FrameType.OPEN, stream_id) + U32.pack(window) + raw
+
+
+def encode_open_ok(stream_id: int, window: int) -> bytes:
+    _check_id(stream_id)
+    _check_u32("window", window)
+    return _pack_header(FrameType.OPEN_OK, stream_id) + U32.pack(window)
+
+
+def encode_open_fail(stream_id: int, reason: str) -> bytes:
+    _check_id(stream_id)
+    return _pack_header(FrameType.OPEN_FAIL, stream_id) + _text(reason)
+
+
+def encode_data(stream_id: int, data: bytes) -> bytes:
+    """A DATA frame; ``data`` must be 1..MAX_DATA bytes (the hot path: few checks)."""
+    n = len(data)
+    if not 0 < n <= MAX_DATA:
+        raise ValueError(f"DATA payload of {n} bytes: must be 1..{MAX_DATA}")
+    return _pack_header(_DATA, stream_id) + data
+
+
+def encode_window(stream_id: int, increment: int) -> bytes:
+    _check_id(stream_id)
+    _check_u32("window increment", increment, minimum=1)
+    return _pack_header(FrameType.WINDOW, stream_id) + U32.pack(increment)
+
+
+def encode_fin(stream_id: int) -> bytes:
+    _check_id(stream_id)
+    return _pack_header(FrameType.FIN, stream_id)
+
+
+def encode_reset(stream_id: int, reason: str) -> bytes:
+    _check_id(stream_id)
+    return _pack_header(FrameType.RESET, stream_id) + _text(reason)
+
+
+def encode(frame: Frame) -> bytes:
+    """Encode a :class:`Frame` (the inverse of :func:`decode`)."""
+    t, sid = frame.type, frame.stream_id
+    if t is FrameType.OPEN:
+        return encode_open(sid, frame.value, frame.text)
+    if t is FrameType.OPEN_OK:
+        return encode_open_ok(sid, frame.value)
+    if t is FrameType.OPEN_FAIL:
+        return encode_open_fail(sid, frame.text)
+    if t is FrameType.DATA:
+        return encode_data(sid, frame.data)
+    if t is FrameType.WINDOW:
+        return encode_window(sid, frame.value)
+    if t is FrameType.FIN:
+        return encode_fin(sid)
+    if t is FrameType.RESET:
+        return encode_reset(sid, frame.text)
+    raise ValueError(f"unknown frame type {t!r}")
+
+
+# ---------------------------------------------------------------------------- decoding
+
+_unpack_header = HEADER.unpack_from
+_unpack_u32 = U32.unpack_from
+_TYPES = {t.value: t for t in FrameType}
+
+
+def decode(message: bytes | bytearray | memoryview) -> Frame:
+    """Decode one data-channel message; raise :class:`FrameError` if it is malformed."""
+    if not isinstance(message, (bytes, bytearray, memoryview)):
+        raise FrameError(f"frame must be binary, got {type(message).__name__}")
+    size = len(message)
+    if size < HEADER_SIZE:
+        raise FrameError(f"frame too short: {size} bytes, the header alone is {HEADER_SIZE}")
+    type_byte, stream_id = _unpack_header(message)
+    if size > MAX_FRAME:
+        raise FrameError(f"frame too large: {size} bytes, the limit is {MAX_FRAME}", stream_id)
+    ftype = _TYPES.get(type_byte)
+    if ftype is None:
+        raise FrameError(f"unknown frame type 0x{type_byte:02x}", stream_id)
+    payload_size = size - HEADER_SIZE
+
+    if ftype is FrameType.DATA:
+        if payload_size == 0:
+            raise FrameError("empty DATA frame", stream_id)
+        return Frame(ftype, stream_id, data=bytes(message[HEADER_SIZE:]))
+    if ftype is FrameType.WINDOW:
+        _expect_size(ftype, payload_size, 4, stream_id)
+        (increment,) = _unpack_u32(message, HEADER_SIZE)
+        if increment == 0:
+            raise FrameError("WINDOW frame with a zero increment", stream_id)
+        return Frame(ftype, stream_id, value=increment)
+    if ftype is FrameType.FIN:
+        _expect_size(ftype, payload_size, 0, stream_id)
+        return Frame(ftype, stream_id)
+    if ftype is FrameType.OPEN_OK:
+        _expect_size(ftype, payload_size, 4, stream_id)
+        return Frame(ftype, stream_id, value=_unpack_u32(message, HEADER_SIZE)[0])
+    if ftype is FrameType.OPEN:
+        if payload_size < 4:
+            raise FrameError(f"OPEN frame payload of {payload_size} bytes, need at least 4",
+                             stream_id)
+        if payload_size - 4 > MAX_REASON:
+            raise FrameError(f"OPEN target of {payload_size - 4} bytes exceeds {MAX_REASON}",
+                             stream_id)
+        (window,) = _unpack_u32(message, HEADER_SIZE)
+        target = bytes(message[HEADER_SIZE + 4:]).decode("utf-8", "replace")
+        return Frame(ftype, stream_id, value=window, text=target)
+    # OPEN_FAIL, RESET: a reason
+    if payload_size > MAX_REASON:
+        raise FrameError(f"{ftype.name} reason of {payload_size} bytes exceeds {MAX_REASON}",
+                         stream_id)
+    return Frame(ftype, stream_id, text=bytes(message[HEADER_SIZE:]).decode("utf-8", "replace"))
+
+
+def _expect_size(ftype: FrameType, got: int, want: int, stream_id: int) -> None:
+    if got != want:
+        raise FrameError(f"{ftype.name} frame payload of {got} bytes, expected {want}",
+                         stream_id)

@@ -1,0 +1,487 @@
+"""Many TCP streams multiplexed over one WebRTC data channel.
+
+The connecting side listens on a local port and turns every accepted TCP connection into a
+stream (it allocates the stream ids, 1, 2, 3 ...). The exposing side dials its target for
+every OPEN it receives. Frames are described in :mod:`tether.tunnel.frames`; one stream's
+two loops in :mod:`tether.tunnel.stream`.
+
+Memory is bounded at every hop:
+
+- per stream and direction, at most ``window`` bytes are in flight between the sender's
+  TCP read and the receiver's drained TCP write (credit-based, like HTTP/2 or SSH), plus at
+  most one DATA payload (MAX_DATA) in the sender's hands;
+- the channel: aiortc's ``RTCDataChannel.send`` queues without limit, so DATA is sent only
+  while ``channel.bufferedAmount`` is below ``high_water``, waiting for the
+  "bufferedamountlow" event (threshold ``low_water``) otherwise. Control frames (OPEN,
+  WINDOW, FIN, RESET; at most a few dozen bytes) are never held back, so the channel's
+  queue stays below ``high_water + MAX_FRAME`` plus those. ``stats["max_buffered"]`` is the
+  largest bufferedAmount seen right after any send.
+
+The tunnel never closes the channel (the tube owns it) and never gives up on transient
+trouble: an ICE restart keeps the channel and its SCTP association, so streams go on.
+When the channel closes, every stream ends and the loops stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from aiortc import RTCDataChannel
+
+from . import frames
+from .frames import FrameError, FrameType
+from .stream import Stream, StreamEnded, StreamState, format_hostport
+
+logger = logging.getLogger("tether.tunnel")
+
+DEFAULT_WINDOW = 256 * 1024
+DEFAULT_HIGH_WATER = 1024 * 1024
+DEFAULT_DIAL_TIMEOUT = 10.0
+DEFAULT_OPEN_TIMEOUT = 30.0
+ACTIVITY_INTERVAL = 1.0
+
+
+def parse_hostport(value: str) -> tuple[str, int]:
+    """Parse "HOST:PORT" or "[IPV6]:PORT" into (host, port); raise ValueError if bad.
+
+    >>> parse_hostport("127.0.0.1:5432")
+    ('127.0.0.1', 5432)
+    >>> parse_hostport("[::1]:5432")
+    ('::1', 5432)
+    """
+    if not isinstance(value, str):
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    text = value.strip()
+    if not text:
+        raise ValueError("empty address: expected HOST:PORT, e.g. 127.0.0.1:5432")
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ValueError(f"{value!r}: missing ']' after the IPv6 address")
+        host, rest = text[1:end], text[end + 1:]
+        if not rest.startswith(":"):
+            raise ValueError(f"{value!r}: expected ':PORT' after ']', e.g. [::1]:5432")
+        port_text = rest[1:]
+        try:
+            ipaddress.IPv6Address(host.split("%", 1)[0])
+        except ValueError:
+            raise ValueError(f"{value!r}: {host!r} is not an IPv6 address") from None
+    else:
+        if text.count(":") > 1:
+            raise ValueError(
+                f"{value!r}: put an IPv6 address in brackets, e.g. [::1]:5432")
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            raise ValueError(f"{value!r}: missing ':PORT', e.g. 127.0.0.1:5432")
+        if not host:
+            raise ValueError(f"{value!r}: missing host before ':', e.g. 127.0.0.1:5432")
+        if any(c.isspace() or c in "/@[]" for c in host):
+            raise ValueError(f"{value!r}: {host!r} is not a host name or address")
+    if not port_text.isdigit():
+        raise ValueError(f"{value!r}: port {port_text!r} is not a number")
+    port = int(port_text)
+    if not 0 <= port <= 65535:
+        raise ValueError(f"{value!r}: port {port} out of range 0-65535")
+    return host, port
+
+
+class Tunnel:
+    """TCP streams over one open RTCDataChannel; see the module docstring."""
+
+    def __init__(
+        self,
+        channel: RTCDataChannel,
+        name: str = "tube",
+        target: tuple[str, int] | None = None,
+        window: int = DEFAULT_WINDOW,
+        *,
+        high_water: int = DEFAULT_HIGH_WATER,
+        low_water: int | None = None,
+        dial_timeout: float = DEFAULT_DIAL_TIMEOUT,
+        open_timeout: float = DEFAULT_OPEN_TIMEOUT,
+        on_activity: Callable[[], None] | None = None,
+    ) -> None:
+        if not 1 <= window <= frames.MAX_WINDOW:
+            raise ValueError(f"window {window} out of range 1..{frames.MAX_WINDOW}")
+        if high_water < 1:
+            raise ValueError(f"high_water {high_water} must be positive")
+        self.channel = channel
+        self.name = name
+        self.target = target
+        self.window = window
+        self.high_water = high_water
+        self.low_water = high_water // 4 if low_water is None else low_water
+        if not 0 <= self.low_water < high_water:
+            raise ValueError(f"low_water {self.low_water} must be in 0..high_water-1")
+        self.dial_timeout = dial_timeout
+        self.open_timeout = open_timeout
+        self.on_activity = on_activity
+
+        self._streams: dict[int, Stream] = {}
+        self._next_id = 1
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._servers: list[asyncio.Server] = []
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self._started = False
+        self._channel_closed = False
+        self._closing = False
+        self._closed_future: asyncio.Future[None] | None = None
+        self._last_activity = 0.0
+        # Counters.
+        self._streams_total = 0
+        self._open_failures = 0
+        self._streams_reset = 0
+        self._bytes_to_peer = 0
+        self._bytes_from_peer = 0
+        self._frames_malformed = 0
+        self._max_buffered = 0
+        self._buffered_waits = 0
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def bound(self) -> int:
+        """Largest bufferedAmount the channel can reach from DATA (control frames aside)."""
+        return self.high_water + frames.MAX_FRAME
+
+    @property
+    def closed(self) -> bool:
+        return self._closing or self._channel_closed
+
+    @property
+    def streams(self) -> dict[int, Stream]:
+        return self._streams
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        streams = self._streams.values()
+        return {
+            "streams_open": len(self._streams),
+            "streams_total": self._streams_total,
+            "streams_reset": self._streams_reset,
+            "open_failures": self._open_failures,
+            "bytes_to_peer": self._bytes_to_peer,
+            "bytes_from_peer": self._bytes_from_peer,
+            "frames_malformed": self._frames_malformed,
+            "buffered": self._buffered_amount(),
+            "max_buffered": self._max_buffered,
+            "buffered_waits": self._buffered_waits,
+            "high_water": self.high_water,
+            "window": self.window,
+            "outstanding": sum(s.outstanding for s in streams),
+            "queued": sum(s.queued for s in streams),
+        }
+
+    def stream_stats(self) -> list[dict[str, Any]]:
+        """One snapshot per open stream: credit, outstanding, queued bytes and counters."""
+        return [s.snapshot() for s in self._streams.values()]
+
+    def start(self) -> None:
+        """Hook the channel's events; the channel must already be open."""
+        if self._started:
+            return
+        self._started = True
+        self.channel.bufferedAmountLowThreshold = self.low_water
+        self.channel.on("message", self._on_message)
+        self.channel.on("close", self._on_channel_close)
+        self.channel.on("bufferedamountlow", self._on_buffered_low)
+        if self.channel.readyState != "open":
+            logger.warning("tube %s: tunnel started on a channel that is %s",
+                           self.name, self.channel.readyState)
+            if self.channel.readyState == "closed":
+                self._on_channel_close()
+        logger.debug("tube %s: tunnel started (%s side, window %d, high water %d)",
+                     self.name, "exposing" if self.target else "connecting",
+                     self.window, self.high_water)
+
+    async def listen(self, host: str, port: int) -> asyncio.Server:
+        """Connecting side: listen on (host, port) and carry every accepted connection."""
+        if self.closed:
+            raise RuntimeError(f"tube {self.name}: the tunnel is closed")
+        server = await asyncio.start_server(self._on_client, host, port)
+        self._servers.append(server)
+        where = ", ".join(format_hostport(*s.getsockname()[:2]) for s in server.sockets)
+        logger.info("tube %s: listening on %s", self.name, where)
+        return server
+
+    async def carry(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Carry one accepted TCP connection as a new stream; return when it has ended."""
+        task = self._open_stream(reader, writer)
+        if task is None:
+            return
+        try:
+            await asyncio.wait({task})
+        except asyncio.CancelledError:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            raise
+
+    async def close(self) -> None:
+        """Close listeners and streams, cancel and await every task. Idempotent."""
+        if self._closed_future is not None:
+            await asyncio.shield(self._closed_future)
+            return
+        loop = asyncio.get_running_loop()
+        self._closed_future = loop.create_future()
+        try:
+            self._closing = True
+            for server in self._servers:
+                server.close()
+            if self._streams:
+                logger.info("tube %s: tunnel closing, ending %d streams",
+                            self.name, len(self._streams))
+            for stream in list(self._streams.values()):
+                stream.reset("the tunnel closed", send=self._can_send(), level=logging.DEBUG)
+            self._writable.set()
+            tasks = list(self._tasks)
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                await asyncio.gather(*tasks, return_exceptions=True)
+            self._unhook()
+            for server in self._servers:
+                await server.wait_closed()
+        finally:
+            self._closed_future.set_result(None)
+
+    # ------------------------------------------------------------------ streams
+
+    def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # A plain callback (not a coroutine): asyncio makes no task for it; ours is owned.
+        self._open_stream(reader, writer)
+
+    def _open_stream(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> asyncio.Task[None] | None:
+        peer = writer.get_extra_info("peername")
+        if self.closed:
+            logger.warning("tube %s: tunnel closed; refusing the connection from %s",
+                           self.name, _peer(peer))
+            writer.close()
+            return None
+        if self.target is not None:
+            logger.warning("tube %s: carry() on the exposing side", self.name)
+        stream_id = self._allocate_id()
+        stream = Stream(self, stream_id, outbound=True, reader=reader, writer=writer)
+        self._add(stream)
+        logger.info("tube %s stream %d: carrying the connection from %s",
+                    self.name, stream_id, _peer(peer))
+        return self._spawn(stream.run(), f"stream-{stream_id}")
+
+    def _allocate_id(self) -> int:
+        sid = self._next_id
+        while sid == 0 or sid in self._streams:
+            sid = (sid + 1) & frames.MAX_STREAM_ID
+        self._next_id = (sid + 1) & frames.MAX_STREAM_ID
+        return sid
+
+    def _add(self, stream: Stream) -> None:
+        self._streams[stream.id] = stream
+        self._streams_total += 1
+
+    def _forget(self, stream: Stream) -> None:
+        if self._streams.get(stream.id) is stream:
+            del self._streams[stream.id]
+            if stream.reason is not None and not stream.open_failed:
+                self._streams_reset += 1
+            logger.debug("tube %s stream %d: ended (%d bytes to peer, %d from peer)%s",
+                         self.name, stream.id, stream.bytes_sent, stream.bytes_received,
+                         f": {stream.reason}" if stream.reason else "")
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any], what: str) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro, name=f"tether-tunnel-{self.name}-{what}")
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("tube %s: task %s failed: %r", self.name, task.get_name(),
+                         task.exception())
+
+    # ------------------------------------------------------------------ sending
+
+    def _can_send(self) -> bool:
+        return not self._channel_closed and self.channel.readyState == "open"
+
+    def _buffered_amount(self) -> int:
+        try:
+            return self.channel.bufferedAmount
+        except Exception:
+            return 0
+
+    def _sent(self) -> None:
+        buffered = self.channel.bufferedAmount
+        if buffered > self._max_buffered:
+            self._max_buffered = buffered
+
+    def _send_control(self, frame: bytes) -> None:
+        """Send a small control frame now (never held back by the high-water mark)."""
+        if not self._can_send():
+            logger.debug("tube %s: channel not open, dropping a control frame", self.name)
+            return
+        try:
+            self.channel.send(frame)
+        except Exception as exc:  # InvalidStateError during close, ValueError, ...
+            logger.debug("tube %s: cannot send a control frame: %r", self.name, exc)
+            return
+        self._sent()
+
+    def _send_data(self, frame: bytes, size: int) -> None:
+        if not self._can_send():
+            raise StreamEnded("the data channel is not open")
+        try:
+            self.channel.send(frame)
+        except Exception as exc:
+            raise StreamEnded(f"cannot send on the data channel: {exc!r}") from exc
+        self._sent()
+        self._bytes_to_peer += size
+        self._activity()
+
+    async def _wait_writable(self) -> None:
+        """Wait while the channel's queue is at or above the high-water mark."""
+        channel = self.channel
+        while channel.bufferedAmount >= self.high_water:
+            if self.closed:
+                raise StreamEnded("the tunnel is closed")
+            self._buffered_waits += 1
+            self._writable.clear()
+            await self._writable.wait()
+        if self.closed:
+            raise StreamEnded("the tunnel is closed")
+
+    def _on_buffered_low(self) -> None:
+        self._writable.set()
+
+    def _activity(self) -> None:
+        if self.on_activity is None:
+            return
+        now = time.monotonic()
+        if now - self._last_activity >= ACTIVITY_INTERVAL:
+            self._last_activity = now
+            try:
+                self.on_activity()
+            except Exception:
+                logger.exception("tube %s: on_activity callback failed", self.name)
+
+    # ------------------------------------------------------------------ receiving
+
+    def _on_message(self, message: bytes | str) -> None:
+        # Called synchronously from aiortc's receive path: cheap, and never raises.
+        try:
+            self._dispatch(message)
+        except Exception:
+            logger.exception("tube %s: error handling a frame from the peer", self.name)
+
+    def _dispatch(self, message: bytes | str) -> None:
+        if isinstance(message, str):
+            self._frames_malformed += 1
+            logger.warning("tube %s: ignoring a text message from the peer (%d chars); "
+                           "tunnel frames are binary", self.name, len(message))
+            return
+        try:
+            frame = frames.decode(message)
+        except FrameError as exc:
+            self._frames_malformed += 1
+            stream = self._streams.get(exc.stream_id) if exc.stream_id is not None else None
+            if stream is not None:
+                logger.warning("tube %s stream %d: malformed frame from the peer: %s",
+                               self.name, stream.id, exc)
+                stream.reset(f"malformed frame: {exc}")
+            else:
+                logger.warning("tube %s: ignoring a malformed frame from the peer: %s",
+                               self.name, exc)
+            return
+        ftype = frame.type
+        if ftype is FrameType.DATA:
+            stream = self._streams.get(frame.stream_id)
+            self._bytes_from_peer += len(frame.data)
+            self._activity()
+            if stream is not None:
+                stream.on_data(frame.data)
+            else:
+                logger.debug("tube %s stream %d: DATA for a stream that is gone",
+                             self.name, frame.stream_id)
+            return
+        if ftype is FrameType.OPEN:
+            self._on_open(frame)
+            return
+        stream = self._streams.get(frame.stream_id)
+        if stream is None:
+            logger.debug("tube %s stream %d: %s for a stream that is gone",
+                         self.name, frame.stream_id, ftype.name)
+            return
+        if ftype is FrameType.WINDOW:
+            stream.on_window(frame.value)
+        elif ftype is FrameType.FIN:
+            stream.on_fin()
+        elif ftype is FrameType.RESET:
+            stream.on_reset(frame.text)
+        elif ftype is FrameType.OPEN_OK or ftype is FrameType.OPEN_FAIL:
+            if stream.outbound and stream.state is StreamState.OPENING:
+                stream.on_reply(frame)
+            else:
+                logger.warning("tube %s stream %d: ignoring an unexpected %s",
+                               self.name, stream.id, ftype.name)
+
+    def _on_open(self, frame: frames.Frame) -> None:
+        sid = frame.stream_id
+        reason = None
+        if self.target is None:
+            reason = "this side does not accept streams (it is the connecting side)"
+        elif sid == 0:
+            reason = "stream id 0 is reserved"
+        elif sid in self._streams:
+            reason = f"stream id {sid} is already in use"
+        elif frame.text:
+            reason = f"dynamic targets are not supported (asked for {frame.text!r})"
+        elif self.closed:
+            reason = "the tunnel is closing"
+        elif frame.value == 0:
+            reason = "OPEN with a zero window"
+        if reason is not None:
+            self._open_failures += 1
+            logger.warning("tube %s stream %d: refusing the peer's OPEN: %s",
+                           self.name, sid, reason)
+            self._send_control(frames.encode_open_fail(sid, reason))
+            return
+        stream = Stream(self, sid, outbound=False, peer_window=frame.value)
+        stream._set_peer_window(frame.value)
+        self._add(stream)
+        logger.info("tube %s stream %d: opening, dialing %s",
+                    self.name, sid, format_hostport(*self.target))  # type: ignore[misc]
+        self._spawn(stream.run(), f"stream-{sid}")
+
+    def _on_channel_close(self) -> None:
+        if self._channel_closed:
+            return
+        self._channel_closed = True
+        logger.info("tube %s: data channel closed; ending %d streams",
+                    self.name, len(self._streams))
+        self._writable.set()
+        for server in self._servers:
+            server.close()
+        for stream in list(self._streams.values()):
+            stream.reset("the data channel closed", send=False, level=logging.DEBUG)
+
+    def _unhook(self) -> None:
+        for event, handler in (("message", self._on_message),
+                               ("close", self._on_channel_close),
+                               ("bufferedamountlow", self._on_buffered_low)):
+            try:
+                self.channel.remove_listener(event, handler)
+            except Exception:  # already removed (aiortc drops all listeners on close)
+                pass
+
+
+def _peer(peer: Any) -> str:
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return format_hostport(str(peer[0]), int(peer[1]))
+    return str(peer)

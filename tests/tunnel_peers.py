@@ -1,0 +1,127 @@
+"""Test helpers for the tunnel: two connected aiortc data channels in one process, on
+loopback only, plus a TCP echo server and a two-sided tunnel built on them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from aiortc import RTCConfiguration, RTCDataChannel, RTCPeerConnection
+
+from tether.cores.gathering import LOOPBACK, host_addresses
+from tether.tunnel import Tunnel
+
+
+async def _wait_open(channel: RTCDataChannel) -> None:
+    if channel.readyState == "open":
+        return
+    opened = asyncio.Event()
+    channel.on("open", opened.set)
+    if channel.readyState == "open":
+        return
+    await opened.wait()
+
+
+@contextlib.asynccontextmanager
+async def channel_pair(timeout: float = 20.0) -> AsyncIterator[tuple[RTCDataChannel, RTCDataChannel]]:
+    """Two open, connected RTCDataChannels (negotiated id 0), one per RTCPeerConnection."""
+    a = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    b = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    try:
+        ca = a.createDataChannel("tether", negotiated=True, id=0)
+        cb = b.createDataChannel("tether", negotiated=True, id=0)
+        with host_addresses(LOOPBACK):
+            await a.setLocalDescription(await a.createOffer())
+            await b.setRemoteDescription(a.localDescription)
+            await b.setLocalDescription(await b.createAnswer())
+            await a.setRemoteDescription(b.localDescription)
+        await asyncio.wait_for(asyncio.gather(_wait_open(ca), _wait_open(cb)), timeout)
+        yield ca, cb
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+        if writer.can_write_eof():
+            writer.write_eof()
+        await writer.drain()
+    except (ConnectionError, OSError):
+        pass
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError, OSError):
+            await writer.wait_closed()
+
+
+async def start_echo_server(host: str = "127.0.0.1", port: int = 0) -> asyncio.Server:
+    return await asyncio.start_server(_echo, host, port)
+
+
+@contextlib.asynccontextmanager
+async def echo_server(host: str = "127.0.0.1") -> AsyncIterator[tuple[str, int]]:
+    """A TCP echo server (echoes, then half-closes after the client's EOF)."""
+    server = await start_echo_server(host)
+    try:
+        yield server.sockets[0].getsockname()[:2]
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+def refused_port(host: str = "127.0.0.1") -> int:
+    """A port with nothing listening: bind, read the port, close."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def ipv6_available() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@dataclass
+class TunnelPair:
+    """The connecting side (listens) and the exposing side (dials ``target``)."""
+
+    connect: Tunnel
+    expose: Tunnel
+    server: asyncio.Server
+    connect_channel: RTCDataChannel
+    expose_channel: RTCDataChannel
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.server.sockets[0].getsockname()[:2]
+
+
+@contextlib.asynccontextmanager
+async def tunnel_pair(
+    target: tuple[str, int], listen_host: str = "127.0.0.1", **kwargs: Any
+) -> AsyncIterator[TunnelPair]:
+    """Two tunnels over one channel pair; the connecting one listening on ``listen_host``."""
+    async with channel_pair() as (ca, cb):
+        connect = Tunnel(ca, name="t-connect", target=None, **kwargs)
+        expose = Tunnel(cb, name="t-expose", target=target, **kwargs)
+        connect.start()
+        expose.start()
+        try:
+            server = await connect.listen(listen_host, 0)
+            yield TunnelPair(connect, expose, server, ca, cb)
+        finally:
+            await connect.close()
+            await expose.close()
