@@ -123,3 +123,39 @@ async def test_wrong_token_is_refused(relay, echo_address):
     with pytest.raises(AuthenticationError):
         await asyncio.wait_for(expose.start(), 10)
     await expose.close()
+
+
+async def test_network_change_restarts_ice_and_the_stream_survives(relay, echo_address):
+    """A network change on the connecting side: the manager restarts ICE through the relay,
+    the path moves to new sockets, and a TCP stream running across it loses no byte."""
+    from tether.connection_manager import NetworkChangeType
+
+    expose, connect = sides(relay.port, echo_address, name="restart-ice")
+    async with expose, connect:
+        handle = await connect.wait_ready(timeout=20)
+        path = connect.core._tubes[handle.tube_id].path
+        old_pair = path.current._nominated[1].local_addr
+        reader, writer = await asyncio.open_connection(*connect.listen_address)
+        payload = secrets.token_bytes(4 * 1024 * 1024)
+
+        async def send() -> None:
+            for i in range(0, len(payload), 65536):
+                writer.write(payload[i:i + 65536])
+                await writer.drain()
+                if i == 1024 * 1024:
+                    await handle.manager.handle_network_change(
+                        NetworkChangeType.IP_ADDRESS_CHANGE)
+            writer.write_eof()
+
+        sending = asyncio.create_task(send())
+        echoed = await asyncio.wait_for(reader.read(-1), 60)
+        await sending
+        writer.close()
+        assert echoed == payload
+        async with asyncio.timeout(20):
+            while handle.manager.state is not ConnectionState.CONNECTED or path.generation < 2:
+                await asyncio.sleep(0.05)
+        assert path.current._nominated[1].local_addr != old_pair
+        assert handle.manager.metrics.restarts_succeeded == 1
+        remote = expose.managers.get(handle.tube_id)
+        assert remote.state is ConnectionState.CONNECTED

@@ -204,7 +204,7 @@ def demo(
     """Run a whole tunnel in this process and check every byte (nothing to configure)."""
     from .demo import DataMismatch, run_demo
 
-    _logging(verbose, default=logging.WARNING)
+    _logging(verbose, default=logging.ERROR)
     if mb <= 0 or streams <= 0:
         raise typer.BadParameter("--mb and --streams must be positive")
 
