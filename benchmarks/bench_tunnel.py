@@ -21,40 +21,19 @@ import contextlib
 import hashlib
 import json
 import logging
+import pathlib
 import random
 import sys
 import time
 from typing import Any
 
-from aiortc import RTCConfiguration, RTCDataChannel, RTCPeerConnection
-
-from tether.cores.gathering import LOOPBACK, host_addresses
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+from tests.tunnel_peers import channel_pair  # noqa: E402  (one loopback pair for tests and bench)
+from tether.echo import start_echo_server  # noqa: E402
 from tether.tunnel import DEFAULT_HIGH_WATER, DEFAULT_WINDOW, Tunnel
 
 MB = 1024 * 1024
 CHUNK = 64 * 1024
-
-
-async def channel_pair() -> tuple[RTCPeerConnection, RTCPeerConnection, RTCDataChannel, RTCDataChannel]:
-    a = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-    b = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-    ca = a.createDataChannel("tether", negotiated=True, id=0)
-    cb = b.createDataChannel("tether", negotiated=True, id=0)
-    with host_addresses(LOOPBACK):
-        await a.setLocalDescription(await a.createOffer())
-        await b.setRemoteDescription(a.localDescription)
-        await b.setLocalDescription(await b.createAnswer())
-        await a.setRemoteDescription(b.localDescription)
-
-    async def opened(ch: RTCDataChannel) -> None:
-        if ch.readyState != "open":
-            ev = asyncio.Event()
-            ch.on("open", ev.set)
-            if ch.readyState != "open":
-                await ev.wait()
-
-    await asyncio.wait_for(asyncio.gather(opened(ca), opened(cb)), 30)
-    return a, b, ca, cb
 
 
 async def _sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -63,17 +42,6 @@ async def _sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
         while data := await reader.read(256 * 1024):
             digest.update(data)
         writer.write(digest.digest())
-        await writer.drain()
-    finally:
-        writer.close()
-
-
-async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    try:
-        while data := await reader.read(256 * 1024):
-            writer.write(data)
-            await writer.drain()
-        writer.write_eof()
         await writer.drain()
     finally:
         writer.close()
@@ -122,9 +90,13 @@ async def _client(address: tuple[str, int], size: int, seed: int, echo: bool) ->
 
 async def run(mb: float, streams: int, echo: bool, window: int, high_water: int) -> dict[str, Any]:
     total = int(mb * MB)
-    target_server = await asyncio.start_server(_echo if echo else _sink, "127.0.0.1", 0)
+    if echo:
+        target_server = await start_echo_server("127.0.0.1", 0)
+    else:
+        target_server = await asyncio.start_server(_sink, "127.0.0.1", 0)
     target = target_server.sockets[0].getsockname()[:2]
-    a, b, ca, cb = await channel_pair()
+    pair = channel_pair()
+    ca, cb = await pair.__aenter__()
     connect = Tunnel(ca, name="bench-c", target=None, window=window, high_water=high_water)
     expose = Tunnel(cb, name="bench-e", target=target, window=window, high_water=high_water)
     connect.start()
@@ -157,8 +129,7 @@ async def run(mb: float, streams: int, echo: bool, window: int, high_water: int)
     finally:
         await connect.close()
         await expose.close()
-        await a.close()
-        await b.close()
+        await pair.__aexit__(None, None, None)
         target_server.close()
         await target_server.wait_closed()
 

@@ -13,6 +13,7 @@ from typing import Any
 from aiortc import RTCConfiguration, RTCDataChannel, RTCPeerConnection
 
 from tether.cores.gathering import LOOPBACK, host_addresses
+from tether.echo import start_echo_server
 from tether.tunnel import Tunnel
 
 
@@ -44,26 +45,6 @@ async def channel_pair(timeout: float = 20.0) -> AsyncIterator[tuple[RTCDataChan
     finally:
         await a.close()
         await b.close()
-
-
-async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    try:
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-        if writer.can_write_eof():
-            writer.write_eof()
-        await writer.drain()
-    except (ConnectionError, OSError):
-        pass
-    finally:
-        writer.close()
-        with contextlib.suppress(ConnectionError, OSError):
-            await writer.wait_closed()
-
-
-async def start_echo_server(host: str = "127.0.0.1", port: int = 0) -> asyncio.Server:
-    return await asyncio.start_server(_echo, host, port)
 
 
 @contextlib.asynccontextmanager

@@ -324,5 +324,9 @@ class ConnectSide(Side):
                 return
             assert handle.tunnel is not None
             await handle.tunnel.carry(reader, writer)
+        except asyncio.CancelledError:
+            # Shutting down. This task is the root of the connection, owned by close();
+            # ending quietly spares asyncio's stream callback from reporting the cancel.
+            writer.close()
         finally:
             self._streams.discard(task)

@@ -220,6 +220,7 @@ def demo(
         raise typer.Exit(1) from None
     if result is None:
         raise typer.Exit(130)
+    console.line()
     console.print(
         f"[green]ok[/green]: tube {result.tube_id} connected in {result.connect_ms:.0f} ms; "
         f"{result.mb:g} MB over {result.streams} streams in {result.seconds:.2f} s = "
@@ -229,3 +230,7 @@ def demo(
     if as_json:
         with contextlib.suppress(BrokenPipeError):
             out.print(json.dumps(result.as_dict()), highlight=False, soft_wrap=True)
+
+
+if __name__ == "__main__":
+    app()

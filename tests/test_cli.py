@@ -1,0 +1,44 @@
+"""The command line as a person runs it: real processes, real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+
+from tether.signaling import SignalingServer
+
+TETHER = [sys.executable, "-m", "tether.cli"]
+
+
+async def run(*args: str, timeout: float = 60) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        *TETHER, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"},
+    )
+    out, err = await asyncio.wait_for(process.communicate(), timeout)
+    return process.returncode, out.decode(), err.decode()
+
+
+async def test_demo_json_verifies_every_byte():
+    code, out, err = await run("demo", "--mb", "2", "--streams", "3", "--json")
+    assert code == 0, err
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["bytes_sent"] == result["bytes_verified"] == 2 * 1024 * 1024
+    assert result["streams"] == 3 and result["connect_ms"] > 0
+    assert result["throughput_mb_s"] > 0
+
+
+async def test_wrong_token_says_what_to_do():
+    async with SignalingServer(host="127.0.0.1", port=0, token="right") as server:
+        code, _, err = await run(
+            "connect", "db", "--listen", "127.0.0.1:0",
+            "--signal", f"ws://127.0.0.1:{server.port}", "--token", "wrong", timeout=30)
+    assert code == 2
+    assert "refused the token" in err and "--token" in err
+
+
+async def test_bad_address_is_a_usage_error():
+    code, _, err = await run("expose", "db", "--target", "nohost", "--signal", "ws://x",
+                             "--token", "t")
+    assert code == 2 and "--target" in err
