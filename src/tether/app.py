@@ -146,7 +146,7 @@ class Side:
         return handle
 
     def _on_state_change(self, tube_id: str, state: ConnectionState) -> None:
-        logger.info("tube %s: %s", tube_id, state.value)
+        logger.debug("tube %s: %s", tube_id, state.value)
         handle = self.tubes.get(tube_id)
         if handle is not None and state in ENDED and not handle.ended.is_set():
             handle.ended.set()
