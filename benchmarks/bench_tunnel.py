@@ -29,6 +29,7 @@ from typing import Any
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 from tests.tunnel_peers import channel_pair  # noqa: E402  (one loopback pair for tests and bench)
+from tether.demo import push_and_verify  # noqa: E402
 from tether.echo import start_echo_server  # noqa: E402
 from tether.tunnel import DEFAULT_HIGH_WATER, DEFAULT_WINDOW, Tunnel
 
@@ -48,11 +49,13 @@ async def _sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
 
 
 async def _client(address: tuple[str, int], size: int, seed: int, echo: bool) -> None:
+    if echo:
+        await push_and_verify(address, size, seed)  # the demo's checked echo client
+        return
     reader, writer = await asyncio.open_connection(*address)
-    gen, check = random.Random(seed), random.Random(seed)
+    gen = random.Random(seed)
     digest = hashlib.sha256()
-
-    async def send() -> None:
+    try:
         left = size
         while left:
             block = gen.randbytes(min(CHUNK, left))
@@ -61,27 +64,8 @@ async def _client(address: tuple[str, int], size: int, seed: int, echo: bool) ->
             await writer.drain()
             left -= len(block)
         writer.write_eof()
-
-    async def receive_echo() -> None:
-        left = size
-        while left:
-            data = await reader.read(min(CHUNK, left))
-            if not data:
-                raise RuntimeError(f"stream {seed}: echo ended {left} bytes early")
-            if data != check.randbytes(len(data)):
-                raise RuntimeError(f"stream {seed}: bytes differ at offset {size - left}")
-            left -= len(data)
-        if await reader.read() != b"":
-            raise RuntimeError(f"stream {seed}: extra bytes after the echo")
-
-    try:
-        if echo:
-            await asyncio.gather(send(), receive_echo())
-        else:
-            await send()
-            answer = await reader.read()
-            if answer != digest.digest():
-                raise RuntimeError(f"stream {seed}: the target's SHA-256 does not match")
+        if await reader.read() != digest.digest():
+            raise RuntimeError(f"stream {seed}: the target's SHA-256 does not match")
     finally:
         writer.close()
         with contextlib.suppress(ConnectionError, OSError):

@@ -1,1 +1,18 @@
 """Shared test setup: every test runs on loopback only."""
+
+from __future__ import annotations
+
+import pytest
+
+from tether.cores.aiortc_core import AiortcTubeRegistry
+from tether.cores.gathering import LOOPBACK
+
+
+@pytest.fixture
+async def cores():
+    """Two aiortc cores gathering on 127.0.0.1, closed after the test."""
+    a = AiortcTubeRegistry(host_addresses=LOOPBACK)
+    b = AiortcTubeRegistry(host_addresses=LOOPBACK)
+    yield a, b
+    await a.close()
+    await b.close()

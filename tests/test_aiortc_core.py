@@ -13,24 +13,8 @@ from tether.cores.aiortc_core import (
     decode_sdp,
     split_candidates,
 )
-from tether.cores.gathering import LOOPBACK
 
-from .tube_pair import Wire, connect_tubes
-
-
-@pytest.fixture
-async def cores():
-    a = AiortcTubeRegistry(host_addresses=LOOPBACK)
-    b = AiortcTubeRegistry(host_addresses=LOOPBACK)
-    yield a, b
-    await a.close()
-    await b.close()
-
-
-async def until(predicate, timeout: float = 10.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.01)
+from .tube_pair import Wire, connect_tubes, until
 
 
 async def test_offer_answer_trickle_connects(cores):

@@ -733,18 +733,6 @@ async def test_default_scheduler_drives_a_real_keepalive(core, outbox):
 # -- real aiortc tubes -----------------------------------------------------------------------
 
 
-@pytest.fixture
-async def cores():
-    from tether.cores.aiortc_core import AiortcTubeRegistry
-    from tether.cores.gathering import LOOPBACK
-
-    a = AiortcTubeRegistry(host_addresses=LOOPBACK)
-    b = AiortcTubeRegistry(host_addresses=LOOPBACK)
-    yield a, b
-    await a.close()
-    await b.close()
-
-
 async def test_a_manager_follows_a_real_tube(cores):
     from .tube_pair import Wire, connect_tubes
 

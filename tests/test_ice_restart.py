@@ -9,7 +9,7 @@ import pytest
 from tether.cores.aiortc_core import AiortcTubeRegistry, decode_sdp, sdp_credentials
 from tether.cores.gathering import LOOPBACK
 
-from .tube_pair import Wire, connect_tubes
+from .tube_pair import Wire, connect_tubes, until
 
 FAST = {"interval": 0.2, "misses": 3, "generation_timeout": 5.0}
 
@@ -21,12 +21,6 @@ async def cores():
     yield a, b
     await a.close()
     await b.close()
-
-
-async def until(predicate, timeout: float = 10.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.01)
 
 
 def states(wire: Wire, side: str) -> list[str]:

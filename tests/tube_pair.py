@@ -36,6 +36,13 @@ class Wire:
         return [s["kind"] for s in self.seen[side]]
 
 
+async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Wait until ``predicate()`` holds, polling the event loop (fails after ``timeout``)."""
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.01)
+
+
 async def connect_tubes(
     a: AiortcTubeRegistry, b: AiortcTubeRegistry, wire: Wire | None = None,
     conversation_id: str = "conv", tube_id: str | None = None,

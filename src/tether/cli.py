@@ -144,17 +144,10 @@ def expose(
     address = _address(target, "--target")
     token = _need_token(token)
 
-    async def main() -> None:
-        side = ExposeSide(name, target=address, signal_url=signal, token=token,
-                          **_core_options(loopback, ice_server))
-        try:
-            console.print(f"exposing {target} as {name!r} via {signal}")
-            await side.start()
-            await _show(side, f"expose {name} -> {target}")
-        finally:
-            await side.close()
-
-    _run(main)
+    side = ExposeSide(name, target=address, signal_url=signal, token=token,
+                      core=_core(loopback, ice_server))
+    console.print(f"exposing {target} as {name!r} via {signal}")
+    _run_side(side, lambda: f"expose {name} -> {target}")
 
 
 @app.command()
@@ -172,26 +165,35 @@ def connect(
     address = _address(listen, "--listen")
     token = _need_token(token)
 
+    side = ConnectSide(name, listen=address, signal_url=signal, token=token,
+                       core=_core(loopback, ice_server))
+
+    def title() -> str:
+        host, port = side.listen_address
+        shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        out.print(f"listening on {shown}", highlight=False)
+        return f"connect {name} on {shown}"
+
+    _run_side(side, title)
+
+
+def _core(loopback: bool, ice_servers: list[str] | None) -> AiortcTubeRegistry:
+    return AiortcTubeRegistry(
+        host_addresses=LOOPBACK if loopback else None, ice_servers=ice_servers or ()
+    )
+
+
+def _run_side(side: Side, title: Callable[[], str]) -> None:
+    """Start ``side``, then show its live table (``title()`` once started) until Ctrl-C."""
+
     async def main() -> None:
-        side = ConnectSide(name, listen=address, signal_url=signal, token=token,
-                           **_core_options(loopback, ice_server))
         try:
             await side.start()
-            host, port = side.listen_address
-            shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-            out.print(f"listening on {shown}", highlight=False)
-            await _show(side, f"connect {name} on {shown}")
+            await _show(side, title())
         finally:
             await side.close()
 
     _run(main)
-
-
-def _core_options(loopback: bool, ice_servers: list[str] | None) -> dict[str, Any]:
-    core = AiortcTubeRegistry(
-        host_addresses=LOOPBACK if loopback else None, ice_servers=ice_servers or ()
-    )
-    return {"core": core}
 
 
 @app.command()

@@ -64,10 +64,11 @@ class DataMismatch(Exception):
     """The echo returned different bytes than were sent."""
 
 
-async def _push_and_verify(
-    address: tuple[str, int], size: int, seed: int, progress: DemoProgress
+async def push_and_verify(
+    address: tuple[str, int], size: int, seed: int, progress: DemoProgress | None = None
 ) -> None:
     """Send ``size`` seeded-random bytes and check the echo against the same sequence."""
+    progress = progress or DemoProgress()
     reader, writer = await asyncio.open_connection(*address)
     sent_gen, check_gen = random.Random(seed), random.Random(seed)
 
@@ -137,7 +138,7 @@ async def run_demo(
             progress.transfer_started = time.perf_counter()
             sizes = [total // streams + (1 if i < total % streams else 0) for i in range(streams)]
             await asyncio.gather(*(
-                _push_and_verify(connect.listen_address, size, seed, progress)
+                push_and_verify(connect.listen_address, size, seed, progress)
                 for seed, size in enumerate(sizes)
             ))
             seconds = time.perf_counter() - progress.transfer_started

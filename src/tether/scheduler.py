@@ -9,6 +9,7 @@ until they are half of it, when the heap is rebuilt.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import heapq
 import itertools
@@ -38,7 +39,7 @@ class Timer:
             self._scheduler._cancelled_one()
 
 
-class Scheduler:
+class Scheduler(abc.ABC):
     """The heap; subclasses say what time it is and how they get woken."""
 
     def __init__(self) -> None:
@@ -46,8 +47,9 @@ class Scheduler:
         self._order = itertools.count()
         self._dead = 0
 
+    @abc.abstractmethod
     def time(self) -> float:
-        raise NotImplementedError
+        """The current time, in the clock the deadlines use."""
 
     def call_at(self, when: float, callback: Callable[[], object]) -> Timer:
         """Run ``callback()`` once ``time()`` reaches ``when``."""
