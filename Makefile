@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-DEBIAN_PACKAGES := iproute2 nftables conntrack
+DEBIAN_PACKAGES := iproute2 nftables conntrack coturn
 
 .PHONY: demo test venv debian bench clean
 
