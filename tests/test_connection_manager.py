@@ -26,6 +26,7 @@ from tether.signals import make_signal
 
 S = ConnectionState
 IP = NetworkChangeType.IP_ADDRESS_CHANGE
+BLIND = NetworkChangeType.ICE_FAILURE  # no known cause: under the backoff rules
 TUBE = "tube-1"
 
 
@@ -319,7 +320,7 @@ async def test_change_during_backoff_runs_when_it_ends(make, core, clock):
     await manager.handle_signal(sig("ice_restart_answer", "A"))
     await manager.handle_signal(sig("connection_state_changed", "connected"))
     clock.advance(2.0)
-    await manager.handle_network_change(IP)
+    await manager.handle_network_change(BLIND)
     assert manager.state is S.DEGRADED
     assert manager.snapshot()["next_restart_in"] == pytest.approx(3.0)
     clock.advance(2.9)
@@ -776,3 +777,54 @@ async def test_a_manager_follows_a_real_tube(cores):
     await b.close_tube(tube_id)
     assert a.tube_ids == [] and b.tube_ids == []
     assert states["a"].count(S.TERMINATED) == 1 and states["a"][-1] is S.TERMINATED
+
+
+# -- the peer's reports, withdrawn signals, a path that comes back --------------------------
+
+
+async def test_the_peers_reports_are_information_not_events(make, core):
+    manager = make()
+    await connect(manager)
+    # Through the relay (a 'peer' key), a peer or an intruder claims our state changed.
+    for kind, data in (("connection_state_changed", "failed"),
+                       ("channel_closed", "closed"),
+                       ("network_change_detected", "ip_change")):
+        await manager.handle_signal(sig(kind, data, peer="someone"))
+    await settle()
+    assert manager.state is S.CONNECTED
+    assert core.restarts == []
+    # The same kinds from our own core are events.
+    await manager.handle_signal(sig("network_change_detected", "ip_change"), from_peer=False)
+    await settle()
+    assert len(core.restarts) == 1
+
+
+async def test_an_abandoned_attempt_withdraws_its_queued_signals(make, core):
+    withdrawn: list[tuple[str, frozenset[str]]] = []
+    manager = make(signal_withdraw=lambda tube, kinds: withdrawn.append((tube, kinds)))
+    await connect(manager)
+    await manager.handle_network_change(IP)
+    await settle()
+    assert withdrawn == []
+    # The old path answers again before the peer did: the attempt is over, its offer too.
+    await manager.handle_signal(sig("connection_state_changed", "connected"))
+    assert manager.state is S.CONNECTED
+    assert withdrawn == [(TUBE, frozenset({"ice_restart_offer", "icecandidate"}))]
+    assert manager.metrics.ice_restart_attempts == 0
+
+
+async def test_connected_while_our_offer_waits_ends_the_attempt(make, core, clock):
+    manager = make()
+    await connect(manager)
+    await manager.handle_network_change(IP)
+    await settle()
+    assert manager.state is S.RECONNECTING
+    await manager.handle_signal(sig("connection_state_changed", "connected"))
+    assert manager.state is S.CONNECTED and not manager.machine.restart_in_progress
+    # Nothing times out 15 s later and restarts a healthy connection.
+    clock.advance(20.0)
+    await settle()
+    assert len(core.restarts) == 1 and manager.state is S.CONNECTED
+    # A late answer to that offer is still applied: the peer switched to it.
+    await manager.handle_signal(sig("ice_restart_answer", "LATE", restart_id=1))
+    assert ("set_remote_description", "LATE", True) in core.calls

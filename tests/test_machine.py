@@ -20,6 +20,8 @@ from tether.machine import (
 
 S = ConnectionState
 IP = NetworkChangeType.IP_ADDRESS_CHANGE
+# A change whose cause is not known: it restarts under the backoff rules.
+BLIND = NetworkChangeType.ICE_FAILURE
 
 
 def connected(now: float = 0.0, *, initiator: bool = True, **policy) -> ConnectionMachine:
@@ -118,7 +120,9 @@ def test_connect_timeout_gives_up_on_a_tube_that_never_connects():
     assert machine.deadline == 20.0
     assert machine.timer(19.9) == []
     assert machine.timer(20.0) == [SetState(S.CONNECTING, S.FAILED)]
-    assert ConnectionMachine("t2", 0.0).deadline is None  # off by default
+    assert ConnectionMachine("t2", 0.0).deadline == 15.0  # 15 s by default
+    assert ConnectionMachine("t3", 0.0, policy=ICERestartPolicy(
+        connect_timeout=None)).deadline is None
 
 
 # -- backoff ----------------------------------------------------------------------------
@@ -159,11 +163,11 @@ def test_next_restart_in_reports_the_backoff():
     assert machine.next_restart_in(5.0) is None
 
 
-def test_rapid_changes_make_one_restart():
+def test_rapid_blind_changes_make_one_restart():
     machine = connected()
     actions = []
-    for i, change in enumerate([IP, NetworkChangeType.INTERFACE_CHANGE, IP,
-                                NetworkChangeType.ICE_FAILURE, IP]):
+    for i, change in enumerate([BLIND, NetworkChangeType.ICE_FAILURE, BLIND,
+                                NetworkChangeType.CONNECTION_TIMEOUT, BLIND]):
         actions += machine.network_change(change, i * 0.2)
     assert len(of(StartRestart, actions)) == 1
     assert machine.metrics.ice_restart_attempts == 1
@@ -172,14 +176,14 @@ def test_rapid_changes_make_one_restart():
 
 def test_change_during_backoff_is_kept_and_runs_when_backoff_ends():
     machine = connected()
-    seq = started(machine.network_change(IP, 0.0))
+    seq = started(machine.network_change(BLIND, 0.0))
     assert of(SetState, complete(machine, seq, 1.0)) == [SetState(S.RECONNECTING, S.CONNECTED)]
     machine.stats_read(1.0, (0, 0))
     # Attempt 1 ran at 0: the next is not allowed before 0 + 5.
-    actions = machine.network_change(IP, 2.0)
+    actions = machine.network_change(BLIND, 2.0)
     assert actions == [SetState(S.CONNECTED, S.DEGRADED)]
     assert machine.restart_pending and machine.deadline == 5.0
-    assert machine.network_change(IP, 3.0) == []  # still one restart waiting
+    assert machine.network_change(BLIND, 3.0) == []  # still one restart waiting
     assert machine.timer(4.99) == []
     actions = machine.timer(5.0)
     assert of(SetState, actions) == [SetState(S.DEGRADED, S.RECONNECTING)]
@@ -205,7 +209,7 @@ def test_stable_time_resets_the_count_and_the_backoff():
 
 def test_an_unstable_connection_keeps_counting():
     machine = connected(max_restart_attempts=3)
-    actions = machine.network_change(IP, 0.0)
+    actions = machine.network_change(BLIND, 0.0)
     for attempt in range(1, 4):
         seq = started(actions) if of(StartRestart, actions) else run_until_start(machine)[1]
         assert machine.metrics.ice_restart_attempts == attempt
@@ -213,7 +217,7 @@ def test_an_unstable_connection_keeps_counting():
         complete(machine, seq, now)  # every attempt succeeds...
         machine.stats_read(now, (0, 0))
         # ... but trouble comes back long before stable_time (60 s).
-        actions = machine.network_change(IP, now + 10.0)
+        actions = machine.network_change(BLIND, now + 10.0)
     # Three attempts without a stable connection: the policy gives up.
     assert machine.state is S.FAILED
     assert machine.metrics.restarts_succeeded == 3 and machine.metrics.restarts_failed == 0
@@ -276,8 +280,8 @@ def test_failed_after_max_attempts_then_manual_restart():
     assert of(SetState, actions) == [SetState(S.RECONNECTING, S.FAILED)]
     assert machine.metrics.ice_restart_attempts == 3
     assert machine.deadline is None
-    # FAILED: changes no longer restart.
-    assert machine.network_change(IP, 100.0) == []
+    # FAILED: blind changes no longer restart.
+    assert machine.network_change(BLIND, 100.0) == []
     assert machine.core_state_changed("failed", 100.0) == []
     # A manual restart resets the count and runs at once.
     actions = machine.manual_restart(101.0)
@@ -420,11 +424,11 @@ def test_a_stats_read_that_never_reports_is_retried():
 
 
 def test_no_keepalive_unless_connected():
-    machine = connected()
+    machine = connected(disconnected_grace=3.0)
     machine.core_state_changed("disconnected", 1.0)
     assert machine.deadline == 4.0  # the grace period, not a keepalive
     assert machine.stats_read(300.0, (0, 0)) == []
-    idle = ConnectionMachine("t2", 0.0)
+    idle = ConnectionMachine("t2", 0.0, policy=ICERestartPolicy(connect_timeout=None))
     assert idle.deadline is None and idle.timer(1000.0) == []
 
 
@@ -469,8 +473,8 @@ def test_the_peers_restart_without_glare():
     actions = machine.peer_offer("OFFER", 5.0)
     assert of(SetState, actions) == [SetState(S.CONNECTED, S.RECONNECTING)]
     (answer,) = of(AnswerOffer, actions)
-    # Our own changes while the peer's restart runs are covered by it.
-    assert machine.network_change(IP, 5.5) == []
+    # Blind trouble while the peer's restart runs is covered by it.
+    assert machine.network_change(BLIND, 5.5) == []
     machine.peer_offer_answered(answer.seq, 6.0)
     assert machine.deadline == 21.0
     machine.core_state_changed("connected", 7.0)
@@ -510,3 +514,144 @@ def test_policy_can_be_replaced():
 def test_policy_validation(bad):
     with pytest.raises(ValueError):
         ICERestartPolicy(**bad)
+
+
+# -- known causes, a path that comes back, never giving up ----------------------------------
+
+
+def test_a_known_cause_restarts_at_once_whatever_the_backoff():
+    machine = connected()
+    seq = started(machine.network_change(BLIND, 0.0))
+    complete(machine, seq, 1.0)
+    machine.stats_read(1.0, (0, 0))
+    # A blind change at 2 s would wait for 0 + 5; our address changing is news: now.
+    actions = machine.network_change(IP, 2.0)
+    assert of(SetState, actions) == [SetState(S.CONNECTED, S.RECONNECTING)]
+    assert started(actions) == seq + 1
+    assert machine.metrics.ice_restart_attempts == 2
+
+
+def test_a_known_cause_replaces_an_attempt_in_flight_without_counting_twice():
+    machine = connected()
+    seq = started(machine.network_change(IP, 0.0))
+    machine.offer_sent(seq, 0.1)
+    actions = machine.network_change(NetworkChangeType.INTERFACE_CHANGE, 0.5)
+    assert CancelRestart(seq) in actions
+    fresh = started(actions)
+    assert fresh == seq + 1
+    assert machine.metrics.ice_restart_attempts == 1  # the replaced one is not counted
+    assert machine.metrics.restarts_superseded == 1
+    # The old attempt's answer no longer applies; the fresh one's does.
+    machine.offer_sent(fresh, 0.6)
+    assert machine.answer_received("OLD", 0.7, seq) == []
+    assert machine.answer_received("NEW", 0.8, fresh) == [ApplyAnswer(fresh, "NEW")]
+
+
+def test_a_known_cause_replaces_our_answer_to_the_peers_restart():
+    machine = connected(initiator=False)
+    actions = machine.peer_offer("OFFER", 1.0)
+    (answer,) = of(AnswerOffer, actions)
+    machine.peer_offer_answered(answer.seq, 1.1)
+    actions = machine.network_change(IP, 1.5)
+    assert started(actions) == answer.seq + 1
+    assert machine.restart_in_progress and machine.state is S.RECONNECTING
+
+
+def test_a_known_cause_before_the_first_connection_does_nothing():
+    machine = ConnectionMachine("t1", 0.0)
+    assert machine.network_change(IP, 1.0) == []
+
+
+def test_the_path_coming_back_ends_our_attempt_without_spending_it():
+    machine = connected()
+    machine.core_state_changed("disconnected", 10.0)
+    seq = started(machine.timer(10.0))  # no grace by default: restart at once
+    machine.offer_sent(seq, 10.1)
+    assert machine.state is S.RECONNECTING
+    actions = machine.core_state_changed("connected", 11.0)
+    assert of(SetState, actions) == [SetState(S.RECONNECTING, S.CONNECTED)]
+    assert CancelRestart(seq) in actions  # its unsent signals are withdrawn
+    assert not machine.restart_in_progress
+    assert machine.metrics.ice_restart_attempts == 0  # not spent
+    assert machine.metrics.restarts_unneeded == 1 and machine.metrics.restarts_failed == 0
+    assert machine.deadline != 10.0 + 15.0  # no answer timeout left to fire
+    # The answer to the offer that went out is still applied: the peer follows it.
+    assert machine.answer_received("ANSWER", 11.5, seq) == [ApplyAnswer(seq, "ANSWER")]
+    assert machine.answer_received("AGAIN", 11.6, seq) == []
+
+
+def test_the_path_coming_back_before_the_offer_left_cancels_it():
+    machine = connected()
+    seq = started(machine.network_change(BLIND, 0.0))
+    actions = machine.core_state_changed("connected", 0.2)
+    assert CancelRestart(seq) in actions
+    assert machine.state is S.CONNECTED
+    assert machine.answer_received("ANSWER", 0.5, seq) == []
+
+
+def test_a_second_outage_right_after_a_healed_one_gets_every_attempt():
+    machine = connected(max_restart_attempts=2)
+    for outage in range(3):
+        now = 10.0 * (outage + 1)
+        machine.core_state_changed("disconnected", now)
+        seq = started(machine.timer(now))
+        machine.offer_sent(seq, now)
+        machine.core_state_changed("connected", now + 1.0)
+        assert machine.state is S.CONNECTED
+    assert machine.metrics.ice_restart_attempts == 0
+
+
+def test_glare_is_only_crossing_offers():
+    machine = connected(initiator=True)
+    seq = started(machine.network_change(IP, 0.0))
+    machine.offer_sent(seq, 0.1)
+    machine.answer_received("ANSWER", 0.2, seq)
+    machine.answer_applied(seq, 0.3)
+    # The peer answered ours, then offers again: it knows something new. Its offer wins.
+    actions = machine.peer_offer("NEWER", 0.5)
+    assert CancelRestart(seq) in actions and of(AnswerOffer, actions)
+    assert machine.metrics.glare_ignored == 0
+
+
+def test_never_give_up_retries_at_the_longest_backoff():
+    machine = connected(max_restart_attempts=2, keep_trying=True)
+    seq = started(machine.network_change(BLIND, 0.0))
+    machine.restart_error(seq, 0.0, "no answer")
+    when, seq = run_until_start(machine)
+    assert when == 5.0
+    actions = machine.restart_error(seq, 5.0, "no answer")
+    assert of(SetState, actions) == [SetState(S.RECONNECTING, S.FAILED)]
+    # FAILED for the user, but the next attempt is already planned: 60 s after the last.
+    assert machine.deadline == 65.0
+    assert machine.timer(64.9) == []
+    actions = machine.timer(65.0)
+    assert of(SetState, actions) == [SetState(S.FAILED, S.RECONNECTING)]
+    seq = started(actions)
+    actions = machine.restart_error(seq, 70.0, "no answer")
+    assert of(SetState, actions) == [SetState(S.RECONNECTING, S.FAILED)]
+    assert machine.deadline == 125.0
+    # The path answering again brings it back at once.
+    actions = machine.core_state_changed("connected", 80.0)
+    assert of(SetState, actions) == [SetState(S.FAILED, S.CONNECTED)]
+
+
+def test_never_give_up_a_network_change_in_failed_tries_at_once():
+    machine = connected(max_restart_attempts=1, keep_trying=True)
+    seq = started(machine.network_change(BLIND, 0.0))
+    machine.restart_error(seq, 0.0, "no answer")
+    assert machine.state is S.FAILED
+    actions = machine.network_change(IP, 3.0)
+    assert of(SetState, actions) == [SetState(S.FAILED, S.RECONNECTING)]
+    assert machine.metrics.ice_restart_attempts == 1
+
+
+def test_a_closed_channel_is_final_even_when_keep_trying():
+    machine = connected(keep_trying=True)
+    assert of(SetState, machine.channel_closed(1.0)) == [SetState(S.CONNECTED, S.FAILED)]
+    assert machine.deadline is None
+
+
+def test_never_give_up_needs_a_tube_that_connected_once():
+    machine = ConnectionMachine("t1", 0.0, policy=ICERestartPolicy(keep_trying=True))
+    assert machine.timer(15.0) == [SetState(S.INITIALIZING, S.FAILED)]
+    assert machine.deadline is None

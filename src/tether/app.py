@@ -3,13 +3,25 @@
 ConnectSide listens on a local TCP port and offers tubes; ExposeSide answers them and dials
 its target for every stream. Both route peer signals through a SignalRouter to the tube's
 TunnelConnectionManager, send the core's candidates and the managers' restart offers to the
-peer through the signaling client, and give every tube a manager. A tube the manager gives
-up on is closed; the connecting side then offers a fresh one.
+peer through the signaling client, and give every tube a manager.
+
+What keeps a tunnel alive around the managers lives here too:
+
+- the network monitor's changes go to every manager at once (restart now, no waiting for the
+  path to fall silent) and make the signaling client reconnect from the new address;
+- while any tube is in trouble the signaling connection is checked every second or two, so a
+  restart offer never sits in a socket that died with an old address;
+- a tube one side drops is announced to the other (a ``channel_closed`` signal with a
+  ``reason``), and a signal for a tube a side does not know is answered the same way at
+  once, so after a peer restarts its streams close cleanly and a new tube is offered at once;
+- the sides never give up on a tube that worked (``keep_trying``): they go on retrying at
+  the longest backoff, while a tube that never connects is replaced after the connect timeout.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
@@ -25,13 +37,30 @@ from .connection_manager import (
     TunnelConnectionManager,
 )
 from .cores.aiortc_core import AiortcTubeRegistry
-from .router import SignalRouter
+from .events import EventLog
+from .router import CLOSE_REASON, UNKNOWN_TUBE, SignalRouter
 from .signaling import SignalingClient
+from .signaling.client import SignalingError
 from .tunnel import Tunnel
 
 logger = logging.getLogger(__name__)
 
-ENDED = frozenset({ConnectionState.FAILED, ConnectionState.TERMINATED})
+S = ConnectionState
+TROUBLE = frozenset({S.DEGRADED, S.RECONNECTING, S.FAILED})
+# How often the signaling connection is checked while a tube is in trouble, and how long a
+# ping may take before the connection counts as dead.
+SIGNALING_CHECK_INTERVAL = 1.0
+SIGNALING_CHECK_TIMEOUT = 2.0
+# How long close() waits for the peer to acknowledge our goodbyes.
+GOODBYE_TIMEOUT = 1.0
+# Reasons carried by our channel_closed signals (besides the router's UNKNOWN_TUBE).
+CLOSED = "closed"
+SHUTDOWN = "shutdown"
+
+
+def default_policy() -> ICERestartPolicy:
+    """The seed's policy, plus: never give up on a tube that connected once."""
+    return ICERestartPolicy(keep_trying=True)
 
 
 @dataclass(eq=False)
@@ -45,6 +74,8 @@ class TubeHandle:
     tunnel: Tunnel | None = None
     attach_task: asyncio.Task[None] | None = None
     ended: asyncio.Event = field(default_factory=asyncio.Event)
+    end_reason: str = ""
+    closed_by_peer: bool = False
 
 
 class Side:
@@ -62,17 +93,35 @@ class Side:
         host_addresses: Sequence[str] | None = None,
         policy: ICERestartPolicy | None = None,
         window: int | None = None,
+        events: EventLog | None = None,
+        watch_network: bool = False,
     ) -> None:
         self.name = name
         self.core = core if core is not None else AiortcTubeRegistry(host_addresses=host_addresses)
-        self.policy = policy
+        self.policy = policy if policy is not None else default_policy()
         self.window = window
+        self.events = events if events is not None else EventLog(None)
         self.managers = ManagerRegistry()
         self.tubes: dict[str, TubeHandle] = {}
-        self.client = SignalingClient(signal_url, token, name, self._on_peer_signal)
+        try:  # TEMPORARY until the signaling client has on_peer
+            self.client = SignalingClient(
+                signal_url, token, name, self._on_peer_signal,
+                on_state=self._on_signaling_state, on_peer=self._on_peer_presence,
+            )
+        except TypeError:
+            self.client = SignalingClient(
+                signal_url, token, name, self._on_peer_signal,
+                on_state=self._on_signaling_state,
+            )
         self.router = SignalRouter(
             self.managers, reply=self.client.send, on_unknown_tube=self._on_unknown_tube
         )
+        self.monitor: Any = None
+        if watch_network:
+            from .netmon import NetworkMonitor
+
+            self.monitor = NetworkMonitor(self._on_network_change)
+        self._trouble = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
 
@@ -80,20 +129,30 @@ class Side:
 
     async def start(self) -> None:
         await self.client.start()
+        if self.monitor is not None:
+            await self.monitor.start()
+        self._spawn(self._watch_signaling())
 
     async def close(self) -> None:
-        """Close every tube, the signaling client and every task; idempotent."""
+        """Tell the peer, close every tube, the signaling client and every task; idempotent."""
         if self._closed:
             return
         self._closed = True
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.monitor is not None:
+            await self.monitor.close()
         for tube_id in list(self.tubes):
-            await self._drop_tube(tube_id, "shutting down")
+            await self._drop_tube(tube_id, "shutting down", tell=SHUTDOWN)
+        if self.client.connected:
+            # Our goodbyes let the peer re-offer at once instead of finding out later.
+            with contextlib.suppress(TimeoutError, SignalingError):
+                await asyncio.wait_for(self.client.drain(), GOODBYE_TIMEOUT)
         await self.client.close()
         if hasattr(self.core, "close"):
             await self.core.close()
+        self.events.close()
 
     async def __aenter__(self) -> "Side":
         await self.start()
@@ -108,6 +167,7 @@ class Side:
         for handle in self.tubes.values():
             row = dict(handle.manager.snapshot())
             row["connect_ms"] = handle.connect_ms
+            row["retrying"] = handle.manager.machine.retrying
             if handle.tunnel is not None:
                 row.update(handle.tunnel.stats)
             rows.append(row)
@@ -116,6 +176,9 @@ class Side:
     # -- signal plumbing -----------------------------------------------------------------
 
     async def _on_peer_signal(self, signal: signals.Signal) -> None:
+        if signal.get("kind") == signals.CHANNEL_CLOSED:
+            await self._peer_closed(signal)
+            return
         await self.router.route(signal)
 
     async def _on_unknown_tube(self, signal: signals.Signal) -> bool:
@@ -124,20 +187,76 @@ class Side:
     async def _on_core_signal(self, signal: signals.Signal) -> None:
         """The seed's signal_from_rust: the core's own events, by kind."""
         if signal["kind"] in (signals.ICE_CANDIDATE, signals.OFFER, signals.ANSWER):
-            await self.client.send(signal)
+            await self._send(signal)
             return
         manager = self.managers.get(signal["tube_id"])
         if manager is not None:
-            await manager.handle_signal(signal)
+            await manager.handle_signal(signal, from_peer=False)
+
+    async def _send(self, signal: signals.Signal) -> None:
+        """Send to the peer; a closed client (we are stopping) is no error worth raising."""
+        try:
+            await self.client.send(signal)
+        except SignalingError as exc:
+            logger.debug("tube %s: %s signal not sent: %s", signal.get("tube_id"),
+                         signal.get("kind"), exc)
+
+    def _withdraw(self, tube_id: str, kinds: frozenset[str]) -> None:
+        if not hasattr(self.client, "discard"):  # TEMPORARY
+            return
+        dropped = self.client.discard(tube_id, kinds)
+        if dropped:
+            logger.debug("tube %s: withdrew %d queued signals", tube_id, dropped)
+
+    async def _peer_closed(self, signal: signals.Signal) -> None:
+        """The peer says a tube is gone at its end (closed, shut down, or never known)."""
+        tube_id = signal["tube_id"]
+        if tube_id not in self.tubes:
+            return
+        reason = signal.get(CLOSE_REASON) or CLOSED
+        detail = {UNKNOWN_TUBE: "the peer does not know it (did it restart?)",
+                  SHUTDOWN: "the peer is shutting down"}.get(reason, "the peer closed it")
+        logger.info("tube %s: %s", tube_id, detail)
+        self.tubes[tube_id].closed_by_peer = True
+        await self._drop_tube(tube_id, detail, tell=None)
+
+    # -- network and signaling health ----------------------------------------------------
+
+    async def _on_network_change(self, change: Any) -> None:
+        """The monitor saw our addresses or routes change: act at once, everywhere."""
+        logger.info("network change: %s (%s)", change.type.value, change.detail)
+        self.events.emit("network_change", change=change.type.value, detail=change.detail)
+        self.client.reconnect(f"network change: {change.detail}")
+        for manager in self.managers.list():
+            await manager.handle_network_change(change.type, {"detail": change.detail})
+
+    def _on_signaling_state(self, state: str) -> None:
+        self.events.emit("signaling", state=state)
+
+    def _on_peer_presence(self, what: str) -> None:
+        self.events.emit("peer", what=what)
+
+    async def _watch_signaling(self) -> None:
+        """While any tube is in trouble, make sure signaling is not a dead socket."""
+        client = self.client
+        while True:
+            await self._trouble.wait()
+            if client.connected and hasattr(client, "check"):  # TEMPORARY
+                await client.check(SIGNALING_CHECK_TIMEOUT)
+            await asyncio.sleep(SIGNALING_CHECK_INTERVAL)
+
+    def _update_trouble(self) -> None:
+        if any(h.manager.state in TROUBLE for h in self.tubes.values()):
+            self._trouble.set()
+        else:
+            self._trouble.clear()
 
     # -- tubes ---------------------------------------------------------------------------
 
     def _new_handle(self, tube_id: str) -> TubeHandle:
-        kwargs: dict[str, Any] = {"initiator": self.initiator}
-        if self.policy is not None:
-            kwargs["policy"] = self.policy
         manager = TunnelConnectionManager(
-            tube_id, self.name, self.core, self.client.send, **kwargs
+            tube_id, self.name, self.core, self._send, initiator=self.initiator,
+            policy=self.policy, signal_withdraw=self._withdraw,
         )
         handle = TubeHandle(tube_id, manager)
         manager.add_state_change_callback(self._on_state_change)
@@ -147,11 +266,23 @@ class Side:
 
     def _on_state_change(self, tube_id: str, state: ConnectionState) -> None:
         logger.debug("tube %s: %s", tube_id, state.value)
+        self.events.emit("state", tube_id=tube_id, state=state.value)
+        self._update_trouble()
         handle = self.tubes.get(tube_id)
-        if handle is not None and state in ENDED and not handle.ended.is_set():
+        if handle is None or handle.ended.is_set():
+            return
+        if state is S.FAILED and handle.manager.machine.retrying:
+            logger.warning("tube %s: not connected; still trying every %.0f s until stopped",
+                           tube_id, self.policy.restart_backoff_max)
+        elif state is S.FAILED:
+            self._spawn(self._drop_tube(tube_id, "the connection manager gave up"))
+        elif state is S.TERMINATED:
             handle.ended.set()
-            if state is ConnectionState.FAILED:
-                self._spawn(self._drop_tube(tube_id, "the connection manager gave up"))
+        elif state is S.CONNECTED:
+            self._tube_connected(handle)
+
+    def _tube_connected(self, handle: TubeHandle) -> None:
+        """Hook: a tube reached CONNECTED (first time or again)."""
 
     def _attach_tunnel(self, handle: TubeHandle, target: tuple[str, int] | None) -> None:
         handle.attach_task = asyncio.create_task(
@@ -159,7 +290,11 @@ class Side:
         )
 
     async def _run_attach(self, handle: TubeHandle, target: tuple[str, int] | None) -> None:
-        channel = await self.core.wait_channel(handle.tube_id)
+        try:
+            channel = await self.core.wait_channel(handle.tube_id)
+        except ConnectionError as exc:
+            logger.info("tube %s: %s", handle.tube_id, exc)
+            return
         handle.connect_ms = (time.monotonic() - handle.created_at) * 1000.0
         kwargs: dict[str, Any] = {"name": handle.tube_id, "target": target}
         if self.window is not None:
@@ -168,17 +303,26 @@ class Side:
         tunnel.start()
         handle.tunnel = tunnel
         logger.info("tube %s: tunnel open after %.0f ms", handle.tube_id, handle.connect_ms)
+        self.events.emit("tube", tube_id=handle.tube_id, what="open",
+                         detail=f"{handle.connect_ms:.0f} ms")
         self._tunnel_ready(handle)
 
     def _tunnel_ready(self, handle: TubeHandle) -> None:
         """Hook for the connecting side."""
 
-    async def _drop_tube(self, tube_id: str, reason: str) -> None:
+    async def _drop_tube(self, tube_id: str, reason: str, *, tell: str | None = CLOSED) -> None:
+        """Close a tube and its streams; ``tell`` the peer why (None: it already knows)."""
         handle = self.tubes.pop(tube_id, None)
         if handle is None:
             return
         logger.info("tube %s: closing (%s)", tube_id, reason)
+        self.events.emit("tube", tube_id=tube_id, what="closed", detail=reason)
+        handle.end_reason = reason
         handle.ended.set()
+        self._withdraw(tube_id, signals.KINDS)  # nothing queued for it matters any more
+        if tell is not None:
+            await self._send(signals.make_signal(
+                tube_id, self.name, signals.CHANNEL_CLOSED, reason, **{CLOSE_REASON: tell}))
         if handle.attach_task is not None:
             handle.attach_task.cancel()
             await asyncio.gather(handle.attach_task, return_exceptions=True)
@@ -186,6 +330,7 @@ class Side:
             await handle.tunnel.close()
         await self.managers.unregister(tube_id)
         await self.core.close_tube(tube_id, reason=reason)
+        self._update_trouble()
 
     def _spawn(self, coro: Any) -> None:
         if self._closed:
@@ -193,22 +338,38 @@ class Side:
             return
         task = asyncio.create_task(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("%s: %s failed", self.name, task.get_name(), exc_info=task.exception())
 
 
 class ExposeSide(Side):
-    """Answers tubes offered by the peer and dials ``target`` for each of their streams."""
+    """Answers tubes offered by the peer and dials ``target`` for each of their streams.
+
+    A connecting peer keeps one tube; when a new one connects, older ones are closed. At
+    most ``max_tubes`` exist at once: an offer beyond that replaces the oldest that never
+    connected (or else the oldest).
+    """
 
     initiator = False
 
-    def __init__(self, name: str, *, target: tuple[str, int], **kwargs: Any) -> None:
+    def __init__(self, name: str, *, target: tuple[str, int], max_tubes: int = 4,
+                 **kwargs: Any) -> None:
         super().__init__(name, **kwargs)
         self.target = target
+        self.max_tubes = max_tubes
 
     async def _on_unknown_tube(self, signal: signals.Signal) -> bool:
         if signal["kind"] != signals.OFFER:
             return False
         tube_id = signal["tube_id"]
+        if len(self.tubes) >= self.max_tubes:
+            handles = sorted(self.tubes.values(), key=lambda h: (h.connect_ms is not None,
+                                                                h.created_at))
+            await self._drop_tube(handles[0].tube_id, "too many tubes; replaced by a new one")
         logger.info("tube %s: offer received, answering", tube_id)
         handle = self._new_handle(tube_id)
         try:
@@ -218,18 +379,30 @@ class ExposeSide(Side):
             )
         except Exception as exc:
             logger.error("tube %s: cannot answer the offer: %s", tube_id, exc)
-            await self._drop_tube(tube_id, "bad offer")
-            await self.client.send(signals.make_signal(
+            await self._drop_tube(tube_id, "bad offer", tell=None)
+            await self._send(signals.make_signal(
                 tube_id, self.name, signals.ERROR, f"cannot answer the offer: {exc}"))
             return True
-        await self.client.send(signals.make_signal(
+        self.events.emit("tube", tube_id=tube_id, what="answered", detail="")
+        await self._send(signals.make_signal(
             tube_id, self.name, signals.ANSWER, result["answer"]))
         self._attach_tunnel(handle, self.target)
         return True
 
+    def _tube_connected(self, handle: TubeHandle) -> None:
+        for other in [h for h in self.tubes.values() if h is not handle]:
+            if other.created_at < handle.created_at:
+                self._spawn(self._drop_tube(other.tube_id, "the peer moved to a newer tube"))
+
 
 class ConnectSide(Side):
-    """Listens on a local port; carries every accepted connection through the current tube."""
+    """Listens on a local port; carries every accepted connection through the current tube.
+
+    There is one current tube. When it ends (the peer closed it or does not know it, or it
+    never connected), another is offered: at once if the peer said so, else after a short
+    delay that the peer (re)joining the relay cuts short. Connections accepted while no
+    tube is up wait up to ``stream_wait`` seconds for the next one.
+    """
 
     initiator = True
 
@@ -238,7 +411,7 @@ class ConnectSide(Side):
         name: str,
         *,
         listen: tuple[str, int],
-        stream_wait: float = 30.0,
+        stream_wait: float = 10.0,
         retry_delays: Sequence[float] = (1.0, 2.0, 5.0, 10.0, 30.0),
         **kwargs: Any,
     ) -> None:
@@ -249,6 +422,7 @@ class ConnectSide(Side):
         self.server: asyncio.Server | None = None
         self.current: TubeHandle | None = None
         self._ready = asyncio.Event()
+        self._peer_back = asyncio.Event()
         self._streams: set[asyncio.Task[Any]] = set()
 
     @property
@@ -281,17 +455,26 @@ class ConnectSide(Side):
         return self.current
 
     async def _keep_a_tube(self) -> None:
-        """Offer a tube; when it ends for good, offer another after a short delay."""
+        """Offer a tube; when it ends, offer another (at once if the peer closed it)."""
         failures = 0
         while not self._closed:
+            self._peer_back.clear()
             handle = await self._offer_tube()
             await handle.ended.wait()
             self._ready.clear()
             await self._drop_tube(handle.tube_id, "replacing the tube")
-            failures = 0 if handle.connect_ms is not None else failures + 1
-            delay = self.retry_delays[min(failures, len(self.retry_delays) - 1)]
-            logger.info("tube %s ended; offering a new tube in %.0f s", handle.tube_id, delay)
-            await asyncio.sleep(delay)
+            if handle.connect_ms is not None:
+                failures = 0
+            if handle.closed_by_peer:
+                logger.info("tube %s ended (%s); offering a new tube now",
+                            handle.tube_id, handle.end_reason)
+                continue
+            failures += 1
+            delay = self.retry_delays[min(failures - 1, len(self.retry_delays) - 1)]
+            logger.info("tube %s ended (%s); offering a new tube in %.0f s, or as soon as "
+                        "the peer is back", handle.tube_id, handle.end_reason, delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._peer_back.wait(), delay)
 
     async def _offer_tube(self) -> TubeHandle:
         tube_id = secrets.token_urlsafe(12)
@@ -301,9 +484,22 @@ class ConnectSide(Side):
         result = await self.core.create_tube(
             self.name, {}, tube_id=tube_id, signal_callback=self._on_core_signal
         )
-        await self.client.send(signals.make_signal(tube_id, self.name, signals.OFFER, result["offer"]))
+        self.events.emit("tube", tube_id=tube_id, what="offered", detail="")
+        await self._send(signals.make_signal(tube_id, self.name, signals.OFFER, result["offer"]))
         self._attach_tunnel(handle, None)
         return handle
+
+    def _on_peer_presence(self, what: str) -> None:
+        """A peer joined the relay: maybe a restarted one. Ask it about our tube at once."""
+        super()._on_peer_presence(what)
+        if what != "joined":
+            return
+        self._peer_back.set()
+        handle = self.current
+        if handle is not None and handle.tube_id in self.tubes and handle.connect_ms is not None:
+            # A peer that does not know the tube answers with channel_closed right away.
+            self._spawn(self._send(signals.make_signal(
+                handle.tube_id, self.name, signals.KEEPALIVE, "")))
 
     def _tunnel_ready(self, handle: TubeHandle) -> None:
         if handle is self.current:

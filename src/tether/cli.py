@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import secrets
+import signal as os_signal
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
@@ -20,6 +21,7 @@ from .app import ConnectSide, ExposeSide, Side
 from .cores.aiortc_core import AiortcTubeRegistry
 from .cores.gathering import LOOPBACK
 from .display import demo_line, tube_table
+from .events import EventLog
 from .signaling import SignalingServer
 from .signaling.client import AuthenticationError, ConversationFullError
 from .tunnel import parse_hostport
@@ -45,7 +47,21 @@ Loopback = Annotated[
 ]
 IceServer = Annotated[
     list[str] | None,
-    typer.Option("--ice-server", help="STUN/TURN URL (repeatable); none by default."),
+    typer.Option("--ice-server", help="STUN/TURN URL (repeatable): stun:HOST:PORT, "
+                                      "turn:HOST:PORT, turns:HOST:PORT; none by default."),
+]
+TurnUser = Annotated[
+    str | None, typer.Option("--turn-user", help="User name for the turn:/turns: servers.")
+]
+TurnPassword = Annotated[
+    str | None,
+    typer.Option("--turn-password", envvar="TETHER_TURN_PASSWORD",
+                 help="Password for the turn:/turns: servers (or TETHER_TURN_PASSWORD)."),
+]
+Events = Annotated[
+    str | None,
+    typer.Option("--events", help="Append what happens (states, network changes, tubes) "
+                                  "to this file as JSON lines."),
 ]
 
 
@@ -74,10 +90,34 @@ def _need_token(token: str | None) -> str:
     return token
 
 
-def _run(main: Callable[[], Awaitable[Any]]) -> Any:
-    """Run ``main``; Ctrl-C ends it cleanly (its finally blocks close everything)."""
+async def _stoppable(main: Callable[[], Awaitable[Any]]) -> Any:
+    """Run ``main`` until it returns or SIGTERM arrives; SIGTERM ends it like Ctrl-C (its
+    finally blocks close everything: the peer is told, so it can re-offer at once)."""
+    task = asyncio.current_task()
+    assert task is not None
+    loop = asyncio.get_running_loop()
+    terminated = False
+
+    def on_sigterm() -> None:
+        nonlocal terminated
+        terminated = True
+        task.cancel()
+
+    with contextlib.suppress(NotImplementedError, RuntimeError):
+        loop.add_signal_handler(os_signal.SIGTERM, on_sigterm)
     try:
-        return asyncio.run(main())
+        return await main()
+    except asyncio.CancelledError:
+        if not terminated:
+            raise
+        console.print("stopped (SIGTERM)")
+        return None
+
+
+def _run(main: Callable[[], Awaitable[Any]]) -> Any:
+    """Run ``main``; Ctrl-C and SIGTERM end it cleanly (its finally blocks close everything)."""
+    try:
+        return asyncio.run(_stoppable(main))
     except KeyboardInterrupt:
         console.print("stopped")
         return None
@@ -137,6 +177,9 @@ def expose(
     token: Token = None,
     loopback: Loopback = False,
     ice_server: IceServer = None,
+    turn_user: TurnUser = None,
+    turn_password: TurnPassword = None,
+    events: Events = None,
     verbose: Verbose = False,
 ) -> None:
     """Expose TARGET as tunnel NAME: answer tubes and dial TARGET for each stream."""
@@ -145,7 +188,8 @@ def expose(
     token = _need_token(token)
 
     side = ExposeSide(name, target=address, signal_url=signal, token=token,
-                      core=_core(loopback, ice_server))
+                      core=_core(loopback, ice_server, turn_user, turn_password),
+                      events=EventLog(events), watch_network=True)
     console.print(f"exposing {target} as {name!r} via {signal}")
     _run_side(side, lambda: f"expose {name} -> {target}")
 
@@ -158,6 +202,9 @@ def connect(
     token: Token = None,
     loopback: Loopback = False,
     ice_server: IceServer = None,
+    turn_user: TurnUser = None,
+    turn_password: TurnPassword = None,
+    events: Events = None,
     verbose: Verbose = False,
 ) -> None:
     """Listen on LISTEN and carry every connection through tunnel NAME."""
@@ -166,7 +213,8 @@ def connect(
     token = _need_token(token)
 
     side = ConnectSide(name, listen=address, signal_url=signal, token=token,
-                       core=_core(loopback, ice_server))
+                       core=_core(loopback, ice_server, turn_user, turn_password),
+                       events=EventLog(events), watch_network=True)
 
     def title() -> str:
         host, port = side.listen_address
@@ -177,9 +225,16 @@ def connect(
     _run_side(side, title)
 
 
-def _core(loopback: bool, ice_servers: list[str] | None) -> AiortcTubeRegistry:
+def _core(loopback: bool, ice_servers: list[str] | None, turn_user: str | None,
+          turn_password: str | None) -> AiortcTubeRegistry:
+    servers = ice_servers or []
+    if any(url.startswith(("turn:", "turns:")) for url in servers) and not (
+            turn_user and turn_password):
+        raise typer.BadParameter("a turn:/turns: server needs --turn-user and --turn-password "
+                                 "(or TETHER_TURN_PASSWORD)", param_hint="--ice-server")
     return AiortcTubeRegistry(
-        host_addresses=LOOPBACK if loopback else None, ice_servers=ice_servers or ()
+        host_addresses=LOOPBACK if loopback else None, ice_servers=servers,
+        turn_username=turn_user, turn_password=turn_password,
     )
 
 
@@ -201,9 +256,17 @@ def demo(
     mb: Annotated[float, typer.Option(help="Megabytes to push through the tunnel.")] = 32,
     streams: Annotated[int, typer.Option(help="Concurrent TCP connections.")] = 4,
     as_json: Annotated[bool, typer.Option("--json", help="End with one JSON line.")] = False,
+    break_path: Annotated[bool, typer.Option(
+        "--break-path/--no-break-path",
+        help="Kill the tube's path halfway and show it heal.")] = True,
     verbose: Verbose = False,
 ) -> None:
-    """Run a whole tunnel in this process and check every byte (nothing to configure)."""
+    """Run a whole tunnel in this process and check every byte (nothing to configure).
+
+    Halfway, the tube's path is killed (as when an address disappears): tether detects it,
+    restarts ICE onto a new path and the streams go on. Both peers share this one process,
+    so throughput is about a third of two tether processes on two cores.
+    """
     from .demo import DataMismatch, run_demo
 
     _logging(verbose, default=logging.ERROR)
@@ -212,7 +275,7 @@ def demo(
 
     async def main() -> Any:
         with Live(console=console, refresh_per_second=8, transient=False) as live:
-            return await run_demo(mb=mb, streams=streams,
+            return await run_demo(mb=mb, streams=streams, break_path=break_path,
                                   on_tick=lambda p: live.update(demo_line(p)))
 
     try:
@@ -229,6 +292,13 @@ def demo(
         f"[bold]{result.throughput_mb_s:.2f} MB/s[/bold]; "
         f"{result.bytes_verified:,} of {result.bytes_sent:,} bytes verified"
     )
+    if result.path_broken:
+        detected = "-" if result.detected_ms is None else f"{result.detected_ms:.0f} ms"
+        recovered = "-" if result.recovered_ms is None else f"{result.recovered_ms:.0f} ms"
+        console.print(
+            f"path killed halfway: detected after {detected}, data flowing again after "
+            f"{recovered} ({result.restarts} ICE restart), {result.bytes_lost:,} bytes lost"
+        )
     if as_json:
         with contextlib.suppress(BrokenPipeError):
             out.print(json.dumps(result.as_dict()), highlight=False, soft_wrap=True)

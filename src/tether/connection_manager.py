@@ -55,11 +55,24 @@ logger = logging.getLogger(__name__)
 
 StateCallback = Callable[[str, ConnectionState], Any]
 SignalHandler = Callable[[signals.Signal], Any]
+# withdraw(tube_id, kinds): drop this tube's queued signals of these kinds the peer has not
+# acknowledged (the signaling client's discard). Optional.
+SignalWithdraw = Callable[[str, frozenset[str]], Any]
+
+# What the peer reports about its own end is information, never an event of ours: only the
+# local core says our connection changed state, our channel closed or our network changed.
+PEER_INFORMATION = frozenset({
+    signals.CONNECTION_STATE_CHANGED, signals.NETWORK_CHANGE_DETECTED, signals.CHANNEL_CLOSED,
+})
+# A cancelled attempt's signals that must not reach the peer late.
+ATTEMPT_SIGNALS = frozenset({signals.ICE_RESTART_OFFER, signals.ICE_CANDIDATE})
 
 CONTRACT_METHODS = (
     "create_tube", "set_remote_description", "add_ice_candidate", "restart_ice",
     "get_connection_state", "get_connection_stats", "close_tube",
 )
+# The key the relay stamps on every signal it relays with the sender's peer id.
+PEER_KEY = "peer"
 # Extra signal key: a restart offer's attempt number, echoed in its answer, so a late answer
 # to an abandoned offer is not applied to the next one. Peers that do not echo it still work.
 RESTART_ID = "restart_id"
@@ -89,13 +102,14 @@ class TunnelConnectionManager:
 
     ``initiator`` is the impolite peer of perfect negotiation (its restart offer wins a
     glare). ``scheduler`` (default: the loop's shared one) also supplies the clock.
+    ``signal_withdraw`` takes back an abandoned attempt's signals still queued for the peer.
     """
 
     __slots__ = (
         "tube_id", "conversation_id", "tube_registry", "signal_handler",
         "_machine", "_scheduler", "_time", "_timer", "_callbacks", "_tasks",
         "_restart_task", "_restart_seq", "_cb_queue", "_cb_task", "_in_thread",
-        "_closed", "__weakref__",
+        "_closed", "signal_withdraw", "__weakref__",
     )
 
     def __init__(
@@ -108,8 +122,10 @@ class TunnelConnectionManager:
         initiator: bool = True,
         policy: ICERestartPolicy | None = None,
         scheduler: Scheduler | None = None,
+        signal_withdraw: SignalWithdraw | None = None,
     ) -> None:
         self.tube_id = tube_id
+        self.signal_withdraw = signal_withdraw
         self.conversation_id = conversation_id
         self.tube_registry = tube_registry
         self.signal_handler = signal_handler
@@ -185,13 +201,24 @@ class TunnelConnectionManager:
         logger.info("tube %s: network change: %s", self.tube_id, change.value)
         await self._feed(self._machine.network_change(change, self._time(), loss=loss))
 
-    async def handle_signal(self, signal: signals.Signal) -> None:
+    async def handle_signal(self, signal: signals.Signal, *, from_peer: bool | None = None) -> None:
         """Handle a signal for this tube, from the peer or from the core.
+
+        ``from_peer`` None: a signal that came through the relay (it carries the relay's
+        ``peer`` field) is the peer's. The peer's reports of its own state, channel or
+        network are information only (see PEER_INFORMATION).
 
         Raises if the core rejects what the signal carries (a bad candidate or SDP), after
         the machine has been told, so the caller can report it to the peer.
         """
         kind = signal.get("kind")
+        if from_peer is None:
+            from_peer = PEER_KEY in signal
+        if from_peer and kind in PEER_INFORMATION:
+            self._machine.activity(self._time())
+            logger.info("tube %s: the peer reports %s %r", self.tube_id, kind,
+                        signal.get("data", ""))
+            return
         if self._closed:
             logger.debug("tube %s: %s signal after shutdown ignored", self.tube_id, kind)
             return
@@ -332,6 +359,7 @@ class TunnelConnectionManager:
             if (task is not None and self._restart_seq == action.seq and not task.done()
                     and task is not asyncio.current_task()):
                 task.cancel()
+            self._withdraw(ATTEMPT_SIGNALS)
         else:
             return False
         return True
@@ -391,6 +419,14 @@ class TunnelConnectionManager:
         else:
             await self._feed(machine.restart_error(seq, self._time(),
                                                    "the offer could not be sent"))
+
+    def _withdraw(self, kinds: frozenset[str]) -> None:
+        if self.signal_withdraw is None:
+            return
+        try:
+            self.signal_withdraw(self.tube_id, kinds)
+        except Exception:
+            logger.exception("tube %s: withdrawing queued signals failed", self.tube_id)
 
     async def _send_keepalive(self) -> None:
         if getattr(self.tube_registry, "send_keepalive", None) is None:

@@ -36,9 +36,10 @@ def tube_table(title: str, rows: list[dict[str, Any]]) -> Table:
         table.add_row("-", Text("waiting for a tube", style="yellow"), *["-"] * 6)
     for row in rows:
         state = str(row.get("state", "?"))
+        shown = "failed, still trying" if row.get("retrying") else state
         table.add_row(
             str(row.get("tube_id", "?")),
-            Text(state, style=STATE_STYLES.get(state, "")),
+            Text(shown, style=STATE_STYLES.get(state, "")),
             _seconds(row.get("idle_seconds")),
             str(row.get("restart_attempts", 0)),
             _seconds(row.get("next_restart_in")),

@@ -56,10 +56,15 @@ class ICERestartPolicy:
     keepalive_interval: float = 300.0
     # QUALITY_DEGRADATION restarts only above this packet loss rate (0..1).
     loss_threshold: float = 0.05
-    # A core 'disconnected' that lasts this long counts as an ICE failure.
-    disconnected_grace: float = 3.0
+    # A core 'disconnected' that lasts this long counts as an ICE failure. The core's own
+    # silence window already is the wait (tether's liveness: about 2 s), so none by default.
+    disconnected_grace: float = 0.0
     # Give up on a tube that never connects within this time (None: wait for the core).
-    connect_timeout: float | None = None
+    connect_timeout: float | None = 15.0
+    # After the attempts run out (FAILED), go on trying every restart_backoff_max seconds
+    # instead of waiting for a manual restart, like autossh. Only for a tube that connected
+    # once; a closed channel or core stays final.
+    keep_trying: bool = False
 
     def __post_init__(self) -> None:
         if self.max_restart_attempts < 1:
@@ -94,6 +99,8 @@ class ConnectionMetrics:
     restarts_failed: int = 0
     restarts_abandoned: int = 0  # ours, dropped to answer the peer's (glare, non-initiator)
     restarts_answered: int = 0  # the peer's, answered by us
+    restarts_superseded: int = 0  # ours, replaced by a fresh one after a network change
+    restarts_unneeded: int = 0  # ours, ended because the old path answered again
     glare_ignored: int = 0  # the peer's offers ignored because ours was in flight (initiator)
     keepalives_sent: int = 0  # counted by the driver once the core took it
     state_changes: int = 0
@@ -122,7 +129,11 @@ class StartRestart:
 
 @dataclass(frozen=True, slots=True)
 class CancelRestart:
-    """Stop whatever I/O attempt ``seq`` still has running; its results no longer matter."""
+    """Attempt ``seq`` is over: stop its I/O and withdraw its signals the peer has not got.
+
+    Its results no longer matter; an offer still queued would only make the peer build a
+    generation nobody uses.
+    """
 
     seq: int
 
@@ -188,6 +199,9 @@ KEEPALIVE_REBASE_DELAY = 1.0
 
 S = ConnectionState
 _ENDED = (S.FAILED, S.TERMINATED)
+# Network changes whose cause is known: ours; they restart at once, whatever the backoff.
+KNOWN_CAUSES = frozenset({NetworkChangeType.IP_ADDRESS_CHANGE,
+                          NetworkChangeType.INTERFACE_CHANGE})
 
 
 class ConnectionMachine:
@@ -201,7 +215,7 @@ class ConnectionMachine:
         "tube_id", "initiator", "policy", "state", "metrics", "core_state",
         "_created", "_ever_connected", "_attempt", "_seq", "_last_attempt_at",
         "_pending", "_pending_reason", "_connected_at", "_disconnected_at",
-        "_baseline", "_stats_asked", "_rebase_at",
+        "_baseline", "_stats_asked", "_rebase_at", "_late_seq", "_retry_at",
     )
 
     def __init__(self, tube_id: str, now: float, *, initiator: bool = True,
@@ -224,6 +238,10 @@ class ConnectionMachine:
         self._baseline: tuple[int, int] | None = None  # byte counters at the last look
         self._stats_asked: float | None = None  # when ReadStats went out, until stats_read
         self._rebase_at: float | None = None  # re-read the counters after our keepalive
+        # Our attempt that ended because the path came back while its offer was out: its
+        # answer, if it still comes, is applied (the peer has built a generation for it).
+        self._late_seq: int | None = None
+        self._retry_at: float | None = None  # FAILED but keep_trying: the next attempt
 
     # -- queries --------------------------------------------------------------------------
 
@@ -234,6 +252,15 @@ class ConnectionMachine:
     @property
     def restart_pending(self) -> bool:
         return self._pending
+
+    @property
+    def ever_connected(self) -> bool:
+        return self._ever_connected
+
+    @property
+    def retrying(self) -> bool:
+        """FAILED, but keep_trying: another attempt is planned (see ``deadline``)."""
+        return self.state is S.FAILED and self._retry_at is not None
 
     @property
     def deadline(self) -> float | None:
@@ -249,6 +276,8 @@ class ConnectionMachine:
             best = self._next_allowed()
         if self._disconnected_at is not None:
             best = min(best, self._disconnected_at + policy.disconnected_grace)
+        if self._retry_at is not None and self.state is S.FAILED and attempt is None:
+            best = min(best, self._retry_at)
         if self.state is S.CONNECTED:
             if self.metrics.ice_restart_attempts and self._connected_at is not None:
                 best = min(best, self._connected_at + policy.stable_time)
@@ -288,6 +317,8 @@ class ConnectionMachine:
                 logger.info("tube %s: quality report ignored (loss %s, threshold %s)",
                             self.tube_id, loss, self.policy.loss_threshold)
                 return []
+        elif change in KNOWN_CAUSES:
+            return self._restart_now(now, change.value)
         return self._want_restart(now, change.value)
 
     def core_state_changed(self, core_state: str, now: float) -> list[Action]:
@@ -303,9 +334,7 @@ class ConnectionMachine:
                 return self._connected(now)
             if attempt.stage in (APPLYING, CONNECTING, ANSWERING, ANSWERED):
                 return self._restart_succeeded(now)
-            logger.debug("tube %s: core connected before attempt %d got its answer",
-                         self.tube_id, attempt.seq)
-            return []
+            return self._path_came_back(now)
         if core_state == "disconnected":
             if attempt is None and self.state is S.CONNECTED:
                 self._disconnected_at = now
@@ -348,6 +377,14 @@ class ConnectionMachine:
         An answer naming an older attempt is a late answer to an offer we gave up on.
         """
         attempt = self._attempt
+        late = self._late_seq
+        if attempt is None and late is not None and seq in (None, late):
+            # The path came back before this answer did; the peer already switched to the
+            # generation it answered with, so follow it (a quiet path switch).
+            self._late_seq = None
+            logger.info("tube %s: applying the late answer to restart offer %d",
+                        self.tube_id, late)
+            return [ApplyAnswer(late, sdp)]
         if attempt is None or not attempt.own or attempt.stage not in (OFFERING, AWAITING_ANSWER):
             logger.info("tube %s: restart answer with no restart offer waiting; ignored",
                         self.tube_id)
@@ -372,8 +409,12 @@ class ConnectionMachine:
             return []
         actions: list[Action] = []
         attempt = self._attempt
+        self._late_seq = None
         if attempt is not None and attempt.own:
-            if self.initiator:
+            # Glare is two offers crossing. Once the peer has answered ours (APPLYING and
+            # later), its offers are newer than our attempt: it learned something (its own
+            # network changed), so its offer wins whoever is the initiator.
+            if self.initiator and attempt.stage in (OFFERING, AWAITING_ANSWER):
                 self.metrics.glare_ignored += 1
                 logger.info("tube %s: glare: ignoring the peer's restart offer, ours "
                             "(attempt %d) wins", self.tube_id, attempt.seq)
@@ -465,6 +506,11 @@ class ConnectionMachine:
         if (self._pending and self._attempt is None and self.state not in _ENDED
                 and now >= self._next_allowed()):
             actions += self._try_start(now)
+        if (self._retry_at is not None and self.state is S.FAILED and self._attempt is None
+                and now >= self._retry_at):
+            self._retry_at = None
+            actions += self._start_attempt(now, "still trying: the tube failed, retrying "
+                                                f"every {policy.restart_backoff_max:g} s")
         if (self._disconnected_at is not None
                 and now >= self._disconnected_at + policy.disconnected_grace):
             self._disconnected_at = None
@@ -497,6 +543,7 @@ class ConnectionMachine:
             self._attempt = None
         self._pending = False
         self._disconnected_at = None
+        self._retry_at = None
         return actions + self._set(S.TERMINATED)
 
     # -- internals ------------------------------------------------------------------------
@@ -562,7 +609,10 @@ class ConnectionMachine:
         """Start the pending restart if the policy allows it now."""
         attempts = self.metrics.ice_restart_attempts
         if attempts >= self.policy.max_restart_attempts:
-            return self._give_up(now, f"{attempts} restart attempts without a stable connection")
+            reason = f"{attempts} restart attempts without a stable connection"
+            if self.policy.keep_trying and self._ever_connected:
+                return self._give_up(now, reason, final=False)
+            return self._give_up(now, reason)
         allowed = self._next_allowed()
         if now < allowed:
             logger.info("tube %s: %s: restart in %.1f s (backoff)",
@@ -616,6 +666,7 @@ class ConnectionMachine:
         self._ever_connected = True
         self._pending = False
         self._disconnected_at = None
+        self._retry_at = None
         actions = self._set(S.CONNECTED)
         if actions:
             self._connected_at = now
@@ -625,7 +676,8 @@ class ConnectionMachine:
             actions.append(ReadStats())
         return actions
 
-    def _give_up(self, now: float, reason: str) -> list[Action]:
+    def _give_up(self, now: float, reason: str, *, final: bool = True) -> list[Action]:
+        """FAILED. Not ``final``: keep_trying, so one more attempt after the longest backoff."""
         actions: list[Action] = []
         attempt = self._attempt
         if attempt is not None:
@@ -634,6 +686,62 @@ class ConnectionMachine:
             self._attempt = None
         self._pending = False
         self._disconnected_at = None
-        if self.state is not S.FAILED:
-            logger.warning("tube %s: giving up: %s", self.tube_id, reason)
+        self._late_seq = None
+        if final:
+            self._retry_at = None
+            if self.state is not S.FAILED:
+                logger.warning("tube %s: giving up: %s", self.tube_id, reason)
+        else:
+            since = self._last_attempt_at if self._last_attempt_at is not None else now
+            self._retry_at = since + self.policy.restart_backoff_max
+            logger.warning("tube %s: %s; still trying, next attempt in %.0f s",
+                           self.tube_id, reason, self._retry_at - now)
         return actions + self._set(S.FAILED)
+
+    def _restart_now(self, now: float, reason: str) -> list[Action]:
+        """A restart for a known cause (our address or interface changed): at once.
+
+        The backoff is for retrying blind; a network change is news, so it is not held back.
+        An attempt of ours still in flight was gathered on the old addresses: it is replaced
+        by a fresh one, which takes its place in the count. Answering the peer's restart
+        is dropped the same way: our answer carried the old addresses.
+        """
+        if self.state is S.TERMINATED:
+            return []
+        if not self._ever_connected:
+            logger.info("tube %s: %s: no restart, not connected yet", self.tube_id, reason)
+            return []
+        actions: list[Action] = []
+        attempt = self._attempt
+        if attempt is not None:
+            if attempt.own:
+                assert attempt.undo is not None
+                self.metrics.ice_restart_attempts, self._last_attempt_at = attempt.undo
+                self.metrics.restarts_superseded += 1
+                actions.append(CancelRestart(attempt.seq))
+                logger.info("tube %s: %s: replacing restart attempt %d with a fresh one",
+                            self.tube_id, reason, attempt.seq)
+            self._attempt = None
+        if self.state is S.FAILED:
+            self.metrics.ice_restart_attempts = 0
+            self._last_attempt_at = None
+        self._late_seq = None
+        self._retry_at = None
+        return actions + self._start_attempt(now, reason)
+
+    def _path_came_back(self, now: float) -> list[Action]:
+        """The core reports 'connected' while our offer waits: the old path answers again.
+
+        The attempt was not needed: it ends without counting against the policy, and if
+        its offer reached the peer, the answer is still applied when it comes.
+        """
+        attempt = self._attempt
+        assert attempt is not None and attempt.own and attempt.undo is not None
+        self._attempt = None
+        self.metrics.ice_restart_attempts, self._last_attempt_at = attempt.undo
+        self.metrics.restarts_unneeded += 1
+        logger.info("tube %s: the path answers again; restart attempt %d not needed",
+                    self.tube_id, attempt.seq)
+        if attempt.stage != OFFERING:
+            self._late_seq = attempt.seq
+        return [CancelRestart(attempt.seq)] + self._connected(now)

@@ -1,9 +1,14 @@
 """Routes signals arriving from the peer (over WebSocket) to the manager of their tube.
 
 This is the seed's WebSocket message handler: every signal reaches the manager named by its
-tube_id, and every one counts as activity for that tube. A signal for a tube that does not
-exist yet (a candidate that outran its offer, say) is held, bounded, and replayed when the
-tube appears; what cannot be held is answered with an error, never dropped silently.
+tube_id, and every one counts as activity for that tube. A candidate for a tube that does
+not exist yet (it outran its offer) is held, bounded, and replayed when the tube appears.
+
+Any other signal for a tube this side does not know means the peer still talks about a tube
+that is gone here: we restarted, or closed it. That is answered at once with a typed
+``channel_closed`` (``reason: "unknown_tube"``), so the peer closes its end and offers a new
+tube instead of waiting for restarts that cannot succeed. What cannot be held is answered
+the same way, never dropped silently; errors and closings are never answered.
 """
 
 from __future__ import annotations
@@ -18,6 +23,13 @@ from typing import Any
 from . import signals
 
 logger = logging.getLogger(__name__)
+
+# The extra key of a channel_closed signal that says why, and its value for a tube the
+# sender does not know.
+CLOSE_REASON = "reason"
+UNKNOWN_TUBE = "unknown_tube"
+# Kinds that may arrive before the signal that creates their tube.
+EARLY_KINDS = frozenset({signals.ICE_CANDIDATE})
 
 Reply = Callable[[signals.Signal], Awaitable[None]]
 # Returns True when it took the signal (e.g. an offer that creates a tube).
@@ -77,7 +89,12 @@ class SignalRouter:
         if self._on_unknown_tube is not None and await self._on_unknown_tube(signal):
             await self.tube_added(tube_id)
             return
-        await self._hold(signal)
+        if kind in EARLY_KINDS:
+            await self._hold(signal)
+        elif kind not in (signals.ERROR, signals.CHANNEL_CLOSED, signals.OFFER):
+            logger.info("tube %s: %s for a tube we do not know; telling the peer",
+                        tube_id, kind)
+            await self._unknown(signal, f"unknown tube {tube_id}")
 
     async def tube_added(self, tube_id: str) -> None:
         """Replay what was held for ``tube_id`` now that its manager is registered."""
@@ -105,7 +122,8 @@ class SignalRouter:
         held = self._held.get(tube_id)
         if held is None:
             if len(self._held) >= self._max_tubes:
-                await self._error(signal, f"unknown tube {tube_id}: too many unknown tubes held")
+                await self._unknown(signal, f"unknown tube {tube_id}: too many unknown "
+                                            "tubes held")
                 return
             held = self._held[tube_id] = _Held(since=self._clock())
         if len(held.signals) >= self._max_per_tube:
@@ -121,9 +139,19 @@ class SignalRouter:
             held = self._held.pop(tube_id)
             logger.warning("tube %s: never appeared; %d held signals discarded",
                            tube_id, len(held.signals))
-            await self._error(held.signals[0], f"unknown tube {tube_id}: "
-                              f"{len(held.signals)} signals discarded after "
-                              f"{self._hold_seconds:g} s")
+            await self._unknown(held.signals[0], f"unknown tube {tube_id}: "
+                                f"{len(held.signals)} signals discarded after "
+                                f"{self._hold_seconds:g} s")
+
+    async def _unknown(self, about: signals.Signal, message: str) -> None:
+        """Tell the peer this side has no such tube (typed: it closes its end)."""
+        reply = signals.make_signal(about.get("tube_id", ""), about.get("conversation_id", ""),
+                                    signals.CHANNEL_CLOSED, message,
+                                    **{CLOSE_REASON: UNKNOWN_TUBE})
+        try:
+            await self._reply(reply)
+        except Exception:
+            logger.exception("could not send the unknown-tube reply: %s", message)
 
     async def _error(self, about: signals.Signal, message: str) -> None:
         if about.get("kind") == signals.ERROR:

@@ -7,18 +7,34 @@ current ICE *generation* (an aioice Connection). An ICE restart builds a new gen
 with fresh credentials, gathers, runs its checks and, once it has a nominated pair, becomes
 current: DTLS records simply start flowing over the new pair, and no SCTP message is lost.
 
-Liveness replaces aioice's consent check: a STUN binding request every ``interval`` seconds
-on the current pair; ``misses`` unanswered in a row report 'disconnected' (within seconds,
-not 30 s), an answer again reports 'connected'. Nothing is ever closed on the app's behalf:
-deciding to restart is the connection manager's job.
+Liveness replaces aioice's consent check. The timing lives in PathClock (pure, tested with
+an injected clock); IcePath is the I/O around it: every datagram that arrives on the
+current generation is proof of life, STUN probes go out when the clock asks (answers
+measure the round trip), 'disconnected' is reported when the clock declares the path
+silent for too long and 'connected' as soon as anything is heard again. A busy path (SCTP
+waiting for acknowledgements) is declared dead within ``busy_silence`` (1.5 s by default),
+an idle one within about ``misses`` probe intervals; both windows widen with the measured
+round trip, so a slow path that works is never declared dead. Nothing is ever closed on
+the app's behalf: deciding to restart is the connection manager's job.
+
+When a new generation becomes current, or the old path answers again after an outage,
+``on_resume`` runs at once, so the core can resend what SCTP had in flight instead of
+waiting for its retransmission timer.
+
+``cut()`` is a fault-injection hook: it black-holes the current generation's sockets in
+both directions inside this process, as a cut cable would.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import aioice
 from aioice import Candidate, stun
@@ -28,6 +44,194 @@ from . import gathering
 logger = logging.getLogger(__name__)
 
 COMPONENT = 1
+MAX_PROBES_IN_FLIGHT = 16
+RECEIVE_QUEUE_LIMIT = 8192
+RETIRED_UFRAGS = 32
+MIN_WAKE = 0.005
+CLOSE_TIMEOUT = 3.0
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What PathClock.poll decided: the path's health, whether to probe now, when to ask again."""
+
+    alive: bool
+    probe: bool
+    wake_at: float
+
+
+class PathClock:
+    """When to probe a path and when it is dead, from what it sent and heard.
+
+    Pure: callers feed events with the current time and poll; nothing here sleeps or does
+    I/O. Anything heard proves the path. Dead means silence, measured as elapsed time
+    against a window (never by counting misses, so no order of events can skip a verdict):
+
+    - busy (SCTP has unacknowledged data): a working path answers within a round trip,
+      so silence of ``max(busy_silence, probe_after + 3 rtt)`` since the later of the last
+      datagram heard and the start of the wait is death; probes go out after
+      ``probe_after = max(probe_floor, 1.5 rtt)`` of that silence, then every round trip.
+    - idle: a probe every ``interval`` of silence; death after ``misses * interval + 2 rtt``.
+
+    ``rtt`` is an upper estimate (smoothed STUN round trip + 4 deviations, or the latest
+    sample if larger; ``initial_rtt`` until the first answer), so slow paths get wider
+    windows. A dead path keeps being probed every ``interval`` and is alive again the
+    moment anything is heard.
+    """
+
+    def __init__(
+        self,
+        now: float,
+        *,
+        interval: float = 1.0,
+        misses: int = 3,
+        busy_silence: float = 1.5,
+        probe_floor: float = 0.2,
+        initial_rtt: float = 0.5,
+    ) -> None:
+        for label, value in (("interval", interval), ("misses", misses),
+                             ("busy_silence", busy_silence), ("probe_floor", probe_floor),
+                             ("initial_rtt", initial_rtt)):
+            if not value > 0:
+                raise ValueError(f"liveness {label} must be positive, not {value!r}")
+        self.interval = float(interval)
+        self.misses = misses
+        self.busy_silence = float(busy_silence)
+        self.probe_floor = float(probe_floor)
+        self.initial_rtt = float(initial_rtt)
+        self.restart(now)
+
+    def restart(self, now: float) -> None:
+        """A new path: alive, nothing measured yet, silence counted from ``now``."""
+        self.alive = True
+        self.heard = now
+        self._busy_since: float | None = None
+        self._last_probe = -math.inf
+        self._srtt: float | None = None
+        self._rttvar = 0.0
+        self._last_rtt = 0.0
+
+    # -- events ---------------------------------------------------------------------------
+
+    def sent(self, now: float, busy: bool) -> bool:
+        """Something went out; ``busy``: SCTP now waits for an acknowledgement.
+        True when that starts a wait, which may bring the verdict forward: poll now."""
+        return self._set_busy(now, busy)
+
+    def received(self, now: float) -> bool:
+        """A datagram arrived on the path. True when that revives a path declared dead."""
+        self.heard = max(self.heard, now)
+        if self.alive:
+            return False
+        self.alive = True
+        return True
+
+    def probe_answered(self, now: float, rtt: float) -> bool:
+        """A probe's answer arrived after ``rtt`` seconds (RFC 6298 smoothing)."""
+        rtt = max(rtt, 0.0)
+        if self._srtt is None:
+            self._srtt, self._rttvar = rtt, rtt / 2
+        else:
+            self._rttvar = 0.75 * self._rttvar + 0.25 * abs(self._srtt - rtt)
+            self._srtt = 0.875 * self._srtt + 0.125 * rtt
+        self._last_rtt = rtt
+        return self.received(now)
+
+    def poll(self, now: float, busy: bool) -> Verdict:
+        """Decide: is the path alive, should a probe go out now (it is then counted as
+        sent), and when to poll again at the latest."""
+        self._set_busy(now, busy)
+        if self.alive and now >= self.deadline():
+            self.alive = False
+        probe = now >= self._next_probe()
+        if probe:
+            self._last_probe = now
+        wake = self._next_probe()
+        if self.alive:
+            wake = min(wake, self.deadline())
+        return Verdict(alive=self.alive, probe=probe, wake_at=wake)
+
+    # -- derived timing -------------------------------------------------------------------
+
+    @property
+    def rtt(self) -> float | None:
+        """The smoothed probe round trip, None before the first answer."""
+        return self._srtt
+
+    def rtt_bound(self) -> float:
+        """A round trip the path should not exceed while it works."""
+        if self._srtt is None:
+            return self.initial_rtt
+        return max(self._srtt + 4 * self._rttvar, self._last_rtt)
+
+    def probe_timeout(self) -> float:
+        """How long a probe's answer is still worth waiting for (to measure slow paths)."""
+        return max(1.0, 3 * self.rtt_bound())
+
+    def probe_after(self) -> float:
+        return max(self.probe_floor, 1.5 * self.rtt_bound())
+
+    def busy_window(self) -> float:
+        return max(self.busy_silence, self.probe_after() + 3 * self.rtt_bound())
+
+    def idle_window(self) -> float:
+        return self.misses * self.interval + 2 * self.rtt_bound()
+
+    def deadline(self) -> float:
+        """When the path is declared dead if nothing is heard before."""
+        deadline = self.heard + self.idle_window()
+        if self._busy_since is not None:
+            start = max(self.heard, self._busy_since)
+            deadline = min(deadline, start + self.busy_window())
+        return deadline
+
+    def _next_probe(self) -> float:
+        if not self.alive:
+            return self._last_probe + self.interval
+        if self._busy_since is not None:
+            start = max(self.heard, self._busy_since)
+            gap = max(self.probe_floor, self.rtt_bound())
+            at = max(start + self.probe_after(), self._last_probe + gap)
+        else:
+            at = max(self.heard + self.interval, self._last_probe + self.interval)
+        if self._srtt is None:  # measure the round trip early
+            at = min(at, self._last_probe + max(self.probe_floor, 2 * self.initial_rtt))
+        return at
+
+    def _set_busy(self, now: float, busy: bool) -> bool:
+        if not busy:
+            self._busy_since = None
+            return False
+        if self._busy_since is None:
+            self._busy_since = now
+            return True
+        return False
+
+
+class _Probe:
+    """One liveness check in flight, registered as an aioice transaction so its answer
+    reaches IcePath whatever the timeout aioice would have used."""
+
+    __slots__ = ("path", "gen", "protocol", "transaction_id", "key", "sent_at")
+
+    def __init__(self, path: IcePath, gen: aioice.Connection, protocol: Any,
+                 transaction_id: bytes, key: bytes, sent_at: float) -> None:
+        self.path = path
+        self.gen = gen
+        self.protocol = protocol
+        self.transaction_id = transaction_id
+        self.key = key
+        self.sent_at = sent_at
+
+    def response_received(self, message: stun.Message, addr: tuple[str, int]) -> None:
+        if message.message_class != stun.Class.RESPONSE:
+            return
+        if not message.check_message_integrity(self.key):
+            return
+        self.path._probe_answered(self)
+
+    def forget(self) -> None:
+        self.protocol.transactions.pop(self.transaction_id, None)
 
 
 class IcePath:
@@ -42,24 +246,38 @@ class IcePath:
         host_addresses: Sequence[str] | None = None,
         interval: float = 1.0,
         misses: int = 3,
+        busy_silence: float = 1.5,
         generation_timeout: float = 10.0,
+        busy: Callable[[], bool] | None = None,
+        on_resume: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
         self.name = name
         self._transport = ice_transport
         self._on_state = on_state
         self._host_addresses = host_addresses
-        self.interval = interval
-        self.misses = misses
         self.generation_timeout = generation_timeout
+        self._loop = asyncio.get_running_loop()
+        self.clock = PathClock(self._loop.time(), interval=interval, misses=misses,
+                               busy_silence=busy_silence)
+        self._busy = busy or (lambda: False)
+        self._on_resume = on_resume
         self.current: aioice.Connection = ice_transport._connection  # type: ignore[attr-defined]
         self.pending: aioice.Connection | None = None
         self.generation = 1
-        self.alive = True
+        self.switched_at: float | None = None
+        self.resumes = 0
+        self.datagrams_dropped = 0
+        self.retired_ufrags: collections.deque[str] = collections.deque(maxlen=RETIRED_UFRAGS)
+        self._reported_alive = True
         self._first_remote_ufrag: str | None = None
-        self._received: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self._received: asyncio.Queue[bytes | None] = asyncio.Queue(RECEIVE_QUEUE_LIMIT)
         self._closed = False
+        self._cut: aioice.Connection | None = None
+        self._probes: dict[bytes, _Probe] = {}
+        self._kick = asyncio.Event()
         self._liveness: asyncio.Task[None] | None = None
         self._connecting: asyncio.Task[None] | None = None
+        self._retiring: set[asyncio.Task[None]] = set()
         self._hook(self.current)
         ice_transport._recv = self.recv  # type: ignore[attr-defined]
         ice_transport._send = self.send  # type: ignore[attr-defined]
@@ -73,6 +291,8 @@ class IcePath:
         return data
 
     async def send(self, data: bytes) -> None:
+        if self._liveness is not None and self.clock.sent(self._loop.time(), self._busy()):
+            self._kick.set()
         pair = self.current._nominated.get(COMPONENT)
         if pair is not None:
             await pair.protocol.send_data(data, pair.remote_addr)
@@ -82,9 +302,47 @@ class IcePath:
         """Every generation's datagrams feed the one queue DTLS reads."""
 
         def data_received(data: bytes, component: int) -> None:
-            self._received.put_nowait(data)
+            if self._closed:
+                return
+            try:
+                self._received.put_nowait(data)
+            except asyncio.QueueFull:  # DTLS is behind: lost like an overflowing socket
+                self.datagrams_dropped += 1
 
         connection.data_received = data_received  # type: ignore[method-assign]
+
+    def _hook_protocols(self, gen: aioice.Connection) -> None:
+        """Watch (and let cut() stop) every datagram on ``gen``'s sockets, STUN included."""
+        for protocol in gen._protocols:
+            if getattr(protocol, "_tether_path", None) is self:
+                continue
+            protocol._tether_path = self
+            self._wrap_protocol(protocol, gen)
+
+    def _wrap_protocol(self, protocol: Any, gen: aioice.Connection) -> None:
+        receive, send_data, send_stun = (
+            protocol.datagram_received, protocol.send_data, protocol.send_stun
+        )
+
+        def datagram_received(data: bytes, addr: tuple[Any, ...]) -> None:
+            if self._cut is gen:
+                return
+            if gen is self.current and self._liveness is not None:
+                if self.clock.received(self._loop.time()):
+                    self._kick.set()
+            receive(data, addr)
+
+        async def cut_send_data(data: bytes, addr: tuple[str, int]) -> None:
+            if self._cut is not gen:
+                await send_data(data, addr)
+
+        def cut_send_stun(message: stun.Message, addr: tuple[str, int]) -> None:
+            if self._cut is not gen:
+                send_stun(message, addr)
+
+        protocol.datagram_received = datagram_received
+        protocol.send_data = cut_send_data
+        protocol.send_stun = cut_send_stun
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -93,27 +351,53 @@ class IcePath:
         """Whether liveness checks (not aiortc) now report this path's health."""
         return self._liveness is not None
 
+    @property
+    def alive(self) -> bool:
+        return self.clock.alive
+
     def connected(self) -> None:
         """aiortc finished the first generation: take over consent with liveness checks."""
         self._stop_consent(self.current)
         if self._liveness is None and not self._closed:
+            self._hook_protocols(self.current)
+            self.clock.restart(self._loop.time())
             self._liveness = asyncio.create_task(self._watch(), name=f"tether-liveness-{self.name}")
+
+    def cut(self, drop: bool) -> None:
+        """Fault injection: black-hole (True) or restore (False) the current generation's
+        sockets in both directions. A later generation is not affected."""
+        if drop:
+            self._hook_protocols(self.current)
+            self._cut = self.current
+        else:
+            self._cut = None
+        logger.info("tube %s: path %s (fault injection)", self.name,
+                    "cut" if drop else "restored")
 
     async def close(self) -> None:
         """Stop liveness and any pending generation; wake DTLS's pending receive."""
         if self._closed:
             return
         self._closed = True
-        for task in (self._liveness, self._connecting):
+        for task in (self._liveness, self._connecting, *self._retiring):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        if self.pending is not None:
-            await self.pending.close()
-            self.pending = None
-        if self.generation > 1:
-            await self.current.close()
+        for probe in self._probes.values():
+            probe.forget()
+        self._probes.clear()
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                if self.pending is not None:
+                    await self.pending.close()
+                if self.generation > 1:
+                    await self.current.close()
+        except TimeoutError:  # a TURN allocation whose server no longer answers
+            logger.debug("tube %s: ICE sockets closed without waiting", self.name)
+        self.pending = None
+        while not self._received.empty():
+            self._received.get_nowait()
         self._received.put_nowait(None)
 
     # -- restart -------------------------------------------------------------------------
@@ -159,6 +443,10 @@ class IcePath:
                 return gen
         return None
 
+    def superseded(self, ufrag: str) -> bool:
+        """Whether ``ufrag`` named a generation that is gone (retired or abandoned)."""
+        return ufrag in self.retired_ufrags and self.generation_for(ufrag) is None
+
     async def _new_generation(self) -> aioice.Connection:
         old = self.current
         gen = aioice.Connection(
@@ -169,14 +457,22 @@ class IcePath:
             turn_password=old.turn_password,
             turn_ssl=old.turn_ssl,
             turn_transport=old.turn_transport,
+            use_ipv4=old._use_ipv4,
+            use_ipv6=old._use_ipv6,
+            transport_policy=old._transport_policy,
         )
         self._hook(gen)
-        with gathering.host_addresses(self._host_addresses):
-            await gen.gather_candidates()
+        try:
+            with gathering.host_addresses(self._host_addresses):
+                await gen.gather_candidates()
+        except BaseException:
+            await gen.close()
+            raise
+        self._hook_protocols(gen)
         await self._drop_pending()
         self.pending = gen
-        logger.debug("tube %s: ICE generation %d gathered %d candidates",
-                     self.name, self.generation + 1, len(gen.local_candidates))
+        logger.debug("tube %s: ICE generation %d gathered %s", self.name, self.generation + 1,
+                     ", ".join(f"{c.type} {c.host}:{c.port}" for c in gen.local_candidates))
         return gen
 
     def _start_checks(
@@ -205,28 +501,64 @@ class IcePath:
         old, self.current, self.pending = self.current, gen, None
         self.generation += 1
         self._stop_consent(gen)
+        now = self._loop.time()
+        self.switched_at = now
+        self.clock.restart(now)
+        self._reported_alive = True
         pair = gen._nominated[COMPONENT]
-        logger.info("tube %s: ICE generation %d connected via %s -> %s",
-                    self.name, self.generation, pair.local_addr, pair.remote_addr)
-        await self._retire(old)
-        self.alive = True
+        logger.info("tube %s: ICE generation %d connected via %s %s -> %s", self.name,
+                    self.generation, pair.local_candidate.type, pair.local_addr, pair.remote_addr)
+        self._retire_later(old)
+        self._kick.set()
         self._on_state("connected")
+        await self._resume("new path")
+
+    async def _resume(self, why: str) -> None:
+        """Let the core resend at once what was in flight on a path that was gone."""
+        if self._on_resume is None:
+            return
+        self.resumes += 1
+        try:
+            await self._on_resume(why)
+        except Exception:
+            logger.warning("tube %s: resuming after %s failed", self.name, why, exc_info=True)
 
     async def _drop_pending(self) -> None:
         gen, self.pending = self.pending, None
         if gen is not None:
+            if gen.remote_username is not None:
+                self.retired_ufrags.append(gen.remote_username)
             await gen.close()
 
+    def _retire_later(self, old: aioice.Connection) -> None:
+        ufrag = self.remote_ufrag(old)
+        if ufrag is not None:
+            self.retired_ufrags.append(ufrag)
+        for tid, probe in list(self._probes.items()):
+            if probe.gen is old:
+                probe.forget()
+                del self._probes[tid]
+        if self._cut is old:
+            self._cut = None
+        task = asyncio.create_task(self._retire(old), name=f"tether-ice-retire-{self.name}")
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
     async def _retire(self, old: aioice.Connection) -> None:
-        """Close an old generation's sockets. The first one belongs to aiortc's transport,
-        whose own close() would report failure, so only its sockets are closed."""
-        if old is self._transport._connection:  # type: ignore[attr-defined]
-            old._nominated.clear()
-            for protocol in list(old._protocols):
-                await protocol.close()
-            old._protocols.clear()
-        else:
-            await old.close()
+        """Close an old generation's sockets (in the background: deleting a TURN allocation
+        takes a round trip, or long retries if its server is gone). The first generation
+        belongs to aiortc's transport, whose own close() would report failure, so only its
+        sockets are closed."""
+        try:
+            if old is self._transport._connection:  # type: ignore[attr-defined]
+                old._nominated.clear()
+                protocols, old._protocols = list(old._protocols), []
+                for protocol in protocols:
+                    await protocol.close()
+            else:
+                await old.close()
+        except Exception:
+            logger.debug("tube %s: closing an old ICE generation failed", self.name, exc_info=True)
 
     @staticmethod
     def _stop_consent(gen: aioice.Connection) -> None:
@@ -237,39 +569,63 @@ class IcePath:
     # -- liveness ------------------------------------------------------------------------
 
     async def _watch(self) -> None:
-        failures = 0
         while True:
-            await asyncio.sleep(self.interval)
-            if await self._probe():
-                failures = 0
-                if not self.alive:
-                    self.alive = True
+            self._kick.clear()
+            now = self._loop.time()
+            self._expire_probes(now)
+            verdict = self.clock.poll(now, self._busy())
+            if verdict.probe:
+                self._send_probe(now)
+            if verdict.alive != self._reported_alive:
+                self._reported_alive = verdict.alive
+                if verdict.alive:
                     logger.info("tube %s: path answers again", self.name)
                     self._on_state("connected")
-            else:
-                failures += 1
-                if failures == self.misses and self.alive:
-                    self.alive = False
-                    logger.info("tube %s: path silent for %d checks", self.name, failures)
+                    await self._resume("path back")
+                else:
+                    logger.info("tube %s: nothing heard on the path for %.2f s",
+                                self.name, now - self.clock.heard)
                     self._on_state("disconnected")
+                continue
+            delay = max(MIN_WAKE, verdict.wake_at - self._loop.time())
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._kick.wait()
 
-    async def _probe(self) -> bool:
+    def _send_probe(self, now: float) -> None:
         gen = self.current
         pair = gen._nominated.get(COMPONENT)
         if pair is None or gen.remote_password is None:
-            return False
+            return
+        while len(self._probes) >= MAX_PROBES_IN_FLIGHT:
+            oldest = next(iter(self._probes))
+            self._probes.pop(oldest).forget()
         request = gen.build_request(pair, nominate=False)
+        key = gen.remote_password.encode("utf8")
+        request.add_message_integrity(key)
+        probe = _Probe(self, gen, pair.protocol, request.transaction_id, key, now)
+        pair.protocol.transactions[probe.transaction_id] = probe
+        self._probes[probe.transaction_id] = probe
         try:
-            await pair.protocol.request(
-                request, pair.remote_addr,
-                integrity_key=gen.remote_password.encode("utf8"), retransmissions=0,
-            )
-        except (stun.TransactionError, OSError, ConnectionError):
-            return False
+            pair.protocol.send_stun(request, pair.remote_addr)
         except Exception:  # a socket torn down under aioice: the path is not answering
-            logger.debug("tube %s: liveness probe failed", self.name, exc_info=True)
-            return False
-        return True
+            logger.debug("tube %s: liveness probe not sent", self.name, exc_info=True)
+
+    def _probe_answered(self, probe: _Probe) -> None:
+        self._probes.pop(probe.transaction_id, None)
+        probe.forget()
+        if probe.gen is not self.current:
+            return
+        now = self._loop.time()
+        if self.clock.probe_answered(now, now - probe.sent_at):
+            self._kick.set()
+
+    def _expire_probes(self, now: float) -> None:
+        timeout = self.clock.probe_timeout()
+        for tid, probe in list(self._probes.items()):
+            if now - probe.sent_at >= timeout:
+                del self._probes[tid]
+                probe.forget()
 
 
 def _candidate_line(candidate: Candidate) -> str:

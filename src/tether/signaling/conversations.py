@@ -1,32 +1,40 @@
 """The relay's conversation table: who is in which conversation, and what waits for whom.
 
 The WebSocket server (``server.py``) does HTTP, authentication and frame parsing; everything
-about membership, held signals, delivery order and acknowledgements lives behind the small
+about membership, held signals, delivery order and presence lives behind the small
 :class:`ConversationTable` interface below. :class:`MemoryConversationTable` keeps it in this
 process. A Redis-backed table (relay instances sharing conversations over pub/sub, see
-DESIGN.md "Coming later") implements the same five coroutines; the server does not change.
+DESIGN.md "Coming later") implements the same coroutines; the server does not change.
 
 Rules every implementation keeps:
 
 - At most two peers per conversation (``MAX_PEERS``). A peer joining with a peer id that is
-  already present *replaces* the old connection (``Peer.supersede()`` is called on it).
-- Signals from a sender are delivered to the other peer in the order they were relayed. While
-  the other peer is absent they are held in a bounded per-conversation queue and delivered
-  when it joins.
-- Once a signal carrying an integer ``seq`` has been written to the other peer's connection,
-  the sender's current connection gets ``acknowledge(session, [seq, ...], "delivered")``.
+  already present *replaces* the old connection at once: ``Peer.supersede()`` is called on
+  it (no waiting) and the signals still queued on it move to the new connection.
+- The table never writes to a socket and never waits for one. Relaying puts signals on the
+  recipient's bounded outgoing queue (``Peer.deliver``), which its own writer task drains;
+  a recipient whose queue is full is evicted (its peer reconnects) and the signals are held
+  as if it were absent. So no connection, however stuck, delays a join or another peer.
+- Signals from a sender reach the other peer in the order they were relayed. While the
+  other peer is absent they are held in a bounded per-conversation queue (duplicates of a
+  held (sender, session, seq) are not held twice) and queued to it when it joins.
+- Acknowledgements are end to end: the receiving client acknowledges, the table forwards
+  the acknowledgement to the sender (``forward``). The relay itself only *refuses*
+  (the server tells the sender, see ``server.py``).
+- Presence: a joining peer first learns whether the other peer is there
+  (``PRESENT``/``ABSENT``); the other peer learns ``JOINED`` (also when a peer replaced its
+  own connection) and ``LEFT``.
 - A conversation with no connected peer is forgotten, held signals included. That is safe:
-  a sender keeps every signal the relay has not acknowledged and sends it again when it
-  reconnects (the same reason a relay restart loses nothing).
+  a sender keeps every signal the other peer has not acknowledged and sends it again when it
+  reconnects or the peer joins (the same reason a relay restart loses nothing).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from tether.signals import Signal
 
@@ -35,24 +43,42 @@ log = logging.getLogger(__name__)
 MAX_PEERS = 2
 """Peers per conversation: a tube has two ends."""
 
-DELIVERED = "delivered"
-REJECTED = "rejected"
+JOINED = "joined"
+LEFT = "left"
+PRESENT = "present"
+ABSENT = "absent"
 
 
 @runtime_checkable
 class Peer(Protocol):
-    """One connected peer, as the table sees it (the server's connection wrapper)."""
+    """One connected peer, as the table sees it (the server's connection wrapper).
+
+    Every method returns at once: they queue, they never write to a socket.
+    """
 
     peer_id: str
 
-    async def deliver(self, signals: list[Signal]) -> None:
-        """Write ``signals`` (in order) to this peer's socket; raise if that fails."""
+    def deliver(self, signals: list[Signal], *, bounded: bool = True) -> bool:
+        """Queue ``signals`` (in order) for this peer; False if its queue is full.
 
-    async def acknowledge(self, session: str | None, seqs: list[int], status: str) -> None:
-        """Tell this peer the relay is done with its signals ``seqs`` of ``session``."""
+        ``bounded=False`` skips the queue's limit (signals that were held or carried over
+        from a replaced connection, already bounded elsewhere).
+        """
+
+    def presence(self, event: str) -> bool:
+        """Queue a presence event about the other peer; False if the queue is full."""
+
+    def forward(self, message: dict[str, Any]) -> bool:
+        """Queue a control message from the other peer (an ack); False if full."""
+
+    def take_undelivered(self) -> list[Signal]:
+        """Remove and return the relayed signals still queued (not yet being written)."""
 
     def supersede(self) -> None:
         """A newer connection with the same peer id took over: close this one (no waiting)."""
+
+    def evict(self, reason: str) -> None:
+        """Drop this connection now (no closing handshake); its peer will reconnect."""
 
 
 @dataclass(frozen=True)
@@ -75,9 +101,10 @@ class JoinRefused(Exception):
 class RelayResult:
     """What :meth:`ConversationTable.relay` did not take.
 
-    ``rejected`` lists (signal, reason) for signals that were not queued (the held-signal
-    queue was full). ``superseded`` is True when the sender is no longer the current
-    connection of its peer id: nothing was taken, and the caller should stop reading it.
+    ``rejected`` lists (signal, reason) for signals that were not taken (the held-signal
+    queue was full; the sender may retry later). ``superseded`` is True when the sender is
+    no longer the current connection of its peer id: nothing was taken, and the caller
+    should stop reading it.
     """
 
     rejected: list[tuple[Signal, str]] = field(default_factory=list)
@@ -93,8 +120,8 @@ class ConversationTable(Protocol):
     async def join(self, conversation_id: str, peer: Peer) -> bool:
         """Add ``peer``; return True if it replaced an older connection of the same peer id.
 
-        Raises :class:`JoinRefused` (conversation full, too many conversations). Delivers
-        the signals held for ``peer`` before returning.
+        Raises :class:`JoinRefused` (conversation full, too many conversations). Queues the
+        presence event and the signals held for ``peer`` before returning.
         """
 
     async def leave(self, conversation_id: str, peer: Peer) -> None:
@@ -103,7 +130,12 @@ class ConversationTable(Protocol):
     async def relay(
         self, conversation_id: str, sender: Peer, signals: list[Signal]
     ) -> RelayResult:
-        """Queue ``signals`` from ``sender`` for the other peer and deliver what can be."""
+        """Queue ``signals`` from ``sender`` for the other peer, or hold them."""
+
+    async def forward(
+        self, conversation_id: str, sender: Peer, to: str, message: dict[str, Any]
+    ) -> bool:
+        """Queue a control ``message`` for peer ``to``; False if it is not connected."""
 
     async def close(self) -> None:
         """Forget everything."""
@@ -116,26 +148,32 @@ class ConversationTable(Protocol):
 class _Held:
     sender_id: str
     signal: Signal
+    key: tuple[str, str, int] | None
 
 
 class _Conversation:
-    __slots__ = ("conversation_id", "peers", "held", "lock")
+    __slots__ = ("conversation_id", "peers", "held", "held_keys")
 
     def __init__(self, conversation_id: str) -> None:
         self.conversation_id = conversation_id
         self.peers: dict[str, Peer] = {}
-        # Signals not yet written to their recipient, in relay order (all senders).
+        # Signals waiting for an absent recipient, in relay order (all senders).
         self.held: deque[_Held] = deque()
-        # Serialises writes of relayed signals so that order is kept.
-        self.lock = asyncio.Lock()
+        self.held_keys: set[tuple[str, str, int]] = set()
+
+
+def _held_key(sender_id: str, signal: Signal) -> tuple[str, str, int] | None:
+    session, seq = signal.get("session"), signal.get("seq")
+    if isinstance(session, str) and isinstance(seq, int) and not isinstance(seq, bool):
+        return (sender_id, session, seq)
+    return None
 
 
 class MemoryConversationTable:
     """The in-process :class:`ConversationTable`.
 
-    Membership changes are synchronous (no await between check and update), so two joins
-    cannot both take the last slot; only writes to sockets happen under a per-conversation
-    lock, which is what keeps relay order.
+    Nothing in it awaits: membership changes and queueing happen in one step, so two joins
+    cannot both take the last slot and relay order is the order of the calls.
     """
 
     def __init__(self, *, max_conversations: int = 10_000, max_held: int = 256) -> None:
@@ -174,26 +212,39 @@ class MemoryConversationTable:
                 conversation_id
             )
         old = conversation.peers.get(peer.peer_id)
+        replaced = old is not None and old is not peer
         conversation.peers[peer.peer_id] = peer
-        if old is not None and old is not peer:
+        others = [p for pid, p in conversation.peers.items() if pid != peer.peer_id]
+
+        ok = peer.presence(PRESENT if others else ABSENT)
+        if replaced:
+            assert old is not None
+            carried = old.take_undelivered()
             old.supersede()
-        await self._flush(conversation)
-        return old is not None and old is not peer
+            if carried:
+                ok = peer.deliver(carried, bounded=False) and ok
+        held = [h for h in conversation.held if h.sender_id != peer.peer_id]
+        if held:
+            conversation.held = deque(
+                h for h in conversation.held if h.sender_id == peer.peer_id
+            )
+            for h in held:
+                if h.key is not None:
+                    conversation.held_keys.discard(h.key)
+            ok = peer.deliver([h.signal for h in held], bounded=False) and ok
+        if not ok:  # cannot happen with a fresh queue, but never leave it half-served
+            self._evict(conversation, peer, "its outgoing queue is full")
+            return replaced
+        for other in others:
+            if conversation.peers.get(other.peer_id) is other and not other.presence(JOINED):
+                self._evict(conversation, other, "its outgoing queue is full")
+        return replaced
 
     async def leave(self, conversation_id: str, peer: Peer) -> None:
         conversation = self._conversations.get(conversation_id)
         if conversation is None or conversation.peers.get(peer.peer_id) is not peer:
             return
-        del conversation.peers[peer.peer_id]
-        if not conversation.peers:
-            if conversation.held:
-                log.debug(
-                    "conversation %s: last peer left, dropping %d held signals "
-                    "(their senders resend them)",
-                    conversation_id,
-                    len(conversation.held),
-                )
-            del self._conversations[conversation_id]
+        self._remove(conversation, peer)
 
     async def relay(
         self, conversation_id: str, sender: Peer, signals: list[Signal]
@@ -202,25 +253,82 @@ class MemoryConversationTable:
         if conversation is None or conversation.peers.get(sender.peer_id) is not sender:
             return RelayResult(superseded=True)
         result = RelayResult()
+        recipients = [p for pid, p in conversation.peers.items() if pid != sender.peer_id]
+        for recipient in recipients:
+            if recipient.deliver(signals):
+                return result
+            # A recipient that cannot keep up is dropped (it reconnects and the sender
+            # resends when told it joined); meanwhile its signals are held.
+            self._evict(conversation, recipient, "its outgoing queue is full")
+        if conversation.peers.get(sender.peer_id) is not sender:
+            # Telling the sender that the recipient left overflowed its own queue.
+            return RelayResult(superseded=True)
         for signal in signals:
+            key = _held_key(sender.peer_id, signal)
+            if key is not None and key in conversation.held_keys:
+                continue  # a resend of a signal already held
             if len(conversation.held) >= self.max_held:
                 result.rejected.append(
                     (
                         signal,
                         f"the relay's queue for this conversation is full "
                         f"({self.max_held} signals waiting for the other peer); "
-                        f"signal not relayed",
+                        f"signal not relayed, retry when the peer joins",
                     )
                 )
-            else:
-                conversation.held.append(_Held(sender.peer_id, signal))
-        await self._flush(conversation)
+                continue
+            conversation.held.append(_Held(sender.peer_id, signal, key))
+            if key is not None:
+                conversation.held_keys.add(key)
         return result
+
+    async def forward(
+        self, conversation_id: str, sender: Peer, to: str, message: dict[str, Any]
+    ) -> bool:
+        conversation = self._conversations.get(conversation_id)
+        if conversation is None or conversation.peers.get(sender.peer_id) is not sender:
+            return False
+        target = conversation.peers.get(to)
+        if target is None or target is sender:
+            return False
+        if not target.forward(message):
+            self._evict(conversation, target, "its outgoing queue is full")
+            return False
+        return True
 
     async def close(self) -> None:
         self._conversations.clear()
 
     # -- internals ---------------------------------------------------------------------
+
+    def _evict(self, conversation: _Conversation, peer: Peer, reason: str) -> None:
+        if conversation.peers.get(peer.peer_id) is not peer:
+            return
+        log.warning(
+            "conversation %s: dropping peer %r: %s",
+            conversation.conversation_id,
+            peer.peer_id,
+            reason,
+        )
+        peer.evict(reason)
+        self._remove(conversation, peer)
+
+    def _remove(self, conversation: _Conversation, peer: Peer) -> None:
+        del conversation.peers[peer.peer_id]
+        if not conversation.peers:
+            if conversation.held:
+                log.debug(
+                    "conversation %s: last peer left, dropping %d held signals "
+                    "(their senders resend them)",
+                    conversation.conversation_id,
+                    len(conversation.held),
+                )
+            if self._conversations.get(conversation.conversation_id) is conversation:
+                del self._conversations[conversation.conversation_id]
+            return
+        for other in list(conversation.peers.values()):
+            if conversation.peers.get(other.peer_id) is other and not other.presence(LEFT):
+                self._evict(conversation, other, "its outgoing queue is full")
 
     def _refusal(self, conversation_id: str, peer_id: str) -> Refusal | None:
         conversation = self._conversations.get(conversation_id)
@@ -239,56 +347,3 @@ class MemoryConversationTable:
                 f"({', '.join(sorted(conversation.peers))}); a third peer cannot join",
             )
         return None
-
-    async def _flush(self, conversation: _Conversation) -> None:
-        """Write every held signal whose recipient is connected, in order; then ack."""
-        acks: dict[tuple[str, str | None], list[int]] = {}
-        async with conversation.lock:
-            failed: set[str] = set()
-            while True:
-                progressed = False
-                for recipient in list(conversation.peers.values()):
-                    if (
-                        recipient.peer_id in failed
-                        or conversation.peers.get(recipient.peer_id) is not recipient
-                    ):
-                        continue  # failed already, or replaced while we were writing
-                    batch = [
-                        held
-                        for held in conversation.held
-                        if held.sender_id != recipient.peer_id
-                    ]
-                    if not batch:
-                        continue
-                    try:
-                        await recipient.deliver([held.signal for held in batch])
-                    except Exception as exc:  # the recipient's connection is gone
-                        log.debug(
-                            "conversation %s: delivery to %s failed: %r",
-                            conversation.conversation_id,
-                            recipient.peer_id,
-                            exc,
-                        )
-                        failed.add(recipient.peer_id)
-                        continue
-                    delivered = {id(held) for held in batch}
-                    conversation.held = deque(
-                        held for held in conversation.held if id(held) not in delivered
-                    )
-                    progressed = True
-                    for held in batch:
-                        seq = held.signal.get("seq")
-                        if isinstance(seq, int) and not isinstance(seq, bool):
-                            key = (held.sender_id, held.signal.get("session"))
-                            acks.setdefault(key, []).append(seq)
-                if not progressed:
-                    break
-        # Acks go out after the lock is released: a slow sender must not stall delivery.
-        for (sender_id, session), seqs in acks.items():
-            sender = conversation.peers.get(sender_id)
-            if sender is None:
-                continue  # it resends after reconnecting; the receiver drops duplicates
-            try:
-                await sender.acknowledge(session, seqs, DELIVERED)
-            except Exception as exc:
-                log.debug("ack to %s failed: %r", sender_id, exc)

@@ -1,6 +1,7 @@
 """The signaling relay: a WebSocket server that passes signals between the two peers of a
-conversation (DESIGN.md Contract 3), holds them while the other peer is away, and
-acknowledges what it has delivered so that clients can resend what it has not.
+conversation (DESIGN.md Contract 3), holds them while the other peer is away, forwards the
+receiving client's acknowledgements back to the sender and tells each peer when the other
+one comes and goes. It never waits on one connection while serving another.
 
 Wire protocol
 =============
@@ -22,29 +23,49 @@ saying why:
 =====  ============================================================================
 
 A peer id identifies one end of the conversation. Connecting with a peer id that is already
-connected *replaces* that connection: the old one is closed with code 4000 and is not counted
-as a third peer. (The client uses a random peer id per process unless told otherwise.)
+connected *replaces* that connection at once: the old one is sent close code 4000 and its
+TCP connection is closed without waiting for the closing handshake (aborted after
+``replace_grace`` seconds if it cannot even be flushed); it is not counted as a third peer,
+and the signals still queued for it move to the new connection. (The client uses a random
+peer id per process unless told otherwise.)
 
 Frames, client -> relay
 -----------------------
 A text frame holds one signal or a JSON array of signals (Contract 3). Besides the envelope
 ``{"tube_id", "conversation_id", "kind", "data"}``, a signal sent by ``SignalingClient``
-carries three transport fields:
+carries four transport fields:
 
 ``peer``     the sender's peer id (the relay overwrites it with the id the connection
              authenticated as, so a peer cannot speak for another one)
 ``session``  random per client instance: a restarted process never reuses (session, seq)
 ``seq``      per-session sequence number: 1, 2, 3, ... (integer >= 0)
+``prev``     the seq of the previous signal of this session the sender still keeps
+             (not yet acknowledged) when it writes this one, 0 if none (integer >= 0)
 
-``seq`` and ``session`` are optional (a minimal peer may omit them; it then gets no acks).
-``conversation_id`` may be empty (the relay fills in the connection's conversation); any other
-value than the connection's conversation is an error. The key ``control`` is reserved: it marks
-control messages and may not appear in a signal. Every other key is relayed unchanged, so the
-envelope can grow (an end-to-end authentication field later).
+``seq``, ``session`` and ``prev`` are optional (a minimal peer may omit them; it then gets no
+acknowledgements). ``conversation_id`` may be empty (the relay fills in the connection's
+conversation); any other value than the connection's conversation is an error. The key
+``control`` is reserved: it marks control messages and may not appear in a signal. Every
+other key is relayed unchanged, so the envelope can grow (an end-to-end authentication
+field later).
+
+A frame may instead hold one control message (a JSON object with a ``control`` key). The only
+one a client sends is the end-to-end acknowledgement of signals it received::
+
+    {"control": "ack", "to": "<sender peer id>", "session": "<sender session>",
+     "seqs": [5, 6, 7]}
+
+The receiving client sends at most one per received frame (the relay never mixes senders or
+sessions in one frame), after handing the signals to its application, and for duplicates
+too (their first ack was evidently lost). It does not acknowledge a signal whose ``prev``
+it has not delivered yet: that one is dropped and comes again, in order, with the resend
+of the missing one. The relay forwards the ack to peer ``to`` if it is connected and
+drops it otherwise (the sender resends; the receiver acknowledges the duplicate).
 
 Frames, relay -> client
 -----------------------
-- Relayed signals, as a single object or an array, in the order their sender sent them.
+- Relayed signals, as a single object or an array (one sender and session per frame), in
+  the order their sender sent them.
 - Error replies, which are Contract 3 signals of kind ``error`` without a ``peer`` field::
 
       {"kind": "error", "tube_id": "<the bad item's tube_id, or "">",
@@ -54,15 +75,21 @@ Frames, relay -> client
   A frame with several bad items gets one error per bad item (sent together as one array
   frame; beyond 20, one summary error counts the rest). The good items of the same frame are
   relayed as usual and the connection stays open.
-- Control messages: JSON objects with a ``control`` key. They are never relayed and are not
-  Contract 3 signals. The only one today::
+- Control messages (JSON objects with a ``control`` key; never relayed, not signals):
 
-      {"control": "ack", "session": "<sender session>", "seqs": [5, 6, 7],
-       "status": "delivered" | "rejected"}
-
-  ``delivered``: these signals were written to the other peer's socket. ``rejected``: the relay
-  refused them (an error reply says why). Either way the sender stops keeping them. Signals
-  held because the other peer is not connected are acknowledged when they are delivered.
+  ``{"control": "ack", "peer": "<acknowledging peer>", "session": S, "seqs": [...]}``
+      the other peer's client received these signals of yours (forwarded as sent, with
+      ``peer`` set by the relay). Only this makes the sender forget a signal.
+  ``{"control": "rejected", "session": S, "seqs": [...], "retry": true | false}``
+      the relay did not take these signals (an error reply says why). ``retry: true``:
+      its queue for the absent peer is full; keep them and send them again later (when
+      the peer joins). ``retry: false``: they are invalid and will never be taken.
+  ``{"control": "peer", "event": "present" | "absent"}``
+      the first message on every connection: whether the other peer is connected now.
+  ``{"control": "peer", "event": "joined" | "left"}``
+      the other peer connected (also: replaced its own connection) or went away. On
+      ``joined`` a sender resends everything not yet acknowledged: what it wrote to the
+      peer's previous connection may be lost.
 
 Errors and limits
 -----------------
@@ -71,11 +98,18 @@ Errors and limits
   relayed, connection stays open. So that such frames can be answered, the WebSocket layer
   accepts messages up to ``4 * max_message_bytes``; only a message beyond that makes
   ``websockets`` close the connection with code 1009 (message too big).
-- Held signals: at most ``max_held`` (default 256) per conversation; past that, error reply
-  and a ``rejected`` ack.
+- Held signals (other peer absent): at most ``max_held`` (default 256) per conversation;
+  past that, error reply and ``rejected`` with ``retry: true``. A resend of a signal that
+  is already held is not held twice.
+- Every connection has one bounded outgoing queue (``send_queue_frames`` frames,
+  ``send_queue_bytes`` bytes) drained by its own writer task. A connection whose queue is
+  full, or whose writer cannot finish one send within ``send_timeout`` seconds, is dropped
+  without a closing handshake (its peer reconnects); its signals are held meanwhile.
+  Signals held for a joining peer, or carried over from the connection it replaces, are
+  queued past the limit (they are bounded by ``max_held`` and the old queue).
 - At most ``max_conversations`` (default 10,000) conversations; two peers each.
-- Per connection: ``websockets`` ``write_limit`` bounds the socket write buffer (writers wait
-  for it to drain) and ``max_queue`` bounds received frames not yet processed.
+- Per connection: ``websockets`` ``write_limit`` bounds the socket write buffer and
+  ``max_queue`` bounds received frames not yet processed.
 
 Close codes used by the relay: 1001 when the relay shuts down (clients reconnect), 4000 when
 a newer connection with the same peer id replaced this one, 4409 / 4503 when a join loses a
@@ -84,11 +118,14 @@ race for the last slot after the handshake was accepted (same meaning as HTTP 40
 Delivery
 --------
 The relay keeps no durable state; a restart forgets everything. The client keeps every signal
-the relay has not acknowledged and sends it again, in order, after each reconnect; the
-receiving client drops duplicates by (peer, session, seq). Together that delivers each signal
-to the application exactly once across connection drops and relay restarts, in order per
-sender.
+the other peer's client has not acknowledged and sends all of them again, in order, after
+each reconnect, when told the peer joined, and (backstop) when acknowledgements stop coming
+for a while although the peer is present; the receiving client delivers each (peer, session)
+in seq order, once, using ``prev`` to notice a missing predecessor. Together that delivers
+each signal to the application exactly once and in order per sender, across half-open
+connections, dropped connections and relay restarts.
 """
+
 
 from __future__ import annotations
 
@@ -97,6 +134,8 @@ import hmac
 import http
 import json
 import logging
+from collections import deque
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -104,11 +143,11 @@ from urllib.parse import parse_qs, urlsplit
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
+from websockets.protocol import State
 
 from tether.signals import ERROR, Signal, SignalError, validate_signal
 
 from .conversations import (
-    REJECTED,
     ConversationTable,
     JoinRefused,
     MemoryConversationTable,
@@ -121,9 +160,13 @@ log = logging.getLogger(__name__)
 CONTROL = "control"
 """Key that marks a control message (never relayed, not a Contract 3 signal)."""
 ACK = "ack"
+REJECTED = "rejected"
+PEER_EVENT = "peer"
 PEER_FIELD = "peer"
 SESSION_FIELD = "session"
 SEQ_FIELD = "seq"
+PREV_FIELD = "prev"
+TO_FIELD = "to"
 
 CLOSE_REPLACED = 4000
 CLOSE_CONVERSATION_FULL = 4409
@@ -147,55 +190,232 @@ def encode(obj: Any) -> str:
 
 def frames_of(encoded: list[str], max_bytes: int) -> list[str]:
     """Pack encoded signals into frames of at most ``max_bytes`` (one signal may exceed it)."""
-    frames: list[str] = []
-    batch: list[str] = []
-    size = 2
-    for item in encoded:
-        if batch and size + len(item) + 1 > max_bytes:
-            frames.append(batch[0] if len(batch) == 1 else "[" + ",".join(batch) + "]")
-            batch, size = [], 2
-        batch.append(item)
+    return [frame for frame, _ in _packed(encoded, max_bytes)]
+
+
+def _packed(encoded: list[str], max_bytes: int) -> list[tuple[str, range]]:
+    """(frame, indexes of the signals in it) for encoded signals packed up to max_bytes."""
+    out: list[tuple[str, range]] = []
+    start, size = 0, 2
+    for index, item in enumerate(encoded):
+        if index > start and size + len(item) + 1 > max_bytes:
+            out.append((_frame(encoded[start:index]), range(start, index)))
+            start, size = index, 2
         size += len(item) + 1
-    if batch:
-        frames.append(batch[0] if len(batch) == 1 else "[" + ",".join(batch) + "]")
-    return frames
+    if start < len(encoded):
+        out.append((_frame(encoded[start:]), range(start, len(encoded))))
+    return out
+
+
+def _frame(batch: list[str]) -> str:
+    return batch[0] if len(batch) == 1 else "[" + ",".join(batch) + "]"
+
+
+def pack_signals(signals: list[Signal], max_bytes: int) -> list[tuple[str, list[Signal]]]:
+    """Frames for ``signals``: in order, one (peer, session) per frame, within max_bytes."""
+    out: list[tuple[str, list[Signal]]] = []
+    run: list[Signal] = []
+    run_key: tuple[Any, Any] | None = None
+
+    def flush() -> None:
+        encoded = [encode(s) for s in run]
+        for frame, indexes in _packed(encoded, max_bytes):
+            out.append((frame, [run[i] for i in indexes]))
+
+    for signal in signals:
+        key = (signal.get(PEER_FIELD), signal.get(SESSION_FIELD))
+        if run and key != run_key:
+            flush()
+            run = []
+        run_key = key
+        run.append(signal)
+    if run:
+        flush()
+    return out
 
 
 # -- one connection as the conversation table sees it -----------------------------------
 
 
+@dataclass
+class _Outgoing:
+    text: str
+    signals: list[Signal] | None
+    """The relayed signals in this frame (they move to a newer connection of the peer)."""
+
+
 class _Endpoint:
-    """A connected peer: implements ``conversations.Peer`` over a ServerConnection."""
+    """A connected peer: implements ``conversations.Peer`` over a ServerConnection.
+
+    Everything sent to the peer goes through one bounded queue drained by this
+    connection's own writer task, so a stuck socket only ever stalls itself.
+    """
 
     def __init__(
-        self, ws: ServerConnection, conversation_id: str, peer_id: str, max_frame_bytes: int
+        self,
+        ws: ServerConnection,
+        conversation_id: str,
+        peer_id: str,
+        *,
+        max_frame_bytes: int,
+        queue_frames: int,
+        queue_bytes: int,
+        send_timeout: float | None,
+        replace_grace: float,
     ) -> None:
         self.ws = ws
         self.conversation_id = conversation_id
         self.peer_id = peer_id
         self.max_frame_bytes = max_frame_bytes
-        self._close_task: asyncio.Task[None] | None = None
+        self.queue_frames = queue_frames
+        self.queue_bytes = queue_bytes
+        self.send_timeout = send_timeout
+        self.replace_grace = replace_grace
+        self.gone = False
+        """Superseded or evicted: nothing more is queued or written."""
+        self._queue: deque[_Outgoing] = deque()
+        self._queued_bytes = 0
+        self._ready = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
+        self._abort_handle: asyncio.TimerHandle | None = None
 
-    async def deliver(self, signals: list[Signal]) -> None:
-        for frame in frames_of([encode(s) for s in signals], self.max_frame_bytes):
-            await self.ws.send(frame)
+    # lifecycle (the connection handler owns it)
 
-    async def acknowledge(self, session: str | None, seqs: list[int], status: str) -> None:
-        await self.ws.send(
-            encode({CONTROL: ACK, SESSION_FIELD: session, "seqs": seqs, "status": status})
+    def start(self) -> None:
+        self._writer = asyncio.create_task(
+            self._write_loop(), name=f"relay-writer-{self.conversation_id}-{self.peer_id}"
         )
 
-    def supersede(self) -> None:
-        # Don't wait for the closing handshake here: the old connection is often half-open
-        # (that is why its peer reconnected). Its own handler awaits this task.
-        if self._close_task is None:
-            self._close_task = asyncio.create_task(
-                self.ws.close(CLOSE_REPLACED, "replaced by a newer connection of this peer")
-            )
-
     async def finish(self) -> None:
-        if self._close_task is not None:
-            await self._close_task
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.cancel()
+            await asyncio.wait({writer})
+            if not writer.cancelled() and writer.exception() is not None:
+                log.error("relay writer failed", exc_info=writer.exception())
+        if self._abort_handle is not None:
+            self._abort_handle.cancel()
+            self._abort_handle = None
+
+    @property
+    def queued(self) -> int:
+        """Frames waiting for the writer (for tests and status)."""
+        return len(self._queue)
+
+    # conversations.Peer
+
+    def deliver(self, signals: list[Signal], *, bounded: bool = True) -> bool:
+        items = [
+            _Outgoing(frame, batch)
+            for frame, batch in pack_signals(signals, self.max_frame_bytes)
+        ]
+        return self._put(items, bounded)
+
+    def presence(self, event: str) -> bool:
+        return self._put([_Outgoing(encode({CONTROL: PEER_EVENT, "event": event}), None)])
+
+    def forward(self, message: dict[str, Any]) -> bool:
+        return self._put([_Outgoing(encode(message), None)])
+
+    def take_undelivered(self) -> list[Signal]:
+        taken: list[Signal] = []
+        for item in self._queue:
+            if item.signals:
+                taken.extend(item.signals)
+        self._queue = deque(item for item in self._queue if not item.signals)
+        self._queued_bytes = sum(len(item.text) for item in self._queue)
+        return taken
+
+    def supersede(self) -> None:
+        # Don't wait for the closing handshake: the old connection is often half-open
+        # (that is why its peer reconnected). Send code 4000 so a live duplicate client
+        # learns it was replaced, flush without waiting, abort if flushing stalls.
+        if self.gone:
+            return
+        self._stop("replaced by a newer connection of this peer")
+        transport = self.ws.transport
+        try:
+            if self.ws.protocol.state is State.OPEN:
+                self.ws.protocol.send_close(
+                    CLOSE_REPLACED, "replaced by a newer connection of this peer"
+                )
+                self.ws.send_data()
+            transport.close()
+        except Exception as exc:  # the transport is already broken
+            log.debug("closing a replaced connection failed: %r", exc)
+            transport.abort()
+            return
+        self._abort_handle = asyncio.get_running_loop().call_later(
+            self.replace_grace, transport.abort
+        )
+
+    def evict(self, reason: str) -> None:
+        if self.gone:
+            return
+        log.warning(
+            "dropping peer %r of conversation %r from %s: %s",
+            self.peer_id,
+            self.conversation_id,
+            _remote(self.ws),
+            reason,
+        )
+        self._stop(reason)
+        self.ws.transport.abort()
+
+    # replies to this peer's own frames
+
+    def reply(self, message: Any) -> bool:
+        return self._put([_Outgoing(encode(message), None)])
+
+    # internals
+
+    def _stop(self, reason: str) -> None:
+        self.gone = True
+        self._queue.clear()
+        self._queued_bytes = 0
+        writer = self._writer
+        if writer is not None and writer is not asyncio.current_task():
+            writer.cancel()
+
+    def _put(self, items: list[_Outgoing], bounded: bool = True) -> bool:
+        if self.gone:
+            return False
+        if not items:
+            return True
+        size = sum(len(item.text) for item in items)
+        if (
+            bounded
+            and self._queue
+            and (
+                len(self._queue) + len(items) > self.queue_frames
+                or self._queued_bytes + size > self.queue_bytes
+            )
+        ):
+            return False
+        self._queue.extend(items)
+        self._queued_bytes += size
+        self._ready.set()
+        return True
+
+    async def _write_loop(self) -> None:
+        try:
+            while True:
+                while not self._queue:
+                    self._ready.clear()
+                    await self._ready.wait()
+                item = self._queue.popleft()
+                self._queued_bytes -= len(item.text)
+                try:
+                    async with asyncio.timeout(self.send_timeout):
+                        await self.ws.send(item.text)
+                except TimeoutError:
+                    self.evict(
+                        f"a send did not finish within {self.send_timeout:g}s "
+                        f"(the peer does not read)"
+                    )
+                    return
+        except ConnectionClosed:
+            return
 
 
 class _Route:
@@ -228,11 +448,19 @@ class SignalingServer:
         close_timeout: float | None = 5.0,
         write_limit: int = 64 * 1024,
         max_queue: int = 16,
+        send_queue_frames: int = 256,
+        send_queue_bytes: int = 1024 * 1024,
+        send_timeout: float | None = 5.0,
+        replace_grace: float = 1.0,
     ) -> None:
         if not isinstance(token, str) or not token:
             raise ValueError("SignalingServer needs a non-empty token")
         if max_message_bytes < 1024:
             raise ValueError("max_message_bytes must be at least 1024")
+        if send_queue_frames < 1 or send_queue_bytes < 1:
+            raise ValueError("send_queue_frames and send_queue_bytes must be positive")
+        if send_timeout is not None and send_timeout <= 0:
+            raise ValueError("send_timeout must be positive (or None)")
         self.host = host
         self.port = port
         self.max_message_bytes = max_message_bytes
@@ -240,6 +468,13 @@ class SignalingServer:
             max_conversations=max_conversations, max_held=max_held
         )
         self._token = token.encode()
+        self._endpoint_options = dict(
+            max_frame_bytes=max_message_bytes,
+            queue_frames=send_queue_frames,
+            queue_bytes=send_queue_bytes,
+            send_timeout=send_timeout,
+            replace_grace=replace_grace,
+        )
         self._ws_options = dict(
             ping_interval=ping_interval,
             ping_timeout=ping_timeout,
@@ -371,51 +606,57 @@ class SignalingServer:
 
     async def _handle(self, ws: ServerConnection) -> None:
         route: _Route = ws.tether_route  # type: ignore[attr-defined]
-        endpoint = _Endpoint(ws, route.conversation_id, route.peer_id, self.max_message_bytes)
+        endpoint = _Endpoint(ws, route.conversation_id, route.peer_id, **self._endpoint_options)
+        endpoint.start()
         try:
-            replaced = await self.table.join(route.conversation_id, endpoint)
-        except JoinRefused as exc:
-            status = exc.refusal.status
+            try:
+                replaced = await self.table.join(route.conversation_id, endpoint)
+            except JoinRefused as exc:
+                status = exc.refusal.status
+                log.info(
+                    "refused peer=%r conversation=%r from %s: %d %s",
+                    route.peer_id,
+                    route.conversation_id,
+                    _remote(ws),
+                    status,
+                    exc.refusal.reason,
+                )
+                code = CLOSE_CONVERSATION_FULL if status == 409 else CLOSE_RELAY_FULL
+                await endpoint.finish()
+                await ws.close(code, exc.refusal.reason[:120])
+                return
             log.info(
-                "refused peer=%r conversation=%r from %s: %d %s",
+                "peer %r joined conversation %r from %s%s",
                 route.peer_id,
                 route.conversation_id,
                 _remote(ws),
-                status,
-                exc.refusal.reason,
+                " (replacing its previous connection)" if replaced else "",
             )
-            code = CLOSE_CONVERSATION_FULL if status == 409 else CLOSE_RELAY_FULL
-            await ws.close(code, exc.refusal.reason[:120])
-            return
-        log.info(
-            "peer %r joined conversation %r from %s%s",
-            route.peer_id,
-            route.conversation_id,
-            _remote(ws),
-            " (replacing its previous connection)" if replaced else "",
-        )
-        try:
-            async for message in ws:
-                if not await self._on_message(endpoint, message):
-                    break
-        except ConnectionClosed:
-            pass
+            try:
+                async for message in ws:
+                    if not await self._on_message(endpoint, message):
+                        break
+            except ConnectionClosed:
+                pass
+            finally:
+                await self.table.leave(route.conversation_id, endpoint)
+                log.info(
+                    "peer %r left conversation %r (close code %s%s)",
+                    route.peer_id,
+                    route.conversation_id,
+                    ws.close_code,
+                    f", {ws.close_reason}" if ws.close_reason else "",
+                )
         finally:
-            await self.table.leave(route.conversation_id, endpoint)
             await endpoint.finish()
-            log.info(
-                "peer %r left conversation %r (close code %s%s)",
-                route.peer_id,
-                route.conversation_id,
-                ws.close_code,
-                f", {ws.close_reason}" if ws.close_reason else "",
-            )
 
     async def _on_message(self, endpoint: _Endpoint, message: str | bytes) -> bool:
         """Handle one frame; return False when this connection should stop reading."""
+        if endpoint.gone:
+            return False
         conversation_id = endpoint.conversation_id
         errors: list[Signal] = []
-        rejected_seqs: dict[str | None, list[int]] = {}
+        refused: _Refused = _Refused()
 
         if isinstance(message, bytes):
             errors.append(
@@ -425,8 +666,7 @@ class SignalingServer:
                     "send signals as JSON text frames",
                 )
             )
-            await self._reply(endpoint, errors, rejected_seqs)
-            return True
+            return self._reply(endpoint, errors, refused)
 
         size = len(message) if message.isascii() else len(message.encode("utf-8"))
         if size > self.max_message_bytes:
@@ -436,7 +676,7 @@ class SignalingServer:
             except ValueError:
                 payload = None
             for item in payload if isinstance(payload, list) else [payload]:
-                _collect_seq(item, rejected_seqs)
+                refused.add(item, retry=False)
             if isinstance(payload, dict) and isinstance(payload.get("tube_id"), str):
                 tube_id = payload["tube_id"]
             errors.append(
@@ -447,12 +687,18 @@ class SignalingServer:
                     tube_id,
                 )
             )
-            await self._reply(endpoint, errors, rejected_seqs)
-            return True
+            return self._reply(endpoint, errors, refused)
+
+        try:
+            payload = json.loads(message)
+        except ValueError:
+            payload = None
+        if isinstance(payload, dict) and CONTROL in payload:
+            return await self._on_control(endpoint, payload)
 
         good: list[Signal] = []
         index_of: dict[int, str] = {}
-        for label, item, problem in _split(message):
+        for label, item, problem in _split(message, payload):
             if problem is None:
                 problem = self._check_item(endpoint, item)
             if problem is None:
@@ -468,7 +714,7 @@ class SignalingServer:
                         tube_id if isinstance(tube_id, str) else "",
                     )
                 )
-                _collect_seq(item, rejected_seqs)
+                refused.add(item, retry=False)
 
         if good:
             result = await self.table.relay(conversation_id, endpoint, good)
@@ -483,7 +729,7 @@ class SignalingServer:
                         signal["tube_id"],
                     )
                 )
-                _collect_seq(signal, rejected_seqs)
+                refused.add(signal, retry=True)
         if errors:
             log.debug(
                 "peer %r conversation %r: %d bad item(s): %s",
@@ -492,8 +738,26 @@ class SignalingServer:
                 len(errors),
                 errors[0]["data"],
             )
-        await self._reply(endpoint, errors, rejected_seqs)
-        return True
+        return self._reply(endpoint, errors, refused)
+
+    async def _on_control(self, endpoint: _Endpoint, message: dict[str, Any]) -> bool:
+        problem = _check_ack(message)
+        if problem is not None:
+            return self._reply(
+                endpoint, [error_signal(endpoint.conversation_id, problem)], _Refused()
+            )
+        await self.table.forward(
+            endpoint.conversation_id,
+            endpoint,
+            message[TO_FIELD],
+            {
+                CONTROL: ACK,
+                PEER_FIELD: endpoint.peer_id,
+                SESSION_FIELD: message[SESSION_FIELD],
+                "seqs": message["seqs"],
+            },
+        )
+        return not endpoint.gone
 
     def _check_item(self, endpoint: _Endpoint, item: Signal) -> str | None:
         if CONTROL in item:
@@ -506,20 +770,15 @@ class SignalingServer:
                 f"conversation_id {conversation_id!r} does not match this connection's "
                 f"conversation {endpoint.conversation_id!r}"
             )
-        if SEQ_FIELD in item:
-            seq = item[SEQ_FIELD]
-            if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
-                return f"{SEQ_FIELD!r} must be an integer >= 0"
+        for key in (SEQ_FIELD, PREV_FIELD):
+            if key in item and not _is_count(item[key]):
+                return f"{key!r} must be an integer >= 0"
         if SESSION_FIELD in item and not isinstance(item[SESSION_FIELD], str):
             return f"{SESSION_FIELD!r} must be a string"
         return None
 
-    async def _reply(
-        self,
-        endpoint: _Endpoint,
-        errors: list[Signal],
-        rejected_seqs: dict[str | None, list[int]],
-    ) -> None:
+    def _reply(self, endpoint: _Endpoint, errors: list[Signal], refused: _Refused) -> bool:
+        """Queue error replies and ``rejected`` notices; False if the queue overflowed."""
         if len(errors) > MAX_ERRORS_PER_FRAME:
             extra = len(errors) - MAX_ERRORS_PER_FRAME
             errors = errors[:MAX_ERRORS_PER_FRAME] + [
@@ -528,25 +787,66 @@ class SignalingServer:
                     f"... and {extra} more bad item(s) in the same frame",
                 )
             ]
-        try:
-            if errors:
-                await endpoint.ws.send(encode(errors[0] if len(errors) == 1 else errors))
-            for session, seqs in rejected_seqs.items():
-                await endpoint.acknowledge(session, seqs, REJECTED)
-        except ConnectionClosed:
-            pass
+        replies: list[Any] = []
+        if errors:
+            replies.append(errors[0] if len(errors) == 1 else errors)
+        for (session, retry), seqs in refused.seqs.items():
+            replies.append(
+                {CONTROL: REJECTED, SESSION_FIELD: session, "seqs": seqs, "retry": retry}
+            )
+        for reply in replies:
+            if not endpoint.reply(reply):
+                endpoint.evict("its outgoing queue is full (it does not read its replies)")
+                return False
+        return True
 
 
-def _split(message: str) -> list[tuple[str, Any, str | None]]:
+class _Refused:
+    """(session, retry) -> seqs of refused items, for the ``rejected`` notices."""
+
+    def __init__(self) -> None:
+        self.seqs: dict[tuple[str | None, bool], list[int]] = {}
+
+    def add(self, item: Any, *, retry: bool) -> None:
+        if not isinstance(item, dict):
+            return
+        seq = item.get(SEQ_FIELD)
+        session = item.get(SESSION_FIELD)
+        if _is_count(seq) and (session is None or isinstance(session, str)):
+            self.seqs.setdefault((session, retry), []).append(seq)
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_ack(message: dict[str, Any]) -> str | None:
+    """Why a client's control message is not a valid ack (None if it is)."""
+    if message.get(CONTROL) != ACK:
+        return f"unknown control message {str(message.get(CONTROL))[:40]!r}; expected 'ack'"
+    to = message.get(TO_FIELD)
+    if not isinstance(to, str) or not to or len(to) > MAX_ID_LENGTH:
+        return f"ack: {TO_FIELD!r} must be the sender's peer id"
+    if not isinstance(message.get(SESSION_FIELD), str):
+        return f"ack: {SESSION_FIELD!r} must be a string"
+    seqs = message.get("seqs")
+    if not isinstance(seqs, list) or not seqs or not all(_is_count(s) for s in seqs):
+        return "ack: 'seqs' must be a non-empty list of integers >= 0"
+    return None
+
+
+def _split(message: str, payload: Any) -> list[tuple[str, Any, str | None]]:
     """(label, item, problem) per item of a frame; problem None means a valid signal.
 
     The same rules and messages as ``tether.signals.parse_frame``, keeping each bad item
-    so that the error reply can name its tube_id.
+    so that the error reply can name its tube_id. ``payload`` is the parsed frame, None if
+    it did not parse.
     """
-    try:
-        payload = json.loads(message)
-    except ValueError as exc:
-        return [("", None, f"frame is not valid JSON: {exc}")]
+    if payload is None:
+        try:
+            payload = json.loads(message)
+        except ValueError as exc:
+            return [("", None, f"frame is not valid JSON: {exc}")]
     if isinstance(payload, dict):
         items, single = [payload], True
     elif isinstance(payload, list):
@@ -565,18 +865,6 @@ def _split(message: str) -> list[tuple[str, Any, str | None]]:
         else:
             out.append((label, item, None))
     return out
-
-
-def _collect_seq(item: Any, into: dict[str | None, list[int]]) -> None:
-    """Note the (session, seq) of a rejected item so the sender stops resending it."""
-    if not isinstance(item, dict):
-        return
-    seq = item.get(SEQ_FIELD)
-    session = item.get(SESSION_FIELD)
-    if isinstance(seq, int) and not isinstance(seq, bool) and (
-        session is None or isinstance(session, str)
-    ):
-        into.setdefault(session, []).append(seq)
 
 
 def _remote(ws: ServerConnection) -> str:

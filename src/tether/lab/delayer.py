@@ -1,0 +1,163 @@
+"""A user-space delay line for the slow_path scenario (this kernel has no netem).
+
+How packets get here: the router namespace gets a TUN device; policy routing sends every
+packet that arrives from the laptop's or the server's link (``ip rule add iif <veth>
+lookup 100``; table 100's default route is the TUN) into it. This program reads each packet
+from ``/dev/net/tun`` and writes it back into the same TUN ``--delay`` seconds later; a
+packet written back arrives with ``iif`` = the TUN, matches no rule and follows the main
+table to its real destination. Each direction passes the TUN once, so a 0.3 s delay makes a
+0.6 s round trip. Connection tracking would see every packet twice (once on the way in, once
+from the TUN), which breaks the NAT, so the topology marks the first pass ``notrack`` (see
+:meth:`tether.lab.topology.Topology.slow_path`). A TUN was chosen over NFQUEUE because it
+needs nothing beyond the standard library and the kernel's tun driver.
+
+:class:`DelayLine` is the pure part (what is due when, bounded); :func:`main` is the I/O.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import signal
+import struct
+import sys
+from collections import deque
+
+logger = logging.getLogger(__name__)
+
+TUNSETIFF = 0x400454CA
+IFF_TUN = 0x0001
+IFF_NO_PI = 0x1000
+MAX_PACKET = 65535
+
+
+class DelayLine:
+    """Holds packets for a fixed delay, in arrival order, up to a bound.
+
+    Every packet waits the same time, so a FIFO is already sorted by due time. A full line
+    drops the new packet, as a router's full queue would.
+    """
+
+    def __init__(self, delay: float, *, max_packets: int = 50_000,
+                 max_bytes: int = 64 * 1024 * 1024) -> None:
+        if delay < 0 or max_packets <= 0 or max_bytes <= 0:
+            raise ValueError("delay must not be negative and the bounds must be positive")
+        self.delay = delay
+        self.max_packets = max_packets
+        self.max_bytes = max_bytes
+        self._queue: deque[tuple[float, bytes]] = deque()
+        self._bytes = 0
+        self.accepted = 0
+        self.dropped = 0
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def push(self, packet: bytes, now: float) -> bool:
+        """Queue ``packet`` arriving at ``now``; False if the line is full (dropped)."""
+        if len(self._queue) >= self.max_packets or self._bytes + len(packet) > self.max_bytes:
+            self.dropped += 1
+            return False
+        self._queue.append((now + self.delay, packet))
+        self._bytes += len(packet)
+        self.accepted += 1
+        return True
+
+    def next_due(self) -> float | None:
+        """When the oldest packet is due, or None if the line is empty."""
+        return self._queue[0][0] if self._queue else None
+
+    def pop_due(self, now: float) -> list[bytes]:
+        """Every packet due at ``now``, oldest first."""
+        out = []
+        while self._queue and self._queue[0][0] <= now:
+            _, packet = self._queue.popleft()
+            self._bytes -= len(packet)
+            out.append(packet)
+        return out
+
+
+def open_tun(name: str) -> int:
+    """Attach to the (already created) TUN device ``name``; a non-blocking fd."""
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK)
+    try:
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), IFF_TUN | IFF_NO_PI))
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+async def run(device: str, delay: float) -> DelayLine:
+    """Delay every packet of ``device`` until stdin closes or SIGTERM arrives."""
+    loop = asyncio.get_running_loop()
+    line = DelayLine(delay)
+    fd = open_tun(device)
+    timer: asyncio.TimerHandle | None = None
+    stop = asyncio.Event()
+
+    def flush() -> None:
+        nonlocal timer
+        timer = None
+        for packet in line.pop_due(loop.time()):
+            with contextlib.suppress(OSError):
+                os.write(fd, packet)
+        arm()
+
+    def arm() -> None:
+        nonlocal timer
+        due = line.next_due()
+        if timer is None and due is not None:
+            timer = loop.call_at(due, flush)
+
+    def readable() -> None:
+        while True:
+            try:
+                packet = os.read(fd, MAX_PACKET)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                logger.error("reading %s: %s", device, exc)
+                stop.set()
+                break
+            line.push(packet, loop.time())
+        arm()
+
+    loop.add_reader(fd, readable)
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    reader = asyncio.StreamReader(limit=1024)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    stdin_closed = asyncio.ensure_future(reader.read())
+    sys.stdout.write(json.dumps({"ready": device, "delay": delay}) + "\n")
+    sys.stdout.flush()
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({stdin_closed, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stdin_closed.cancel()
+        stopped.cancel()
+        loop.remove_reader(fd)
+        loop.remove_signal_handler(signal.SIGTERM)
+        if timer is not None:
+            timer.cancel()
+        os.close(fd)
+    return line
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="delay every packet of a TUN device")
+    parser.add_argument("--device", required=True)
+    parser.add_argument("--delay", type=float, default=0.3, help="seconds, each way")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    line = asyncio.run(run(args.device, args.delay))
+    sys.stdout.write(json.dumps({"accepted": line.accepted, "dropped": line.dropped}) + "\n")
+
+
+if __name__ == "__main__":
+    main()
