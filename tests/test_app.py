@@ -159,3 +159,82 @@ async def test_network_change_restarts_ice_and_the_stream_survives(relay, echo_a
         assert handle.manager.metrics.restarts_succeeded == 1
         remote = expose.managers.get(handle.tube_id)
         assert remote.state is ConnectionState.CONNECTED
+
+
+# -- peer restarts and goodbyes -------------------------------------------------------------
+
+
+async def open_echo_stream(address):
+    reader, writer = await asyncio.open_connection(*address)
+    writer.write(b"ping")
+    await writer.drain()
+    assert await asyncio.wait_for(reader.readexactly(4), 10) == b"ping"
+    return reader, writer
+
+
+async def closed_within(reader: asyncio.StreamReader, seconds: float) -> bool:
+    """Whether the local connection ends (FIN or RST) within ``seconds``."""
+    try:
+        async with asyncio.timeout(seconds):
+            while await reader.read(65536):
+                pass
+    except TimeoutError:
+        return False
+    except ConnectionError:
+        pass
+    return True
+
+
+async def test_a_killed_and_restarted_peer_gets_a_new_tube_at_once(relay, echo_address):
+    """The exposing process dies without a word (its path goes silent) and a new one starts.
+
+    The connecting side learns at once that the new process does not know the tube, closes
+    the old streams cleanly and offers a new tube; new connections go through it."""
+    url = f"ws://127.0.0.1:{relay.port}"
+    common = {"signal_url": url, "token": "t0ken", "host_addresses": LOOPBACK}
+    first = ExposeSide("restart-peer", target=echo_address, **common)
+    connect = ConnectSide("restart-peer", listen=("127.0.0.1", 0), **common)
+    second = None
+    async with connect:
+        await first.start()
+        old = await connect.wait_ready(timeout=20)
+        reader, writer = await open_echo_stream(connect.listen_address)
+        # A kill: nothing more leaves the first process, not even goodbyes.
+        first.core.drop_traffic(old.tube_id, True)
+        await first.client.close()
+        await first.close()
+        second = ExposeSide("restart-peer", target=echo_address, **common)
+        loop = asyncio.get_running_loop()
+        back = loop.time()
+        await second.start()
+        try:
+            assert await closed_within(reader, 3.0), "the old stream was not closed"
+            writer.close()
+            new = await connect.wait_ready(timeout=5)
+            assert new.tube_id != old.tube_id
+            assert await echo_once(connect.listen_address, b"after") == b"after"
+            elapsed = loop.time() - back
+            print(f"\nnew tube echoing {elapsed * 1000:.0f} ms after the peer came back")
+            assert elapsed < 5.0
+            assert list(second.tubes) == [new.tube_id]
+        finally:
+            await second.close()
+
+
+async def test_a_stopping_peer_says_goodbye_and_streams_close_at_once(relay, echo_address):
+    expose, connect = sides(relay.port, echo_address, name="goodbye")
+    async with connect:
+        await expose.start()
+        old = await connect.wait_ready(timeout=20)
+        reader, writer = await open_echo_stream(connect.listen_address)
+        await expose.close()
+        assert await closed_within(reader, 1.5), "the stream outlived the peer's goodbye"
+        writer.close()
+        assert old.tube_id not in connect.tubes
+        # Clients that arrive meanwhile wait for the next tube, which comes with the peer.
+        pending = asyncio.create_task(echo_once(connect.listen_address, b"queued"))
+        again = ExposeSide("goodbye", target=echo_address,
+                           signal_url=f"ws://127.0.0.1:{relay.port}", token="t0ken",
+                           host_addresses=LOOPBACK)
+        async with again:
+            assert await asyncio.wait_for(pending, 15) == b"queued"

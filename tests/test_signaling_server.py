@@ -14,6 +14,7 @@ from tether.signaling import SignalingServer
 from tether.signaling import server as server_module
 
 TOKEN = "s3cret"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
 LIMIT = 4096  # max_message_bytes for most tests: small frames, fast tests
 
 
@@ -35,17 +36,29 @@ def url(server: SignalingServer, conversation: str | None = "conv", peer: str | 
 async def join(
     server: SignalingServer, peer: str, conversation: str = "conv", token: str | None = TOKEN
 ) -> ClientConnection:
+    """Connect; the relay's first message (presence of the other peer) is checked and eaten."""
     headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
-    return await connect(url(server, conversation, peer), additional_headers=headers, proxy=None)
+    ws = await connect(url(server, conversation, peer), additional_headers=headers, proxy=None)
+    first = await recv_raw(ws)
+    assert first["control"] == "peer" and first["event"] in ("present", "absent"), first
+    return ws
+
+
+async def recv_raw(ws: ClientConnection, timeout: float = 2.0):
+    return json.loads(await asyncio.wait_for(ws.recv(), timeout))
 
 
 async def recv(ws: ClientConnection, timeout: float = 2.0):
-    return json.loads(await asyncio.wait_for(ws.recv(), timeout))
+    """The next message that is not a presence event (those have their own test)."""
+    while True:
+        message = await recv_raw(ws, timeout)
+        if not (isinstance(message, dict) and message.get("control") == "peer"):
+            return message
 
 
 async def nothing_arrives(ws: ClientConnection, within: float = 0.05) -> None:
     with pytest.raises(TimeoutError):
-        await asyncio.wait_for(ws.recv(), within)
+        await recv(ws, within)
 
 
 def sig(tube: str = "t1", kind: str = "icecandidate", data: str = "", **extra):
@@ -136,28 +149,77 @@ async def test_connect_and_disconnect_are_logged_with_conversation_and_peer(rela
 # -- relaying ---------------------------------------------------------------------------------
 
 
-async def test_relays_one_signal_and_an_array_in_order_and_acks_the_sender(relay):
+async def test_relays_one_signal_and_an_array_in_order_and_forwards_the_receivers_ack(relay):
     a = await join(relay, "a")
     b = await join(relay, "b")
 
-    await a.send(json.dumps(sig(kind="offer", data="sdp", session="S", seq=1)))
+    await a.send(json.dumps(sig(kind="offer", data="sdp", session="S", seq=1, prev=0)))
     got = await recv(b)
-    assert got == sig(kind="offer", data="sdp", session="S", seq=1, peer="a")
-    assert await recv(a) == {"control": "ack", "session": "S", "seqs": [1], "status": "delivered"}
+    assert got == sig(kind="offer", data="sdp", session="S", seq=1, prev=0, peer="a")
+    await nothing_arrives(a)  # the relay itself acknowledges nothing
 
     batch = [sig(data=f"c{i}", session="S", seq=i) for i in (2, 3, 4)]
     await a.send(json.dumps(batch))
     got = await recv(b)
     assert [s["data"] for s in got] == ["c2", "c3", "c4"]
     assert all(s["peer"] == "a" for s in got)
-    assert (await recv(a))["seqs"] == [2, 3, 4]
 
-    # the other direction, and a signal without seq: relayed, no ack
+    # The receiving client acknowledges; the relay forwards that to the sender.
+    await b.send(json.dumps({"control": "ack", "to": "a", "session": "S", "seqs": [1, 2, 3, 4]}))
+    assert await recv(a) == {"control": "ack", "peer": "b", "session": "S", "seqs": [1, 2, 3, 4]}
+    # An ack for a peer that is not connected is dropped, not held.
+    await b.send(json.dumps({"control": "ack", "to": "zed", "session": "S", "seqs": [9]}))
+    await nothing_arrives(a)
+    await nothing_arrives(b)
+
+    # the other direction, and a signal without seq
     await b.send(json.dumps(sig(tube="t2", kind="answer")))
     assert (await recv(a))["tube_id"] == "t2"
     await nothing_arrives(b)
     await a.close()
     await b.close()
+
+
+@pytest.mark.parametrize(
+    ("message", "words"),
+    [
+        ({"control": "nope"}, "unknown control message 'nope'"),
+        ({"control": "ack", "session": "S", "seqs": [1]}, "'to' must be the sender's peer id"),
+        ({"control": "ack", "to": "b", "seqs": [1]}, "'session' must be a string"),
+        ({"control": "ack", "to": "b", "session": "S", "seqs": []}, "'seqs' must be a non-empty"),
+        ({"control": "ack", "to": "b", "session": "S", "seqs": [True]}, "'seqs' must be"),
+        ({"control": "ack", "to": "b", "session": "S", "seqs": "1"}, "'seqs' must be"),
+    ],
+)
+async def test_bad_control_messages_get_an_error_and_are_not_forwarded(relay, message, words):
+    a = await join(relay, "a")
+    b = await join(relay, "b")
+    await a.send(json.dumps(message))
+    error = await recv(a)
+    assert error["kind"] == "error" and words in error["data"], error
+    await nothing_arrives(b)
+    await a.close()
+    await b.close()
+
+
+async def test_presence_events(relay):
+    a = await connect(url(relay, peer="a"), additional_headers=AUTH, proxy=None)
+    assert await recv_raw(a) == {"control": "peer", "event": "absent"}
+    b = await connect(url(relay, peer="b"), additional_headers=AUTH, proxy=None)
+    assert await recv_raw(b) == {"control": "peer", "event": "present"}
+    assert await recv_raw(a) == {"control": "peer", "event": "joined"}
+
+    # b replaces its own connection: a hears "joined" again (never "left" for it)
+    b2 = await connect(url(relay, peer="b"), additional_headers=AUTH, proxy=None)
+    assert await recv_raw(b2) == {"control": "peer", "event": "present"}
+    assert await recv_raw(a) == {"control": "peer", "event": "joined"}
+    await asyncio.wait_for(b.wait_closed(), 2)
+
+    await b2.close()
+    assert await recv_raw(a) == {"control": "peer", "event": "left"}
+    with pytest.raises(TimeoutError):
+        await recv_raw(a, 0.05)
+    await a.close()
 
 
 async def test_sender_cannot_speak_for_another_peer_and_empty_conversation_is_filled(relay):
@@ -182,7 +244,8 @@ GOOD = sig(data="still works")
         (json.dumps(sig(tube="t7", kind="bogus")), "unknown kind 'bogus'", "t7"),
         (json.dumps(sig(tube="t8", data=5)), "'data' must be a string", "t8"),
         (json.dumps(sig(tube="t9", conversation_id="other")), "does not match", "t9"),
-        (json.dumps(sig(control="ack")), "reserved for control messages", "t1"),
+        (json.dumps([sig(control="ack")]), "item 0: the key 'control' is reserved", "t1"),
+        (json.dumps(sig(prev=-1)), "'prev' must be an integer", "t1"),
         (json.dumps(sig(seq="7")), "'seq' must be an integer", "t1"),
         (b"\x00\x01binary", "binary frames are not accepted", ""),
     ],
@@ -220,12 +283,12 @@ async def test_array_mixing_good_and_bad_items(relay):
     relayed = await recv(b)
     assert [s["data"] for s in relayed] == ["g0", "g2"]
 
-    replies = [await recv(a) for _ in range(3)]
+    replies = [await recv(a) for _ in range(2)]
     errors = next(r for r in replies if isinstance(r, list))
     assert [e["data"].split(":")[0] for e in errors] == ["item 1", "item 3", "item 4"]
     assert [e["tube_id"] for e in errors] == ["", "t9", ""]
-    acks = {r["status"]: r["seqs"] for r in replies if isinstance(r, dict)}
-    assert acks == {"delivered": [1, 3], "rejected": [2, 4]}
+    rejected = [r for r in replies if isinstance(r, dict)]
+    assert rejected == [{"control": "rejected", "session": "S", "seqs": [2, 4], "retry": False}]
 
     await a.send(json.dumps(GOOD))
     assert (await recv(b))["data"] == "still works"
@@ -251,7 +314,7 @@ async def test_oversized_frame_gets_an_error_and_is_not_relayed(relay):
     error = next(r for r in replies if "kind" in r)
     assert f"exceeds the relay's limit of {LIMIT} bytes" in error["data"]
     assert error["tube_id"] == "big"
-    assert {"control": "ack", "session": "S", "seqs": [1], "status": "rejected"} in replies
+    assert {"control": "rejected", "session": "S", "seqs": [1], "retry": False} in replies
 
     await a.send(json.dumps(GOOD))
     assert (await recv(b))["data"] == "still works"
@@ -276,13 +339,15 @@ async def test_signals_sent_before_the_other_peer_joins_are_delivered_when_it_jo
     b = await join(relay, "b")
     got = await recv(b)
     assert [s["data"] for s in got] == ["1", "2", "3"]
-    assert await recv(a) == {
-        "control": "ack",
-        "session": "S",
-        "seqs": [1, 2, 3],
-        "status": "delivered",
-    }
+    assert await recv_raw(a) == {"control": "peer", "event": "joined"}
     assert relay.table.held_count("conv") == 0
+    # a resend of what was held is held only once
+    await b.close()
+    assert await recv_raw(a) == {"control": "peer", "event": "left"}
+    await a.send(json.dumps([sig(data="1", session="S", seq=1), sig(data="4", session="S", seq=4)]))
+    await a.send(json.dumps(sig(data="1", session="S", seq=1)))
+    await nothing_arrives(a)
+    assert relay.table.held_count("conv") == 2
     await a.close()
     await b.close()
 
@@ -294,7 +359,7 @@ async def test_held_queue_is_bounded():
         replies = [await recv(a), await recv(a)]
         error = next(r for r in replies if "kind" in r)
         assert error["data"].startswith("item 2: the relay's queue for this conversation is full")
-        assert {"control": "ack", "session": "S", "seqs": [3], "status": "rejected"} in replies
+        assert {"control": "rejected", "session": "S", "seqs": [3], "retry": True} in replies
 
         b = await join(relay, "b")
         assert [s["data"] for s in await recv(b)] == ["1", "2"]

@@ -66,7 +66,9 @@ def test_long_reason_is_cut_on_a_character_boundary() -> None:
         (f.HEADER.pack(6, 3) + b"!", "FIN frame payload of 1 bytes, expected 0", 3),
         (f.HEADER.pack(2, 3), "OPEN_OK frame payload of 0 bytes", 3),
         (f.HEADER.pack(1, 3) + b"\x00\x00", "OPEN frame payload of 2 bytes", 3),
-        (f.HEADER.pack(1, 3) + b"\x00" * 4 + b"h" * (f.MAX_REASON + 1), "OPEN target", 3),
+        (f.HEADER.pack(1, 3) + b"\x00" * 5 + b"h" * (f.MAX_TARGET + 1), "OPEN target", 3),
+        (f.HEADER.pack(1, 3) + b"\x00" * 4 + b"\x01db:5432", "unknown OPEN flags 0x01", 3),
+        (f.HEADER.pack(1, 3) + b"\x00" * 5 + b"db\xff:5432", "not valid UTF-8", 3),
         (f.HEADER.pack(7, 3) + b"r" * (f.MAX_REASON + 1), "RESET reason", 3),
     ],
 )

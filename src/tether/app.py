@@ -103,16 +103,10 @@ class Side:
         self.events = events if events is not None else EventLog(None)
         self.managers = ManagerRegistry()
         self.tubes: dict[str, TubeHandle] = {}
-        try:  # TEMPORARY until the signaling client has on_peer
-            self.client = SignalingClient(
-                signal_url, token, name, self._on_peer_signal,
-                on_state=self._on_signaling_state, on_peer=self._on_peer_presence,
-            )
-        except TypeError:
-            self.client = SignalingClient(
-                signal_url, token, name, self._on_peer_signal,
-                on_state=self._on_signaling_state,
-            )
+        self.client = SignalingClient(
+            signal_url, token, name, self._on_peer_signal,
+            on_state=self._on_signaling_state, on_peer=self._on_peer_presence,
+        )
         self.router = SignalRouter(
             self.managers, reply=self.client.send, on_unknown_tube=self._on_unknown_tube
         )
@@ -176,8 +170,15 @@ class Side:
     # -- signal plumbing -----------------------------------------------------------------
 
     async def _on_peer_signal(self, signal: signals.Signal) -> None:
-        if signal.get("kind") == signals.CHANNEL_CLOSED:
+        kind = signal.get("kind")
+        if kind == signals.CHANNEL_CLOSED:
             await self._peer_closed(signal)
+            return
+        if self._closed:
+            if kind == signals.OFFER:  # a tube offered while we say goodbye: refuse it
+                await self._send(signals.make_signal(
+                    signal["tube_id"], self.name, signals.CHANNEL_CLOSED,
+                    "the peer is shutting down", **{CLOSE_REASON: SHUTDOWN}))
             return
         await self.router.route(signal)
 
@@ -202,8 +203,6 @@ class Side:
                          signal.get("kind"), exc)
 
     def _withdraw(self, tube_id: str, kinds: frozenset[str]) -> None:
-        if not hasattr(self.client, "discard"):  # TEMPORARY
-            return
         dropped = self.client.discard(tube_id, kinds)
         if dropped:
             logger.debug("tube %s: withdrew %d queued signals", tube_id, dropped)
@@ -241,7 +240,7 @@ class Side:
         client = self.client
         while True:
             await self._trouble.wait()
-            if client.connected and hasattr(client, "check"):  # TEMPORARY
+            if client.connected:
                 await client.check(SIGNALING_CHECK_TIMEOUT)
             await asyncio.sleep(SIGNALING_CHECK_INTERVAL)
 
@@ -496,10 +495,17 @@ class ConnectSide(Side):
             return
         self._peer_back.set()
         handle = self.current
-        if handle is not None and handle.tube_id in self.tubes and handle.connect_ms is not None:
+        if handle is None or handle.tube_id not in self.tubes:
+            return
+        if handle.connect_ms is not None:
             # A peer that does not know the tube answers with channel_closed right away.
             self._spawn(self._send(signals.make_signal(
                 handle.tube_id, self.name, signals.KEEPALIVE, "")))
+        else:
+            # Not connected yet: its offer may have gone to a peer that has left since (and
+            # acknowledged it). A fresh offer for the peer that is here now costs ~50 ms.
+            self._spawn(self._drop_tube(handle.tube_id, "offering again to the peer that "
+                                                        "just joined"))
 
     def _tunnel_ready(self, handle: TubeHandle) -> None:
         if handle is self.current:

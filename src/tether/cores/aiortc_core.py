@@ -8,6 +8,13 @@ aiortc gathers every candidate inside setLocalDescription and puts them in the S
 trickle_ice (the default) the core strips them from the SDP and hands them to
 signal_callback one by one as ``icecandidate`` signals, then ``''`` for the end, exactly as
 the seed's Rust core does. SDP travels base64-encoded.
+
+Below it, each tube's IcePath (ice_path.py) detects dead paths and runs ICE restarts. When a
+path comes back or a new one is nominated, the core resends at once what SCTP had in flight
+(``resend_in_flight``), since the datagrams sent to the old sockets are gone and aiortc would
+otherwise wait at least its 1 s retransmission timeout. STUN and TURN servers come from
+``ice_servers``; TURN URLs get ``turn_username``/``turn_password``, and ``relay_only`` keeps
+only relayed candidates (every restart generation gathers from the same TURN server).
 """
 
 from __future__ import annotations
@@ -26,9 +33,13 @@ from aiortc import (
     RTCConfiguration,
     RTCDataChannel,
     RTCIceServer,
+    RTCIceTransportPolicy,
     RTCPeerConnection,
+    RTCSctpTransport,
     RTCSessionDescription,
 )
+from aiortc.rtcicetransport import parse_stun_turn_uri
+from aiortc.rtcsctptransport import SCTP_RTO_MIN, USERDATA_MAX_LENGTH
 
 from .. import signals
 from . import gathering
@@ -41,6 +52,9 @@ CONTROL_CHANNEL_ID = 1
 KEEPALIVE_MESSAGE = b"tether:keepalive"
 SIGNAL_QUEUE_LIMIT = 1024
 HELD_CANDIDATES_LIMIT = 256
+LIVENESS_KEYS = frozenset({"interval", "misses", "busy_silence", "generation_timeout"})
+# aiortc's initial congestion window: a resumed path starts at least from there.
+SCTP_INITIAL_CWND = 3 * USERDATA_MAX_LENGTH
 
 SignalCallback = Callable[[signals.Signal], Any]
 
@@ -88,6 +102,70 @@ def with_credentials(sdp: str, ufrag: str, pwd: str) -> str:
     return "\r\n".join(lines) + "\r\n"
 
 
+def ice_configuration(
+    urls: Sequence[str],
+    turn_username: str | None = None,
+    turn_password: str | None = None,
+    relay_only: bool = False,
+) -> RTCConfiguration:
+    """An RTCConfiguration for ``urls`` (stun:, stuns:, turn:, turns:); TURN URLs carry the
+    credentials. ``relay_only`` gathers and uses relayed candidates only."""
+    servers: list[RTCIceServer] = []
+    has_turn = False
+    for url in urls:
+        try:
+            scheme = parse_stun_turn_uri(url)["scheme"]
+        except ValueError as exc:
+            raise ValueError(f"bad ICE server URL {url!r}: {exc}") from None
+        if scheme in ("turn", "turns"):
+            if turn_username is None or turn_password is None:
+                raise ValueError(f"TURN server {url!r} needs turn_username and turn_password")
+            has_turn = True
+            servers.append(RTCIceServer(urls=url, username=turn_username,
+                                        credential=turn_password))
+        else:
+            servers.append(RTCIceServer(urls=url))
+    if relay_only and not has_turn:
+        raise ValueError("relay_only needs a TURN server (turn: or turns: URL) in ice_servers")
+    policy = RTCIceTransportPolicy.RELAY if relay_only else RTCIceTransportPolicy.ALL
+    return RTCConfiguration(iceServers=servers, iceTransportPolicy=policy)
+
+
+async def resend_in_flight(sctp: RTCSctpTransport) -> int:
+    """Resend now what SCTP has in flight, and acknowledge what it received: the path those
+    datagrams took is gone. Returns how many chunks were marked for retransmission.
+
+    Like a T3 expiry, but at once and without collapsing the congestion window to one
+    packet: it only goes back up to the initial window if an outage had shrunk it, and the
+    losses were the outage's, not congestion's, so the slow-start threshold goes back up
+    to the receive window (where aiortc peers start) and slow start probes the path
+    afresh. The retransmission timeout restarts from its minimum.
+    """
+    if sctp._association_state != RTCSctpTransport.State.ESTABLISHED:
+        return 0
+    marked = 0
+    for chunk in list(sctp._sent_queue):
+        if chunk._acked or chunk._abandoned or sctp._maybe_abandon(chunk):
+            continue
+        chunk._retransmit = True
+        sctp._flight_size_decrease(chunk)
+        marked += 1
+    sctp._update_advanced_peer_ack_point()
+    sctp._fast_recovery_exit = None
+    sctp._fast_recovery_transmit = False
+    sctp._cwnd = max(sctp._cwnd, SCTP_INITIAL_CWND)
+    sctp._ssthresh = max(sctp._ssthresh, sctp._advertised_rwnd)
+    sctp._rto = SCTP_RTO_MIN
+    if sctp._last_received_tsn is not None:
+        await sctp._send_sack()  # the peer learns at once what got through
+    if marked:
+        sctp._t3_cancel()
+    await sctp._transmit()
+    if sctp._sent_queue and sctp._t3_handle is None:
+        sctp._t3_start()
+    return marked
+
+
 def split_candidates(sdp: str) -> tuple[str, list[str]]:
     """Remove candidate lines from ``sdp``; return it and the candidates ('candidate:...')."""
     kept: list[str] = []
@@ -98,6 +176,16 @@ def split_candidates(sdp: str) -> tuple[str, list[str]]:
         elif line != "a=end-of-candidates":
             kept.append(line)
     return "\r\n".join(kept) + "\r\n", found
+
+
+@dataclass
+class _Held:
+    """A remote candidate waiting for the description of its generation."""
+
+    candidate: str
+    parsed: Any  # the aioice Candidate, None for end-of-candidates
+    ufrag: str | None
+    at: float
 
 
 @dataclass(eq=False)
@@ -111,9 +199,11 @@ class _Tube:
     control_channel: RTCDataChannel
     trickle: bool
     signal_callback: SignalCallback | None
+    host_addresses: Sequence[str] | None = None
     path: IcePath | None = None
     state: str = "new"
-    pending_candidates: list[str] = field(default_factory=list)
+    held: list[_Held] = field(default_factory=list)
+    candidates_dropped: int = 0
     outbox: asyncio.Queue[signals.Signal | None] = field(
         default_factory=lambda: asyncio.Queue(SIGNAL_QUEUE_LIMIT)
     )
@@ -122,10 +212,16 @@ class _Tube:
     created_at: float = field(default_factory=time.monotonic)
     chunks_sent: int = 0
     chunks_resent: int = 0
+    chunks_resent_at_once: int = 0
 
     @property
     def has_remote_description(self) -> bool:
         return self.pc.remoteDescription is not None
+
+    @property
+    def pending_candidates(self) -> list[str]:
+        """The held candidates, oldest first."""
+        return [item.candidate for item in self.held]
 
 
 class AiortcTubeRegistry:
@@ -134,8 +230,11 @@ class AiortcTubeRegistry:
     ``host_addresses`` picks the local addresses to gather on (None: every interface but
     loopback, aioice's choice; ``gathering.LOOPBACK`` for a loopback-only host or tests).
     ``ice_servers`` is a list of STUN/TURN URLs; empty by default, so no public server is
-    ever contacted unless configured. ``liveness`` tunes dead-path detection
-    (IcePath's interval, misses and generation_timeout).
+    ever contacted unless configured. TURN URLs use ``turn_username``/``turn_password``;
+    ``relay_only`` restricts every tube to relayed candidates. Each of these, and
+    ``host_addresses``, can also be given per tube in create_tube's ``settings``.
+    ``liveness`` tunes dead-path detection (IcePath's interval, misses, busy_silence and
+    generation_timeout).
     """
 
     def __init__(
@@ -143,11 +242,22 @@ class AiortcTubeRegistry:
         *,
         host_addresses: Sequence[str] | None = None,
         ice_servers: Sequence[str] = (),
+        turn_username: str | None = None,
+        turn_password: str | None = None,
+        relay_only: bool = False,
         liveness: dict[str, float] | None = None,
     ) -> None:
         self.host_addresses = tuple(host_addresses) if host_addresses is not None else None
         self.ice_servers = list(ice_servers)
+        self.turn_username = turn_username
+        self.turn_password = turn_password
+        self.relay_only = relay_only
+        ice_configuration(self.ice_servers, turn_username, turn_password, relay_only)
         self.liveness = dict(liveness or {})
+        unknown = set(self.liveness) - LIVENESS_KEYS
+        if unknown:
+            raise ValueError(f"unknown liveness settings {sorted(unknown)}; "
+                             f"known: {sorted(LIVENESS_KEYS)}")
         self._tubes: dict[str, _Tube] = {}
         gathering.install()
 
@@ -168,10 +278,14 @@ class AiortcTubeRegistry:
             tube_id = _new_tube_id()
         if tube_id in self._tubes:
             raise ValueError(f"tube {tube_id!r} already exists")
-        ice_servers = settings.get("ice_servers", self.ice_servers)
-        pc = RTCPeerConnection(
-            RTCConfiguration(iceServers=[RTCIceServer(urls=u) for u in ice_servers])
+        configuration = ice_configuration(
+            settings.get("ice_servers", self.ice_servers),
+            settings.get("turn_username", self.turn_username),
+            settings.get("turn_password", self.turn_password),
+            settings.get("relay_only", self.relay_only),
         )
+        addresses = settings.get("host_addresses", self.host_addresses)
+        pc = RTCPeerConnection(configuration)
         tube = _Tube(
             tube_id=tube_id,
             conversation_id=conversation_id,
@@ -184,14 +298,16 @@ class AiortcTubeRegistry:
             ),
             trickle=trickle_ice,
             signal_callback=signal_callback,
+            host_addresses=addresses,
         )
         self._tubes[tube_id] = tube
         tube.pump = asyncio.create_task(self._pump(tube), name=f"tether-signals-{tube_id}")
-        addresses = settings.get("host_addresses", self.host_addresses)
         tube.path = IcePath(
             tube_id, pc.sctp.transport.transport,
             on_state=lambda state: self._set_state(tube, state),
             host_addresses=addresses, **self.liveness,
+            busy=lambda: _sctp_busy(tube),
+            on_resume=lambda why: self._resume(tube, why),
         )
         self._watch(tube)
         try:
@@ -219,7 +335,7 @@ class AiortcTubeRegistry:
             if is_answer:
                 await self._apply_remote(tube, text, "answer")
                 return None
-            with gathering.host_addresses(self.host_addresses):
+            with gathering.host_addresses(tube.host_addresses):
                 await self._apply_remote(tube, text, "offer")
                 await tube.pc.setLocalDescription(await tube.pc.createAnswer())
             return encode_sdp(self._outgoing_sdp(tube))
@@ -229,27 +345,33 @@ class AiortcTubeRegistry:
         """Add a remote candidate ('' ends them).
 
         A candidate that arrives before the description it belongs to (the first one, or
-        an ICE restart's, named by its 'ufrag' extension) is held and applied with it.
+        an ICE restart's, named by its 'ufrag' extension) is held and applied with it. One
+        for a generation that is gone, or held longer than a generation may take to
+        connect, is dropped (counted in the tube's ``candidates_dropped``).
         """
         tube = self._tube(tube_id)
+        parsed = None
+        if candidate:
+            try:
+                parsed = parse_candidate(candidate)
+            except ValueError as exc:
+                raise ValueError(f"tube {tube_id}: {exc}") from None
         ufrag = candidate_ufrag(candidate) if candidate else None
+        if ufrag is not None and tube.path.superseded(ufrag):
+            self._drop_candidate(tube, candidate, "its ICE generation is gone")
+            return
         gen = tube.path.generation_for(ufrag) if tube.has_remote_description else None
         if gen is None:
-            if len(tube.pending_candidates) >= HELD_CANDIDATES_LIMIT:
-                raise ValueError(f"tube {tube_id}: too many candidates held")
-            tube.pending_candidates.append(candidate)
+            self._hold(tube, _Held(candidate, parsed, ufrag, time.monotonic()))
             return
+        await self._add_to(tube, gen, parsed)
+
+    async def _add_to(self, tube: _Tube, gen: Any, parsed: Any) -> None:
         if gen._remote_candidates_end:
-            logger.debug("tube %s: candidate after end-of-candidates ignored", tube_id)
+            logger.debug("tube %s: candidate after end-of-candidates ignored", tube.tube_id)
             return
-        if candidate == "":
-            await gen.add_remote_candidate(None)
-            return
-        try:
-            parsed = parse_candidate(candidate)
-        except ValueError as exc:
-            raise ValueError(f"tube {tube_id}: {exc}") from None
-        await gen.add_remote_candidate(parsed)
+        # aioice logs and skips a candidate it cannot use (e.g. an unknown type).
+        await gen.add_remote_candidate(parsed)  # None: end of candidates
 
     async def restart_ice(self, tube_id: str) -> str:
         """Start an ICE restart: a new offer with fresh credentials; candidates trickle."""
@@ -262,6 +384,14 @@ class AiortcTubeRegistry:
         sdp = with_credentials(tube.pc.localDescription.sdp, ufrag, pwd)
         logger.info("tube %s: ICE restart offer (ufrag %s)", tube_id, ufrag)
         return encode_sdp(self._send_candidates(tube, sdp, candidates, ufrag))
+
+    def drop_traffic(self, tube_id: str, drop: bool) -> None:
+        """Fault injection (tests, the demo): black-hole (True) or restore (False) this tube's
+        current path in both directions, at the datagram level inside this process, as a
+        cut cable would. Liveness then reports it dead; an ICE restart moves to a new path,
+        which is not cut."""
+        tube = self._tube(tube_id)
+        tube.path.cut(drop)
 
     def get_connection_state(self, tube_id: str) -> str:
         """'new', 'connecting', 'connected', 'disconnected', 'failed' or 'closed'."""
@@ -386,9 +516,58 @@ class AiortcTubeRegistry:
         await self._apply_held(tube)
 
     async def _apply_held(self, tube: _Tube) -> None:
-        held, tube.pending_candidates = tube.pending_candidates, []
-        for candidate in held:
-            await self.add_ice_candidate(tube.tube_id, candidate)
+        """Apply the held candidates whose generation is now known; keep the others."""
+        self._prune_held(tube)
+        held, tube.held = tube.held, []
+        for item in held:
+            gen = (tube.path.generation_for(item.ufrag)
+                   if tube.has_remote_description else None)
+            if gen is None:
+                tube.held.append(item)
+                continue
+            await self._add_to(tube, gen, item.parsed)
+
+    def _hold(self, tube: _Tube, item: _Held) -> None:
+        self._prune_held(tube)
+        if len(tube.held) >= HELD_CANDIDATES_LIMIT:
+            raise ValueError(f"tube {tube.tube_id}: too many candidates held "
+                             f"({HELD_CANDIDATES_LIMIT}) waiting for their description")
+        tube.held.append(item)
+
+    def _prune_held(self, tube: _Tube) -> None:
+        """Drop held candidates that can never be applied: their generation is gone, or
+        they waited longer than a generation may take (once the first description is in:
+        before it, every candidate is the first generation's)."""
+        if not tube.held:
+            return
+        now = time.monotonic()
+        path = tube.path
+        keep: list[_Held] = []
+        for item in tube.held:
+            if item.ufrag is not None and path.superseded(item.ufrag):
+                self._drop_candidate(tube, item.candidate, "its ICE generation is gone")
+            elif (item.ufrag is not None and tube.has_remote_description
+                  and now - item.at > path.generation_timeout
+                  and path.generation_for(item.ufrag) is None):
+                self._drop_candidate(tube, item.candidate,
+                                     f"no generation took it in {path.generation_timeout:g} s")
+            else:
+                keep.append(item)
+        tube.held = keep
+
+    @staticmethod
+    def _drop_candidate(tube: _Tube, candidate: str, why: str) -> None:
+        tube.candidates_dropped += 1
+        logger.debug("tube %s: remote candidate dropped (%s): %s", tube.tube_id, why, candidate)
+
+    async def _resume(self, tube: _Tube, why: str) -> None:
+        """The path changed or came back: resend what SCTP had in flight right away."""
+        sctp = tube.pc.sctp
+        if sctp is None or tube.closing:
+            return
+        marked = await resend_in_flight(sctp)
+        tube.chunks_resent_at_once += marked
+        logger.debug("tube %s: %s, %d SCTP chunks resent at once", tube.tube_id, why, marked)
 
     async def _restart_description(self, tube: _Tube, sdp: str, is_answer: bool) -> str | None:
         """The peer's side of an ICE restart (an offer), or its answer to ours."""
@@ -495,6 +674,12 @@ class AiortcTubeRegistry:
         except asyncio.CancelledError:
             if not tube.pump.cancelled():
                 raise
+
+
+def _sctp_busy(tube: _Tube) -> bool:
+    """Whether SCTP waits for acknowledgements: a working path then answers within an RTT."""
+    sctp = tube.pc.sctp
+    return sctp is not None and bool(sctp._sent_queue)
 
 
 def _new_tube_id() -> str:

@@ -9,9 +9,10 @@ current: DTLS records simply start flowing over the new pair, and no SCTP messag
 
 Liveness replaces aioice's consent check. The timing lives in PathClock (pure, tested with
 an injected clock); IcePath is the I/O around it: every datagram that arrives on the
-current generation is proof of life, STUN probes go out when the clock asks (answers
-measure the round trip), 'disconnected' is reported when the clock declares the path
-silent for too long and 'connected' as soon as anything is heard again. A busy path (SCTP
+current generation from the far end of its nominated pair is proof of life, STUN probes
+go out when the clock asks (answers measure the round trip), 'disconnected' is reported
+when the clock declares the path silent for too long and 'connected' as soon as anything
+is heard again. A busy path (SCTP
 waiting for acknowledgements) is declared dead within ``busy_silence`` (1.5 s by default),
 an idle one within about ``misses`` probe intervals; both windows widen with the measured
 round trip, so a slow path that works is never declared dead. Nothing is ever closed on
@@ -71,12 +72,13 @@ class PathClock:
       so silence of ``max(busy_silence, probe_after + 3 rtt)`` since the later of the last
       datagram heard and the start of the wait is death; probes go out after
       ``probe_after = max(probe_floor, 1.5 rtt)`` of that silence, then every round trip.
-    - idle: a probe every ``interval`` of silence; death after ``misses * interval + 2 rtt``.
+    - idle: death after ``misses * interval + rtt`` of silence.
+    - always: a probe at least every ``interval``, which keeps the round trip measured.
 
     ``rtt`` is an upper estimate (smoothed STUN round trip + 4 deviations, or the latest
     sample if larger; ``initial_rtt`` until the first answer), so slow paths get wider
-    windows. A dead path keeps being probed every ``interval`` and is alive again the
-    moment anything is heard.
+    windows. A dead path keeps being probed (every round trip, at least ``probe_floor``,
+    at most ``interval`` apart) and is alive again the moment anything is heard.
     """
 
     def __init__(
@@ -175,7 +177,7 @@ class PathClock:
         return max(self.busy_silence, self.probe_after() + 3 * self.rtt_bound())
 
     def idle_window(self) -> float:
-        return self.misses * self.interval + 2 * self.rtt_bound()
+        return self.misses * self.interval + self.rtt_bound()
 
     def deadline(self) -> float:
         """When the path is declared dead if nothing is heard before."""
@@ -186,14 +188,13 @@ class PathClock:
         return deadline
 
     def _next_probe(self) -> float:
-        if not self.alive:
-            return self._last_probe + self.interval
+        at = self._last_probe + self.interval  # keeps the round trip measured
+        if not self.alive:  # notice the return soon
+            return self._last_probe + min(self.interval, max(self.probe_floor, self.rtt_bound()))
         if self._busy_since is not None:
             start = max(self.heard, self._busy_since)
             gap = max(self.probe_floor, self.rtt_bound())
-            at = max(start + self.probe_after(), self._last_probe + gap)
-        else:
-            at = max(self.heard + self.interval, self._last_probe + self.interval)
+            at = min(at, max(start + self.probe_after(), self._last_probe + gap))
         if self._srtt is None:  # measure the round trip early
             at = min(at, self._last_probe + max(self.probe_floor, 2 * self.initial_rtt))
         return at
@@ -327,7 +328,7 @@ class IcePath:
         def datagram_received(data: bytes, addr: tuple[Any, ...]) -> None:
             if self._cut is gen:
                 return
-            if gen is self.current and self._liveness is not None:
+            if gen is self.current and self._liveness is not None and _from_pair(gen, addr):
                 if self.clock.received(self._loop.time()):
                     self._kick.set()
             receive(data, addr)
@@ -362,6 +363,11 @@ class IcePath:
             self._hook_protocols(self.current)
             self.clock.restart(self._loop.time())
             self._liveness = asyncio.create_task(self._watch(), name=f"tether-liveness-{self.name}")
+            self._liveness.add_done_callback(self._watch_ended)
+
+    def _watch_ended(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("tube %s: liveness checks stopped", self.name, exc_info=task.exception())
 
     def cut(self, drop: bool) -> None:
         """Fault injection: black-hole (True) or restore (False) the current generation's
@@ -387,12 +393,13 @@ class IcePath:
         for probe in self._probes.values():
             probe.forget()
         self._probes.clear()
+        gens = [g for g in (self.pending, self.current if self.generation > 1 else None) if g]
+        for gen in gens:
+            _close_sockets(gen._protocols)
         try:
             async with asyncio.timeout(CLOSE_TIMEOUT):
-                if self.pending is not None:
-                    await self.pending.close()
-                if self.generation > 1:
-                    await self.current.close()
+                for gen in gens:
+                    await gen.close()
         except TimeoutError:  # a TURN allocation whose server no longer answers
             logger.debug("tube %s: ICE sockets closed without waiting", self.name)
         self.pending = None
@@ -549,10 +556,14 @@ class IcePath:
         takes a round trip, or long retries if its server is gone). The first generation
         belongs to aiortc's transport, whose own close() would report failure, so only its
         sockets are closed."""
+        first = old is self._transport._connection  # type: ignore[attr-defined]
+        protocols = list(old._protocols)
+        if first:
+            old._nominated.clear()
+            old._protocols = []
+        _close_sockets(protocols)  # at once: even if this task is cancelled, none stays open
         try:
-            if old is self._transport._connection:  # type: ignore[attr-defined]
-                old._nominated.clear()
-                protocols, old._protocols = list(old._protocols), []
+            if first:
                 for protocol in protocols:
                     await protocol.close()
             else:
@@ -626,6 +637,25 @@ class IcePath:
             if now - probe.sent_at >= timeout:
                 del self._probes[tid]
                 probe.forget()
+
+
+def _close_sockets(protocols: Sequence[Any]) -> None:
+    for protocol in protocols:
+        transport = getattr(protocol, "transport", None)
+        if transport is not None:
+            transport.close()
+
+
+def _from_pair(gen: aioice.Connection, addr: tuple[Any, ...]) -> bool:
+    """Whether a datagram came from the far end of ``gen``'s nominated pair.
+
+    Only that proves the path: after a NAT rebinding the peer's packets still arrive, but
+    from a new port, while ours go to the old one and are lost. Counting those would keep
+    a half-dead path 'alive' on this side forever; not counting them lets it be declared
+    dead and restarted.
+    """
+    pair = gen._nominated.get(COMPONENT)
+    return pair is None or tuple(addr[:2]) == tuple(pair.remote_addr[:2])
 
 
 def _candidate_line(candidate: Candidate) -> str:

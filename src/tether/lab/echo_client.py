@@ -11,14 +11,15 @@ verifies every echoed byte in order and reports JSON lines on stdout (one object
 - ``stall``: nothing came back for ``--gap`` s while bytes were outstanding (``since``);
 - ``gap`` once the echo resumes after a stall: ``start``, ``end``, ``ms``;
 - ``done``: ``--total`` bytes were sent and all verified;
-- ``closed``: the stream ended; ``clean`` is true for an orderly EOF with nothing wrong;
+- ``closed``: the stream ended; ``how`` is ``eof``, ``reset``, ``error`` or ``mismatch``;
+  ``clean`` is true for an EOF with nothing wrong;
   ``retry`` marks a connection that closed before echoing anything (it will be retried);
 - ``error``: a byte differed (``offset``) or no connection could be made;
 - ``final`` on exit, with every connection's figures.
 
 Commands on stdin, one per line: ``pause`` / ``resume`` (stop and restart sending),
 ``new`` (open a new connection, retried until one echoes, and send on it instead),
-``stop`` (stop sending, drain for ``--drain-timeout`` s, print ``final``, exit). End of
+``stop`` (stop sending, drain while bytes still come back, print ``final``, exit). End of
 stdin means ``stop``, so the checker never outlives the lab that started it.
 """
 
@@ -36,6 +37,7 @@ from typing import Any
 from .pattern import first_mismatch, pattern
 
 READ_SIZE = 65536
+DRAIN_CAP = 120.0
 
 
 def emit(kind: str, **fields: Any) -> None:
@@ -60,6 +62,7 @@ class Conn:
     closed: bool = False
     clean: bool | None = None
     reason: str = ""
+    how: str = ""
     reported: tuple[int, int] = (-1, -1)
     echoed: asyncio.Event = field(default_factory=asyncio.Event)
     ended: asyncio.Event = field(default_factory=asyncio.Event)
@@ -70,7 +73,8 @@ class Conn:
 
     def summary(self) -> dict[str, Any]:
         return {"conn": self.conn, "sent": self.sent, "verified": self.verified,
-                "closed": self.closed, "clean": self.clean, "reason": self.reason}
+                "closed": self.closed, "clean": self.clean, "how": self.how,
+                "reason": self.reason}
 
 
 class EchoChecker:
@@ -164,7 +168,7 @@ class EchoChecker:
 
     async def receive(self, conn: Conn) -> None:
         clean = True
-        reason = "eof"
+        reason = how = "eof"
         try:
             while data := await conn.reader.read(READ_SIZE):
                 now = time.time()
@@ -172,7 +176,7 @@ class EchoChecker:
                 if bad is not None or conn.verified + len(data) > conn.sent:
                     offset = bad if bad is not None else conn.sent
                     emit("error", what="mismatch", conn=conn.conn, offset=offset)
-                    clean, reason = False, f"mismatch at {offset}"
+                    clean, reason, how = False, f"mismatch at {offset}", "mismatch"
                     break
                 if (conn.waiting_since is not None
                         and now - conn.waiting_since > self.args.gap):
@@ -191,6 +195,7 @@ class EchoChecker:
                     emit("done", conn=conn.conn, sent=conn.sent, verified=conn.verified)
         except (ConnectionError, OSError) as exc:
             clean, reason = False, f"{type(exc).__name__}: {exc}"
+            how = "reset" if isinstance(exc, ConnectionResetError) else "error"
         except asyncio.CancelledError:
             reason = "shutdown"  # the checker is exiting: not an event of the stream
             raise
@@ -198,10 +203,11 @@ class EchoChecker:
             conn.closed = True
             conn.clean = clean
             conn.reason = reason
+            conn.how = how
             conn.writer.close()
             if reason != "shutdown":
                 emit("closed", conn=conn.conn, sent=conn.sent, verified=conn.verified,
-                     clean=clean, reason=reason,
+                     clean=clean, how=how, reason=reason,
                      retry=not conn.echoed.is_set() and not self.stopping)
             conn.ended.set()
 
@@ -246,12 +252,21 @@ class EchoChecker:
                 emit("error", what="unknown_command", detail=word[:80])
 
     async def drain(self) -> None:
-        """Stop sending; wait until every open connection has echoed all it sent."""
+        """Stop sending; wait until every open connection has echoed all it sent.
+
+        A slow path may hold megabytes in flight, so draining goes on while bytes keep
+        coming back; it stops after ``--drain-timeout`` s without any (or DRAIN_CAP s).
+        """
         self.stopping = True
         self.sending.set()
-        deadline = time.monotonic() + self.args.drain_timeout
-        while time.monotonic() < deadline:
-            if all(c.closed or c.outstanding == 0 for c in self.conns):
+        start = last_progress = time.monotonic()
+        verified = sum(c.verified for c in self.conns)
+        while not all(c.closed or c.outstanding == 0 for c in self.conns):
+            now = time.monotonic()
+            total = sum(c.verified for c in self.conns)
+            if total != verified:
+                verified, last_progress = total, now
+            if now - last_progress > self.args.drain_timeout or now - start > DRAIN_CAP:
                 break
             await asyncio.sleep(0.05)
 

@@ -12,7 +12,8 @@ moments the scenario acted at. All times are ``time.time()`` values from one mac
   stopped for longer than the checker's gap threshold; for a restarted peer, the first echo
   on a new connection.
 - ``bytes_lost``: sent - verified, after draining, over the streams that should survive.
-  Streams whose far end was killed must instead have closed cleanly.
+  Streams whose far end was killed must instead have been closed cleanly: ended by an EOF
+  or a reset (not left hanging), nothing corrupt.
 
 The targets live in :data:`TARGETS`, one table; ``ok`` is no byte lost and no corrupt byte,
 the scenario's functional criteria, and recovery within its target.
@@ -152,7 +153,10 @@ def is_give_up(event: dict[str, Any]) -> bool:
         kind == "tube" and event.get("what") == "closed")
 
 
-def first_after(records: Iterable[dict[str, Any]], since: float, pred: Any) -> dict[str, Any] | None:
+Record = dict[str, Any]
+
+
+def first_after(records: Iterable[Record], since: float, pred: Any) -> Record | None:
     hits = [r for r in records if _ts(r) >= since and pred(r)]
     return min(hits, key=_ts) if hits else None
 
@@ -169,6 +173,7 @@ class ConnSummary:
     first_echo: float | None = None
     closed: float | None = None
     clean: bool | None = None
+    how: str | None = None
     retry: bool = False
     mismatch: int | None = None
 
@@ -204,6 +209,7 @@ def connections(echo: Sequence[dict[str, Any]]) -> dict[int, ConnSummary]:
         elif kind == "closed":
             s.closed = _ts(r)
             s.clean = bool(r.get("clean"))
+            s.how = r.get("how") or ("eof" if s.clean else "error")
             s.retry = bool(r.get("retry"))
             s.sent = max(s.sent, int(r["sent"]))
             s.verified = max(s.verified, int(r["verified"]))
@@ -212,7 +218,7 @@ def connections(echo: Sequence[dict[str, Any]]) -> dict[int, ConnSummary]:
     return conns
 
 
-def gaps(echo: Sequence[dict[str, Any]], conn: int | None = None) -> list[tuple[float, float | None]]:
+def gaps(echo: Sequence[Record], conn: int | None = None) -> list[tuple[float, float | None]]:
     """Echo gaps as (start, end); end None for a stall that never ended."""
     out: list[tuple[float, float | None]] = []
     ended: set[tuple[int, float]] = set()
@@ -227,7 +233,7 @@ def gaps(echo: Sequence[dict[str, Any]], conn: int | None = None) -> list[tuple[
     return sorted(out, key=lambda g: g[0])
 
 
-def first_echo_after(echo: Sequence[dict[str, Any]], since: float, conn: int | None = None) -> float | None:
+def first_echo_after(echo: Sequence[Record], since: float, conn: int | None = None) -> float | None:
     """The earliest echo arrival at or after ``since`` (progress reports carry ``first_rx``)."""
     best = None
     for r in echo:
@@ -240,7 +246,7 @@ def first_echo_after(echo: Sequence[dict[str, Any]], since: float, conn: int | N
     return best
 
 
-def recovery_ms(echo: Sequence[dict[str, Any]], recover: float, conn: int | None = None) -> float | None:
+def recovery_ms(echo: Sequence[Record], recover: float, conn: int | None = None) -> float | None:
     """Recovery moment -> first echo again; None if the echo never came back."""
     for start, end in gaps(echo, conn):
         if start > recover + GAP_GRACE:
@@ -274,7 +280,9 @@ def score(obs: Observation, echo: Sequence[dict[str, Any]],
     failures: list[str] = []
     extra: dict[str, Any] = dict(obs.extra)
     conns = connections(echo)
-    end = obs.end if obs.end is not None else max((_ts(r) for r in echo), default=0.0)
+    end = obs.end if obs.end is not None else max((_ts(r) for r in echo), default=float("inf"))
+    # What the peers did while shutting down after the observation is not the scenario's.
+    events = [e for e in events if _ts(e) <= end]
 
     # detection
     detected_ms = None
@@ -306,11 +314,15 @@ def score(obs: Observation, echo: Sequence[dict[str, Any]],
     if bytes_lost:
         failures.append(f"{bytes_lost} bytes lost")
     for cid in sorted(obs.killed):
+        # Bytes in flight to a killed peer are gone; its stream must end, not hang, by an
+        # EOF or a reset (tether resets streams whose data may be lost), nothing corrupt.
         c = conns.get(cid)
         if c is None or c.closed is None:
             failures.append(f"connection {cid} to the killed peer was never closed")
-        elif not c.clean:
-            failures.append(f"connection {cid} to the killed peer did not close cleanly")
+            continue
+        extra["old_close"] = c.how
+        if c.how not in ("eof", "reset"):
+            failures.append(f"connection {cid} to the killed peer ended badly ({c.how})")
         else:
             base = detected_at if detected_at is not None else obs.fault
             if base is not None:
@@ -373,7 +385,8 @@ def score(obs: Observation, echo: Sequence[dict[str, Any]],
 
 def _main_connection(conns: dict[int, ConnSummary], obs: Observation) -> int | None:
     """The stream a survive-the-fault scenario watches: the first one that echoed."""
-    echoed = [c.conn for c in conns.values() if c.first_echo is not None and c.conn not in obs.killed]
+    echoed = [c.conn for c in conns.values()
+              if c.first_echo is not None and c.conn not in obs.killed]
     return min(echoed) if echoed else None
 
 

@@ -1,16 +1,25 @@
 """The signaling client: one conversation on the relay, reconnecting on its own.
 
 ``send()`` queues signals; they go out on the current connection, or after the next reconnect.
-Each signal is kept until the relay acknowledges it, and every unacknowledged signal is sent
-again, in order, after a reconnect. Incoming signals are de-duplicated by
-(peer, session, seq) and handed to ``on_signal`` once each, in order. The wire protocol is
+A signal counts as delivered only when the other peer's *client* acknowledges it (the relay
+forwards that ack). Until then it is kept, and every kept signal is sent again, in order,
+after a reconnect, when the relay says the other peer (re)joined, and (backstop) when acks
+stop coming although the peer is present. Incoming signals are handed to ``on_signal`` once
+each, in order per sender (see :mod:`tether.signaling.delivery`). The wire protocol is
 described in ``tether.signaling.server``.
+
+The client never sits on a dead socket longer than the app lets it: ``check()`` pings and
+reconnects at once when no pong comes, ``reconnect()`` drops the connection and connects
+again at once (after a network change the new connection uses the new source address).
 
 ::
 
-    client = SignalingClient(url, token, conversation_id, on_signal)
+    client = SignalingClient(url, token, conversation_id, on_signal, on_peer=on_peer)
     await client.start()        # connected (or AuthenticationError / ConversationFullError)
     await client.send(signal)   # or a list of signals
+    ok = await client.check()   # pong within 2 s? if not, it is already reconnecting
+    client.reconnect("network changed")
+    client.discard(tube_id)     # a closed tube's unacknowledged signals: never resent
     await client.close()
 """
 
@@ -22,7 +31,7 @@ import json
 import logging
 import random
 import secrets
-from collections import OrderedDict
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -33,15 +42,21 @@ from websockets.uri import parse_uri
 
 from tether.signals import ERROR, Signal, SignalError, parse_frame, validate_signal
 
+from .conversations import ABSENT, JOINED, LEFT, PRESENT
+from .delivery import DUPLICATE, GAP, Inbox, Outbox, ResendTimer
 from .server import (
     ACK,
     CLOSE_CONVERSATION_FULL,
     CLOSE_REPLACED,
     CONTROL,
     DEFAULT_MAX_MESSAGE_BYTES,
+    PEER_EVENT,
     PEER_FIELD,
+    PREV_FIELD,
+    REJECTED,
     SEQ_FIELD,
     SESSION_FIELD,
+    TO_FIELD,
     WS_SIZE_FACTOR,
     encode,
     frames_of,
@@ -51,11 +66,15 @@ log = logging.getLogger(__name__)
 
 SignalCallback = Callable[[Signal], Awaitable[None] | None]
 StateCallback = Callable[[str], Awaitable[None] | None]
+PeerCallback = Callable[[str], Awaitable[None] | None]
 
 CONNECTED = "connected"
 DISCONNECTED = "disconnected"
 FAILED = "failed"
 CLOSED = "closed"
+
+PREV_RESERVE = 32
+"""Bytes kept free in max_message_bytes for the ``prev`` field added when writing."""
 
 
 class SignalingError(Exception):
@@ -87,7 +106,7 @@ class SignalingClosedError(SignalingError):
 
 
 class OutboundQueueFullError(SignalingError):
-    """send(): too many signals are waiting for the relay's acknowledgement."""
+    """send(): too many signals are waiting for the other peer's acknowledgement."""
 
 
 class SignalTooLargeError(SignalingError, ValueError):
@@ -95,7 +114,15 @@ class SignalTooLargeError(SignalingError, ValueError):
 
 
 class SignalingClient:
-    """A reconnecting client for one conversation on a :class:`SignalingServer`."""
+    """A reconnecting client for one conversation on a :class:`SignalingServer`.
+
+    ``on_signal(signal)``: each incoming signal, once, in order per sender.
+    ``on_state(state)``: "connected", "disconnected", "failed", "closed".
+    ``on_peer(event)``: "joined" when the other peer is there (it joined, replaced its
+    connection, or was found present after this client (re)connected while believed
+    absent); "left" when it went away. Callbacks may be sync or async (awaited: keep them
+    quick) and must not raise (exceptions are logged).
+    """
 
     def __init__(
         self,
@@ -108,8 +135,11 @@ class SignalingClient:
         reconnect_max: float = 5.0,
         *,
         on_state: StateCallback | None = None,
+        on_peer: PeerCallback | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         max_outbound: int = 1024,
+        resend_after: float | None = 5.0,
+        resend_max: float = 60.0,
         open_timeout: float | None = 10.0,
         ping_interval: float | None = 20.0,
         ping_timeout: float | None = 20.0,
@@ -129,8 +159,10 @@ class SignalingClient:
         self.reconnect_max = reconnect_max
         self.max_message_bytes = max_message_bytes
         self.max_outbound = max_outbound
+        self.resend_after = resend_after
         self._on_signal = on_signal
         self._on_state = on_state
+        self._on_peer = on_peer
         self._url = _with_query(url, conversation=conversation_id, peer=self.peer_id)
         try:
             parse_uri(self._url)
@@ -146,17 +178,20 @@ class SignalingClient:
             proxy=proxy,
         )
 
-        self._next_seq = 1
-        # seq -> encoded signal, for every signal not yet acknowledged by the relay.
-        self._outbox: OrderedDict[int, str] = OrderedDict()
-        self._sent_upto = 0  # highest seq written on the current connection
-        self._wake = asyncio.Event()  # the writer has something to send
-        # (peer, session) -> highest seq delivered to on_signal; bounded LRU.
-        self._seen: OrderedDict[tuple[str, str], int] = OrderedDict()
-        self._seen_limit = 1024
+        self._outbox = Outbox()
+        self._inbox = Inbox()
+        self._timer = ResendTimer(resend_after or 1.0, max(resend_max, resend_after or 1.0))
+        self._wake = asyncio.Event()  # the writer has something to do
+        self._peer_present: bool | None = None
 
         self._task: asyncio.Task[None] | None = None
         self._io_tasks: set[asyncio.Task[Any]] = set()
+        self._check_task: asyncio.Task[bool] | None = None
+        self._ws: ClientConnection | None = None
+        self._connecting: asyncio.Task[ClientConnection] | None = None
+        self._connect_started = 0.0
+        self._dropping = False  # reconnect(): do not keep a connection made meanwhile
+        self._skip = asyncio.Event()  # skip (or cut short) the backoff sleep
         self._connected = False
         self._closing = False
         self._closed = False
@@ -173,8 +208,13 @@ class SignalingClient:
 
     @property
     def unacked(self) -> int:
-        """Signals queued or sent but not yet acknowledged by the relay."""
+        """Signals queued or sent but not yet acknowledged by the other peer's client."""
         return len(self._outbox)
+
+    @property
+    def peer_present(self) -> bool | None:
+        """Whether the relay last said the other peer is connected (None: not told yet)."""
+        return self._peer_present
 
     async def start(self) -> None:
         """Connect, retrying with backoff, until connected, a fatal refusal, or close().
@@ -209,7 +249,7 @@ class SignalingClient:
         """Queue one signal or a list of them; returns once queued (not once delivered).
 
         Raises SignalError for an invalid signal, SignalTooLargeError,
-        OutboundQueueFullError when ``max_outbound`` signals already wait for the relay's
+        OutboundQueueFullError when ``max_outbound`` signals already wait for the peer's
         acknowledgement (nothing of this call is queued then), SignalingClosedError after
         close() or a fatal error.
         """
@@ -220,11 +260,12 @@ class SignalingClient:
         signals = [signal] if isinstance(signal, dict) else list(signal)
         if len(self._outbox) + len(signals) > self.max_outbound:
             raise OutboundQueueFullError(
-                f"outbound queue full: {len(self._outbox)} signals wait for the relay's "
+                f"outbound queue full: {len(self._outbox)} signals wait for the peer's "
                 f"acknowledgement (max_outbound={self.max_outbound}); "
                 f"cannot queue {len(signals)} more"
             )
-        encoded: list[str] = []
+        encoded: list[tuple[str, str, str]] = []
+        first = self._outbox.next_seq
         for index, item in enumerate(signals):
             where = f"signal {index}: " if len(signals) > 1 else ""
             try:
@@ -239,39 +280,103 @@ class SignalingClient:
                     f"{where}conversation_id {conversation_id!r} is not this client's "
                     f"conversation {self.conversation_id!r}"
                 )
-            out = dict(item)
+            out = {k: v for k, v in item.items() if k != PREV_FIELD}
             out["conversation_id"] = conversation_id
             out[PEER_FIELD] = self.peer_id
             out[SESSION_FIELD] = self.session
-            out[SEQ_FIELD] = self._next_seq + index
+            out[SEQ_FIELD] = first + index
             text = encode(out)
-            if len(text) > self.max_message_bytes:
+            if len(text) + PREV_RESERVE > self.max_message_bytes:
                 raise SignalTooLargeError(
                     f"{where}signal of {len(text)} bytes exceeds max_message_bytes="
-                    f"{self.max_message_bytes}"
+                    f"{self.max_message_bytes} (minus {PREV_RESERVE} for transport fields)"
                 )
-            encoded.append(text)
-        for text in encoded:
-            self._outbox[self._next_seq] = text
-            self._next_seq += 1
+            encoded.append((item["tube_id"], item["kind"], text))
+        for index, (tube_id, kind, text) in enumerate(encoded):
+            self._outbox.add(first + index, tube_id, text, kind)
         self._wake.set()
 
+    def discard(self, tube_id: str, kinds: Iterable[str] | None = None) -> int:
+        """Forget unacknowledged signals of ``tube_id`` (of ``kinds`` only, if given).
+
+        For a tube the app closed, or an abandoned attempt whose signals no longer matter
+        (they are not sent again; a copy already on its way may still arrive). Returns how
+        many were dropped.
+        """
+        dropped = self._outbox.discard(tube_id, kinds)
+        if dropped:
+            log.debug(
+                "signaling %s: discarded %d unacknowledged signal(s) of tube %r",
+                self._name(),
+                dropped,
+                tube_id,
+            )
+            self._timer.acked(time.monotonic(), self._outbox.outstanding)
+            self._wake.set()
+            self._notify()
+        return dropped
+
     async def drain(self) -> None:
-        """Wait until the relay has acknowledged every queued signal."""
+        """Wait until the other peer has acknowledged every queued signal."""
         while self._outbox:
             if self.error is not None or self._closed or self._closing:
                 raise SignalingClosedError("the signaling client is closed")
             await self._wait_change()
 
+    def reconnect(self, reason: str) -> None:
+        """Drop the connection now (no closing handshake) and connect again at once.
+
+        No backoff. When not connected: abandon a connection attempt in progress and cut
+        the backoff sleep short. For network changes: the next connection uses the new
+        source address. Does nothing once closed or failed.
+        """
+        if self._closing or self._closed or self._task is None or self._task.done():
+            return
+        log.info("signaling %s: reconnecting now: %s", self._name(), reason)
+        self._dropping = True
+        self._skip.set()
+        ws = self._ws
+        if ws is not None:
+            ws.transport.abort()
+        connecting = self._connecting
+        if connecting is not None and not connecting.done():
+            connecting.cancel()
+
+    async def check(self, timeout: float = 2.0) -> bool:
+        """Ping the relay; True if it answered within ``timeout``.
+
+        If it did not (or there is no connection), the connection is dropped and a new one
+        is made at once, without backoff (a connection attempt younger than ``timeout`` is
+        left to finish). Concurrent calls share one check.
+        """
+        if self._closing or self._closed or self._task is None or self._task.done():
+            return False
+        task = self._check_task
+        if task is None or task.done():
+            task = self._check_task = asyncio.create_task(
+                self._check(timeout), name=f"signaling-check-{self.peer_id}"
+            )
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if task.cancelled() and not (current is not None and current.cancelling()):
+                return False  # close() ended the check
+            raise
+
     async def close(self) -> None:
         """Close the connection and end the reconnect loop. Idempotent.
 
-        Unacknowledged signals are dropped. Called from inside on_signal/on_state, it
-        cancels the client but cannot wait for its own task to end.
+        Unacknowledged signals are dropped. Called from inside on_signal/on_state/on_peer,
+        it cancels the client but cannot wait for its own task to end.
         """
         if self._closed:
             return
         self._closing = True
+        check = self._check_task
+        if check is not None and not check.done():
+            check.cancel()
+            await asyncio.wait({check})
         task = self._task
         if task is not None and not task.done():
             task.cancel()
@@ -295,7 +400,7 @@ class SignalingClient:
     async def __aexit__(self, *exc_info: Any) -> None:
         await self.close()
 
-    # -- internals ----------------------------------------------------------------------
+    # -- internals: lifecycle ---------------------------------------------------------------
 
     def _notify(self) -> None:
         self._changed.set()
@@ -310,18 +415,21 @@ class SignalingClient:
             self._notify()
             await self._emit(CLOSED)
 
-    async def _emit(self, state: str) -> None:
-        """Call on_state (sync, or async and awaited: keep it quick); never raise."""
-        if self._on_state is None:
+    async def _call(self, callback: Callable[[Any], Any] | None, arg: Any, what: str) -> None:
+        """Call a user callback (sync, or async and awaited); never raise."""
+        if callback is None:
             return
         try:
-            result = self._on_state(state)
+            result = callback(arg)
             if inspect.isawaitable(result):
                 await result
         except asyncio.CancelledError:
             raise
         except Exception:
-            log.exception("signaling %s: on_state failed for %r", self._name(), state)
+            log.exception("signaling %s: %s failed for %r", self._name(), what, arg)
+
+    async def _emit(self, state: str) -> None:
+        await self._call(self._on_state, state, "on_state")
 
     def _backoff(self, attempt: int) -> float:
         delay = min(self.reconnect_max, self.reconnect_base * (2**attempt))
@@ -331,21 +439,13 @@ class SignalingClient:
         attempt = 0
         try:
             while not self._closing:
-                try:
-                    ws = await connect(self._url, **self._connect_options)
-                except InvalidStatus as exc:
-                    fatal = self._refusal(exc)
-                    if fatal is not None:
-                        raise fatal from None
-                    log.warning(
-                        "signaling %s: relay refused the connection (HTTP %s: %s); retrying",
-                        self._name(),
-                        exc.response.status_code,
-                        _body(exc),
-                    )
-                except (OSError, TimeoutError, InvalidHandshake) as exc:
-                    log.info("signaling %s: cannot connect: %s", self._name(), exc or type(exc))
-                else:
+                self._dropping = False
+                self._skip.clear()
+                ws = await self._attempt()
+                if ws is not None and self._dropping:
+                    ws.transport.abort()  # made before reconnect() asked for a fresh one
+                    await ws.close()
+                elif ws is not None:
                     attempt = 0
                     close_code, close_reason = await self._serve(ws)
                     if close_code == CLOSE_REPLACED:
@@ -357,16 +457,23 @@ class SignalingClient:
                         raise ConversationFullError(close_reason or "conversation full")
                     if self._closing:
                         break
-                    log.warning(
-                        "signaling %s: disconnected (code %s%s); reconnecting",
-                        self._name(),
-                        close_code,
-                        f", {close_reason}" if close_reason else "",
-                    )
+                    if not self._skip.is_set():
+                        log.warning(
+                            "signaling %s: disconnected (code %s%s); reconnecting",
+                            self._name(),
+                            close_code,
+                            f", {close_reason}" if close_reason else "",
+                        )
+                if self._skip.is_set():
+                    continue  # reconnect() / check(): no backoff
                 delay = self._backoff(attempt)
                 attempt += 1
                 log.debug("signaling %s: next attempt in %.2fs", self._name(), delay)
-                await asyncio.sleep(delay)
+                try:
+                    async with asyncio.timeout(delay):
+                        await self._skip.wait()
+                except TimeoutError:
+                    pass
         except SignalingError as exc:
             log.error("signaling %s: %s", self._name(), exc)
             self.error = exc
@@ -383,6 +490,40 @@ class SignalingClient:
             if self._closing:
                 await self._mark_closed()
             self._notify()
+
+    async def _attempt(self) -> ClientConnection | None:
+        """One connection attempt: the connection, or None (failed or abandoned)."""
+        task = asyncio.create_task(self._open(), name=f"signaling-connect-{self.peer_id}")
+        self._connecting = task
+        self._connect_started = time.monotonic()
+        try:
+            return await task
+        except asyncio.CancelledError:
+            if task.done() and not task.cancelled() and task.exception() is None:
+                task.result().transport.abort()  # connected just as we were cancelled
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise
+            log.debug("signaling %s: connection attempt abandoned", self._name())
+            return None
+        except InvalidStatus as exc:
+            fatal = self._refusal(exc)
+            if fatal is not None:
+                raise fatal from None
+            log.warning(
+                "signaling %s: relay refused the connection (HTTP %s: %s); retrying",
+                self._name(),
+                exc.response.status_code,
+                _body(exc),
+            )
+        except (OSError, TimeoutError, InvalidHandshake) as exc:
+            log.info("signaling %s: cannot connect: %s", self._name(), exc or type(exc))
+        finally:
+            self._connecting = None
+        return None
+
+    async def _open(self) -> ClientConnection:
+        return await connect(self._url, **self._connect_options)
 
     def _refusal(self, exc: InvalidStatus) -> SignalingError | None:
         status = exc.response.status_code
@@ -401,9 +542,49 @@ class SignalingClient:
             )
         return None  # 5xx and the like: transient
 
+    async def _check(self, timeout: float) -> bool:
+        ws = self._ws
+        if ws is None or not self._connected:
+            # Not connected: hurry the reconnect loop along.
+            self._skip.set()
+            connecting = self._connecting
+            if (
+                connecting is not None
+                and not connecting.done()
+                and time.monotonic() - self._connect_started > timeout
+            ):
+                log.info(
+                    "signaling %s: check: connection attempt older than %gs; starting over",
+                    self._name(),
+                    timeout,
+                )
+                connecting.cancel()
+            return False
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(timeout):
+                pong = await ws.ping()
+                await pong
+        except TimeoutError:
+            if self._ws is ws:
+                self.reconnect(f"check: no pong within {timeout:g}s")
+            return False
+        except ConnectionClosed:
+            if self._ws is ws:
+                self.reconnect("check: the connection is closed")
+            return False
+        log.debug(
+            "signaling %s: check: pong after %.1f ms",
+            self._name(),
+            (time.monotonic() - started) * 1000,
+        )
+        return True
+
     async def _serve(self, ws: ClientConnection) -> tuple[int | None, str | None]:
         """Run one connection until it ends; return its close code and reason."""
-        self._sent_upto = 0  # everything unacknowledged goes out again, in order
+        self._ws = ws
+        self._outbox.rewind()  # everything unacknowledged goes out again, in order
+        self._timer.reset(time.monotonic(), outstanding=False)
         self._wake.set()
         reader = asyncio.create_task(self._reader(ws), name="signaling-client-reader")
         writer = asyncio.create_task(self._writer(ws), name="signaling-client-writer")
@@ -419,6 +600,7 @@ class SignalingClient:
             await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             self._connected = False
+            self._ws = None
             for task in (reader, writer):
                 task.cancel()
             for task in (reader, writer):
@@ -430,6 +612,8 @@ class SignalingClient:
                     log.exception("signaling %s: connection task failed", self._name())
                 self._io_tasks.discard(task)
             try:
+                if self._dropping:
+                    ws.transport.abort()
                 await ws.close()
             except Exception:
                 pass
@@ -438,17 +622,42 @@ class SignalingClient:
                 await self._emit(DISCONNECTED)
         return ws.close_code, ws.close_reason
 
+    # -- internals: one connection ------------------------------------------------------------
+
     async def _writer(self, ws: ClientConnection) -> None:
         while True:
-            batch = [text for seq, text in self._outbox.items() if seq > self._sent_upto]
-            if not batch:
-                self._wake.clear()
+            unsent = self._outbox.unsent()
+            if unsent:
+                epoch = self._outbox.epoch
+                for frame in frames_of([text for _, text in unsent], self.max_message_bytes):
+                    await ws.send(frame)
+                self._outbox.mark_sent(unsent[-1][0], epoch)
+                self._timer.wrote(time.monotonic())
+                continue
+            self._wake.clear()
+            deadline = None
+            if self.resend_after and self._peer_present and self._outbox.outstanding:
+                deadline = self._timer.deadline
+            if deadline is None:
                 await self._wake.wait()
                 continue
-            last = next(reversed(self._outbox))
-            for frame in frames_of(batch, self.max_message_bytes):
-                await ws.send(frame)
-            self._sent_upto = max(self._sent_upto, last)
+            delay = deadline - time.monotonic()
+            if delay > 0:
+                try:
+                    async with asyncio.timeout(delay):
+                        await self._wake.wait()
+                except TimeoutError:
+                    pass
+                continue
+            log.info(
+                "signaling %s: no acknowledgement for %.1fs although the peer is present; "
+                "resending %d signal(s)",
+                self._name(),
+                self._timer.interval,
+                len(self._outbox),
+            )
+            self._outbox.rewind()
+            self._timer.fired(time.monotonic())
 
     async def _reader(self, ws: ClientConnection) -> None:
         async for message in ws:
@@ -460,62 +669,132 @@ class SignalingClient:
             except ValueError:
                 payload = None
             if isinstance(payload, dict) and CONTROL in payload:
-                self._on_control(payload)
+                await self._on_control(payload)
                 continue
             signals, errors = parse_frame(message)
             for error in errors:
                 log.warning(
                     "signaling %s: dropped a malformed incoming item: %s", self._name(), error
                 )
+            accepted: list[Signal] = []
+            acks: dict[tuple[str, str], list[int]] = {}
             for signal in signals:
-                if self._is_duplicate(signal):
-                    continue
-                if signal.get("kind") == ERROR and PEER_FIELD not in signal:
+                peer = signal.get(PEER_FIELD)
+                session = signal.get(SESSION_FIELD)
+                seq = signal.get(SEQ_FIELD)
+                if isinstance(peer, str) and isinstance(session, str) and _is_count(seq):
+                    prev = signal.get(PREV_FIELD)
+                    verdict = self._inbox.classify(
+                        peer, session, seq, prev if _is_count(prev) else None
+                    )
+                    if verdict == GAP:
+                        log.debug(
+                            "signaling %s: %s/%s seq %s arrived before seq %s; dropped "
+                            "(it comes again)",
+                            self._name(),
+                            peer,
+                            session,
+                            seq,
+                            prev,
+                        )
+                        continue
+                    acks.setdefault((peer, session), []).append(seq)
+                    if verdict == DUPLICATE:
+                        log.debug(
+                            "signaling %s: dropped duplicate %s/%s seq %s",
+                            self._name(),
+                            peer,
+                            session,
+                            seq,
+                        )
+                        continue
+                elif signal.get("kind") == ERROR and PEER_FIELD not in signal:
                     log.warning(
                         "signaling %s: relay reported an error: %s",
                         self._name(),
                         signal.get("data"),
                     )
+                accepted.append(signal)
+            # Acknowledge what this client now has (one ack per sender session, which is
+            # one per frame: the relay never mixes them) before the application works on
+            # it, so a slow on_signal does not hold up the sender.
+            for (peer, session), seqs in acks.items():
+                await ws.send(
+                    encode({CONTROL: ACK, TO_FIELD: peer, SESSION_FIELD: session, "seqs": seqs})
+                )
+            for signal in accepted:
                 await self._deliver(signal)
 
-    def _on_control(self, message: dict[str, Any]) -> None:
-        if message.get(CONTROL) != ACK:
+    async def _on_control(self, message: dict[str, Any]) -> None:
+        kind = message.get(CONTROL)
+        if kind == PEER_EVENT:
+            await self._on_presence(message.get("event"))
+            return
+        if kind not in (ACK, REJECTED):
             log.debug("signaling %s: ignored control message %r", self._name(), message)
             return
         if message.get(SESSION_FIELD) not in (self.session, None):
-            return  # an ack meant for an earlier process with the same peer id
+            return  # meant for an earlier process with the same peer id
         seqs = message.get("seqs")
         if not isinstance(seqs, list):
-            log.warning("signaling %s: malformed ack %r", self._name(), message)
+            log.warning("signaling %s: malformed %s %r", self._name(), kind, message)
             return
-        for seq in seqs:
-            if isinstance(seq, int) and not isinstance(seq, bool):
-                self._outbox.pop(seq, None)
-        if message.get("status") == "rejected":
-            log.warning("signaling %s: the relay rejected signals %s", self._name(), seqs)
-        self._notify()
+        seqs = [seq for seq in seqs if _is_count(seq)]
+        if kind == ACK:
+            if self._outbox.ack(seqs):
+                self._timer.acked(time.monotonic(), self._outbox.outstanding)
+                self._notify()
+            return
+        if message.get("retry") is True:
+            log.warning(
+                "signaling %s: the relay's queue for the absent peer is full; keeping "
+                "%d signal(s) to send again when the peer joins",
+                self._name(),
+                len(seqs),
+            )
+            return
+        dropped = self._outbox.ack(seqs)
+        log.warning(
+            "signaling %s: the relay refused %d signal(s) as invalid; dropped them",
+            self._name(),
+            dropped,
+        )
+        if dropped:
+            self._timer.acked(time.monotonic(), self._outbox.outstanding)
+            self._notify()
 
-    def _is_duplicate(self, signal: Signal) -> bool:
-        peer = signal.get(PEER_FIELD)
-        session = signal.get(SESSION_FIELD)
-        seq = signal.get(SEQ_FIELD)
-        if not (
-            isinstance(peer, str)
-            and isinstance(session, str)
-            and isinstance(seq, int)
-            and not isinstance(seq, bool)
-        ):
-            return False
-        key = (peer, session)
-        last = self._seen.get(key)
-        if last is not None and seq <= last:
-            log.debug("signaling %s: dropped duplicate %s/%s", self._name(), key, seq)
-            return True
-        self._seen[key] = seq
-        self._seen.move_to_end(key)
-        while len(self._seen) > self._seen_limit:
-            self._seen.popitem(last=False)
-        return False
+    async def _on_presence(self, event: Any) -> None:
+        was = self._peer_present
+        tell: str | None = None
+        if event == JOINED:
+            self._peer_present = True
+            tell = JOINED
+            if self._outbox:
+                log.info(
+                    "signaling %s: the other peer joined; resending %d unacknowledged "
+                    "signal(s)",
+                    self._name(),
+                    len(self._outbox),
+                )
+                self._outbox.rewind()
+            self._timer.reset(time.monotonic(), outstanding=False)
+        elif event == LEFT:
+            self._peer_present = False
+            tell = LEFT
+        elif event == PRESENT:
+            self._peer_present = True
+            tell = JOINED if was is not True else None
+        elif event == ABSENT:
+            self._peer_present = False
+            tell = LEFT if was is True else None
+        else:
+            log.debug("signaling %s: ignored presence event %r", self._name(), event)
+            return
+        log.info("signaling %s: relay says the other peer %s", self._name(), event)
+        self._wake.set()
+        self._notify()
+        if tell is not None:
+            await self._call(self._on_peer, tell, "on_peer")
 
     async def _deliver(self, signal: Signal) -> None:
         try:
@@ -534,6 +813,10 @@ class SignalingClient:
 
     def _name(self) -> str:
         return f"{self.conversation_id}/{self.peer_id}"
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _with_query(url: str, **params: str) -> str:

@@ -21,6 +21,7 @@ sends the unacknowledged ones again, in order, whenever delivery may have failed
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 DELIVER = "deliver"
@@ -31,6 +32,7 @@ GAP = "gap"
 @dataclass
 class _Entry:
     tube_id: str
+    kind: str
     text: str
     """The encoded signal without ``prev`` (an object ending in ``}``)."""
 
@@ -55,13 +57,13 @@ class Outbox:
     def epoch(self) -> int:
         return self._epoch
 
-    def add(self, seq: int, tube_id: str, text: str) -> None:
+    def add(self, seq: int, tube_id: str, text: str, kind: str = "") -> None:
         """Keep an encoded signal; ``seq`` must be :attr:`next_seq`."""
         if seq != self._next_seq:
             raise ValueError(f"expected seq {self._next_seq}, got {seq}")
         if not text.endswith("}"):
             raise ValueError("text must be an encoded JSON object")
-        self._entries[seq] = _Entry(tube_id, text)
+        self._entries[seq] = _Entry(tube_id, kind, text)
         self._next_seq += 1
 
     def unsent(self) -> list[tuple[int, str]]:
@@ -101,9 +103,14 @@ class Outbox:
                 removed += 1
         return removed
 
-    def discard(self, tube_id: str) -> int:
-        """Forget every kept signal of ``tube_id``; return how many."""
-        doomed = [seq for seq, entry in self._entries.items() if entry.tube_id == tube_id]
+    def discard(self, tube_id: str, kinds: Iterable[str] | None = None) -> int:
+        """Forget the kept signals of ``tube_id`` (only those of ``kinds`` if given)."""
+        wanted = None if kinds is None else frozenset(kinds)
+        doomed = [
+            seq
+            for seq, entry in self._entries.items()
+            if entry.tube_id == tube_id and (wanted is None or entry.kind in wanted)
+        ]
         for seq in doomed:
             del self._entries[seq]
         return len(doomed)

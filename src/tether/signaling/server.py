@@ -56,8 +56,9 @@ one a client sends is the end-to-end acknowledgement of signals it received::
      "seqs": [5, 6, 7]}
 
 The receiving client sends at most one per received frame (the relay never mixes senders or
-sessions in one frame), after handing the signals to its application, and for duplicates
-too (their first ack was evidently lost). It does not acknowledge a signal whose ``prev``
+sessions in one frame), as soon as it has accepted the frame's signals (before its
+application works on them, so a slow application does not hold up the sender), and for
+duplicates too (their first ack was evidently lost). It does not acknowledge a signal whose ``prev``
 it has not delivered yet: that one is dropped and comes again, in order, with the resend
 of the missing one. The relay forwards the ack to peer ``to`` if it is connected and
 drops it otherwise (the sender resends; the receiver acknowledges the duplicate).
@@ -461,6 +462,8 @@ class SignalingServer:
             raise ValueError("send_queue_frames and send_queue_bytes must be positive")
         if send_timeout is not None and send_timeout <= 0:
             raise ValueError("send_timeout must be positive (or None)")
+        if replace_grace <= 0:
+            raise ValueError("replace_grace must be positive")
         self.host = host
         self.port = port
         self.max_message_bytes = max_message_bytes

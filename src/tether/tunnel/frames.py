@@ -10,8 +10,11 @@ header, then a payload whose layout depends on the type::
     +------+--------------+------------------------------------+
 
     type        payload
-    OPEN     1  window u32 (the opener's receive window), then an optional UTF-8
-                target "host:port" (reserved for dynamic forwarding; empty today)
+    OPEN     1  window u32 (the opener's receive window), then optionally flags u8 and
+                a UTF-8 target "host:port" (at most MAX_TARGET bytes). Today no flag is
+                defined and the target (reserved for dynamic forwarding) is empty, so an
+                OPEN is 9 bytes; an OPEN with an unknown flag is malformed, so a future
+                feature fails loudly at an older peer instead of being misread.
     OPEN_OK  2  window u32 (the acceptor's receive window)
     OPEN_FAIL 3 UTF-8 reason
     DATA     4  1 .. MAX_DATA bytes of the stream
@@ -21,7 +24,13 @@ header, then a payload whose layout depends on the type::
 
 Stream id 0 is never used for a stream. Reasons are at most MAX_REASON bytes (longer ones
 are cut when encoding); invalid UTF-8 in a reason is replaced, not rejected, since reasons
-are only ever logged.
+are only ever logged. An OPEN target must be valid UTF-8: it would name a host.
+
+Windows (OPEN, OPEN_OK) travel as u32 but a tunnel accepts only MIN_WINDOW..MAX_WINDOW
+(:func:`window_problem`): a zero window would stall a stream forever, a tiny one turns
+every byte into frames, and one beyond MAX_WINDOW is not a window any peer of ours sends.
+
+:func:`decode` raises only :class:`FrameError` (a ValueError), for any input.
 """
 
 from __future__ import annotations
@@ -33,13 +42,21 @@ from dataclasses import dataclass
 HEADER = struct.Struct(">BI")
 HEADER_SIZE = HEADER.size  # 5
 U32 = struct.Struct(">I")
-MAX_STREAM_ID = 0xFFFFFFFF
-MAX_WINDOW = 0xFFFFFFFF
+MAX_U32 = 0xFFFFFFFF
+MAX_STREAM_ID = MAX_U32
+
+#: Smallest and largest receive window a tunnel announces or accepts from its peer.
+MIN_WINDOW = 1024
+MAX_WINDOW = 1 << 30
 
 #: Largest DATA payload. Small enough that streams interleave fairly on one channel.
 MAX_DATA = 16 * 1024
-#: Largest reason carried by OPEN_FAIL / RESET, and largest OPEN target.
+#: Largest reason carried by OPEN_FAIL / RESET.
 MAX_REASON = 1024
+#: Largest OPEN target.
+MAX_TARGET = 1024
+#: OPEN flags this side understands (none yet); any other bit makes the OPEN malformed.
+KNOWN_OPEN_FLAGS = 0x00
 #: Largest frame of any type.
 MAX_FRAME = HEADER_SIZE + MAX_DATA
 
@@ -58,12 +75,22 @@ class FrameError(ValueError):
     """A message from the peer is not a valid frame.
 
     ``stream_id`` names the stream the frame was for when the header could be read (so
-    the caller can reset just that stream), else None.
+    the caller can reset just that stream, or refuse just that OPEN), else None;
+    ``frame_type`` is the frame's type when it is a known one, else None.
     """
 
-    def __init__(self, message: str, stream_id: int | None = None) -> None:
+    def __init__(self, message: str, stream_id: int | None = None,
+                 frame_type: FrameType | None = None) -> None:
         super().__init__(message)
         self.stream_id = stream_id
+        self.frame_type = frame_type
+
+
+def window_problem(window: int) -> str | None:
+    """Why ``window`` is not acceptable as a stream's receive window, or None if it is."""
+    if MIN_WINDOW <= window <= MAX_WINDOW:
+        return None
+    return f"a window of {window} bytes is out of range {MIN_WINDOW}..{MAX_WINDOW}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,8 +116,8 @@ def _check_id(stream_id: int) -> None:
 
 
 def _check_u32(name: str, value: int, minimum: int = 0) -> None:
-    if not minimum <= value <= MAX_WINDOW:
-        raise ValueError(f"{name} {value} out of range {minimum}..{MAX_WINDOW}")
+    if not minimum <= value <= MAX_U32:
+        raise ValueError(f"{name} {value} out of range {minimum}..{MAX_U32}")
 
 
 def _text(text: str) -> bytes:
@@ -101,12 +128,16 @@ def _text(text: str) -> bytes:
 
 
 def encode_open(stream_id: int, window: int, target: str = "") -> bytes:
+    """An OPEN; 9 bytes without a target, else window, flags 0 and the target."""
     _check_id(stream_id)
     _check_u32("window", window)
+    head = _pack_header(FrameType.OPEN, stream_id) + U32.pack(window)
+    if not target:
+        return head
     raw = target.encode("utf-8")
-    if len(raw) > MAX_REASON:
-        raise ValueError(f"OPEN target of {len(raw)} bytes exceeds {MAX_REASON}")
-    return _pack_header(FrameType.OPEN, stream_id) + U32.pack(window) + raw
+    if len(raw) > MAX_TARGET:
+        raise ValueError(f"OPEN target of {len(raw)} bytes exceeds {MAX_TARGET}")
+    return head + b"\x00" + raw
 
 
 def encode_open_ok(stream_id: int, window: int) -> bytes:
@@ -175,26 +206,29 @@ def decode(message: bytes | bytearray | memoryview) -> Frame:
     """Decode one data-channel message; raise :class:`FrameError` if it is malformed."""
     if not isinstance(message, (bytes, bytearray, memoryview)):
         raise FrameError(f"frame must be binary, got {type(message).__name__}")
+    if isinstance(message, memoryview) and (message.ndim != 1 or message.itemsize != 1):
+        message = message.cast("B") if message.c_contiguous else message.tobytes()
     size = len(message)
     if size < HEADER_SIZE:
         raise FrameError(f"frame too short: {size} bytes, the header alone is {HEADER_SIZE}")
     type_byte, stream_id = _unpack_header(message)
-    if size > MAX_FRAME:
-        raise FrameError(f"frame too large: {size} bytes, the limit is {MAX_FRAME}", stream_id)
     ftype = _TYPES.get(type_byte)
+    if size > MAX_FRAME:
+        raise FrameError(f"frame too large: {size} bytes, the limit is {MAX_FRAME}",
+                         stream_id, ftype)
     if ftype is None:
         raise FrameError(f"unknown frame type 0x{type_byte:02x}", stream_id)
     payload_size = size - HEADER_SIZE
 
     if ftype is FrameType.DATA:
         if payload_size == 0:
-            raise FrameError("empty DATA frame", stream_id)
+            raise FrameError("empty DATA frame", stream_id, ftype)
         return Frame(ftype, stream_id, data=bytes(message[HEADER_SIZE:]))
     if ftype is FrameType.WINDOW:
         _expect_size(ftype, payload_size, 4, stream_id)
         (increment,) = _unpack_u32(message, HEADER_SIZE)
         if increment == 0:
-            raise FrameError("WINDOW frame with a zero increment", stream_id)
+            raise FrameError("WINDOW frame with a zero increment", stream_id, ftype)
         return Frame(ftype, stream_id, value=increment)
     if ftype is FrameType.FIN:
         _expect_size(ftype, payload_size, 0, stream_id)
@@ -203,23 +237,39 @@ def decode(message: bytes | bytearray | memoryview) -> Frame:
         _expect_size(ftype, payload_size, 4, stream_id)
         return Frame(ftype, stream_id, value=_unpack_u32(message, HEADER_SIZE)[0])
     if ftype is FrameType.OPEN:
-        if payload_size < 4:
-            raise FrameError(f"OPEN frame payload of {payload_size} bytes, need at least 4",
-                             stream_id)
-        if payload_size - 4 > MAX_REASON:
-            raise FrameError(f"OPEN target of {payload_size - 4} bytes exceeds {MAX_REASON}",
-                             stream_id)
-        (window,) = _unpack_u32(message, HEADER_SIZE)
-        target = bytes(message[HEADER_SIZE + 4:]).decode("utf-8", "replace")
-        return Frame(ftype, stream_id, value=window, text=target)
+        return _decode_open(message, payload_size, stream_id)
     # OPEN_FAIL, RESET: a reason
     if payload_size > MAX_REASON:
         raise FrameError(f"{ftype.name} reason of {payload_size} bytes exceeds {MAX_REASON}",
-                         stream_id)
+                         stream_id, ftype)
     return Frame(ftype, stream_id, text=bytes(message[HEADER_SIZE:]).decode("utf-8", "replace"))
+
+
+def _decode_open(message: bytes | bytearray | memoryview, payload_size: int,
+                 stream_id: int) -> Frame:
+    ftype = FrameType.OPEN
+    if payload_size < 4:
+        raise FrameError(f"OPEN frame payload of {payload_size} bytes, need at least 4",
+                         stream_id, ftype)
+    if payload_size > 5 + MAX_TARGET:
+        raise FrameError(f"OPEN target of {payload_size - 5} bytes exceeds {MAX_TARGET}",
+                         stream_id, ftype)
+    (window,) = _unpack_u32(message, HEADER_SIZE)
+    if payload_size == 4:
+        return Frame(ftype, stream_id, value=window)
+    flags = message[HEADER_SIZE + 4]
+    if flags & ~KNOWN_OPEN_FLAGS:
+        raise FrameError(f"unknown OPEN flags 0x{flags & ~KNOWN_OPEN_FLAGS:02x}",
+                         stream_id, ftype)
+    try:
+        target = bytes(message[HEADER_SIZE + 5:]).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise FrameError(f"OPEN target is not valid UTF-8 (byte {exc.start})",
+                         stream_id, ftype) from None
+    return Frame(ftype, stream_id, value=window, text=target)
 
 
 def _expect_size(ftype: FrameType, got: int, want: int, stream_id: int) -> None:
     if got != want:
         raise FrameError(f"{ftype.name} frame payload of {got} bytes, expected {want}",
-                         stream_id)
+                         stream_id, ftype)

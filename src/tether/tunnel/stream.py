@@ -12,6 +12,12 @@ A stream has two directions, each with its own loop:
 
 The stream ends cleanly when both directions are done, or at once on a RESET (either
 side), a TCP error, a protocol violation, the channel closing or the tunnel closing.
+
+The peer's OPEN_OK must announce a window in MIN_WINDOW..MAX_WINDOW: a zero window would
+leave the stream waiting for credit forever, so any other is refused with a RESET saying
+why. RESETs that answer the peer's own protocol violations are optional control frames
+(see :meth:`Tunnel._send_control`): dropped, never queued without bound, if the peer is
+not reading.
 """
 
 from __future__ import annotations
@@ -191,7 +197,13 @@ class Stream:
     async def _open(self) -> bool:
         """Connecting side: send OPEN, wait for OPEN_OK or OPEN_FAIL."""
         self._reply = asyncio.get_running_loop().create_future()
-        self.tunnel._send_control(frames.encode_open(self.id, self.window))
+        if not self.tunnel._send_control(frames.encode_open(self.id, self.window),
+                                         optional=True):
+            self.open_failed = True
+            self.reason = "cannot send the OPEN: the data channel is closed or full"
+            self.tunnel._open_failures += 1
+            self._log(logging.WARNING, "%s; closing the client connection", self.reason)
+            return False
         timeout = self.tunnel.open_timeout
         try:
             reply = await asyncio.wait_for(self._reply, timeout)
@@ -206,6 +218,13 @@ class Stream:
             self.tunnel._open_failures += 1
             self._log(logging.WARNING, "the peer could not open the stream: %s; "
                       "closing the client connection", self.reason)
+            return False
+        problem = frames.window_problem(reply.value)
+        if problem is not None:
+            self.open_failed = True
+            self.tunnel._open_failures += 1
+            self.tunnel._windows_refused += 1
+            self.reset(f"protocol error: the peer's OPEN_OK announced {problem}", optional=True)
             return False
         self._set_peer_window(reply.value)
         self._log(logging.DEBUG, "open")
@@ -233,9 +252,16 @@ class Stream:
             self.reason = reason
             self.tunnel._open_failures += 1
             self._log(logging.WARNING, "%s", reason)
-            self.tunnel._send_control(frames.encode_open_fail(self.id, reason))
+            self.tunnel._send_control(frames.encode_open_fail(self.id, reason), optional=True)
             return False
-        self.tunnel._send_control(frames.encode_open_ok(self.id, self.window))
+        if not self.tunnel._send_control(frames.encode_open_ok(self.id, self.window),
+                                         optional=True):
+            # The peer is not reading its frames: drop this stream, not the whole tunnel.
+            self.open_failed = True
+            self.reason = "cannot send OPEN_OK: the data channel is closed or full"
+            self.tunnel._open_failures += 1
+            self._log(logging.WARNING, "%s; closing the connection to %s", self.reason, where)
+            return False
         self._log(logging.DEBUG, "connected to %s", where)
         return True
 
@@ -321,12 +347,12 @@ class Stream:
         if self.state is StreamState.ENDED:
             return
         if self.fin_received:
-            self.reset("protocol error: DATA after FIN")
+            self.reset("protocol error: DATA after FIN", optional=True)
             return
         n = len(data)
         if self._unacked + n > self.window:
             self.reset(f"flow control violation: {self._unacked + n} bytes unacknowledged, "
-                       f"window is {self.window}")
+                       f"window is {self.window}", optional=True)
             return
         self._unacked += n
         if self._unacked > self.max_unacked:
@@ -341,7 +367,7 @@ class Stream:
         self.credit += increment
         if self.credit > self.peer_window:
             self.reset(f"protocol error: WINDOW credit {self.credit} exceeds the peer's "
-                       f"window {self.peer_window}")
+                       f"window {self.peer_window}", optional=True)
             return
         self._credit_event.set()
 
@@ -361,14 +387,19 @@ class Stream:
 
     # ------------------------------------------------------------------ ending
 
-    def reset(self, reason: str, *, send: bool = True, level: int = logging.WARNING) -> None:
-        """End the stream now: tell the peer (RESET) unless ``send`` is false."""
+    def reset(self, reason: str, *, send: bool = True, level: int = logging.WARNING,
+              optional: bool = False) -> None:
+        """End the stream now: tell the peer (RESET) unless ``send`` is false.
+
+        ``optional``: the RESET answers the peer's own violation (or the tunnel is ending),
+        so it is dropped rather than failing the tunnel when the control limit is reached.
+        """
         if self.state is StreamState.ENDED or self.reason is not None:
             return
         self.reason = reason
         self._log(level, "reset: %s", reason)
         if send:
-            self.tunnel._send_control(frames.encode_reset(self.id, reason))
+            self.tunnel._send_control(frames.encode_reset(self.id, reason), optional=optional)
         self._stop()
 
     def _stop(self) -> None:

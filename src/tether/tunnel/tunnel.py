@@ -13,13 +13,34 @@ Memory is bounded at every hop:
 - the channel: aiortc's ``RTCDataChannel.send`` queues without limit, so DATA is sent only
   while ``channel.bufferedAmount`` is below ``high_water``, waiting for the
   "bufferedamountlow" event (threshold ``low_water``) otherwise. Control frames (OPEN,
-  WINDOW, FIN, RESET; at most a few dozen bytes) are never held back, so the channel's
-  queue stays below ``high_water + MAX_FRAME`` plus those. ``stats["max_buffered"]`` is the
-  largest bufferedAmount seen right after any send.
+  OPEN_OK, OPEN_FAIL, WINDOW, FIN, RESET) are never held back (holding them would reorder
+  them against DATA) but are bounded too: the channel's queue is the control queue, and
+  a control frame is sent only while the queue stays within :attr:`Tunnel.bound`
+  (``high_water + MAX_FRAME + control_limit``). Past that the peer is not reading: an
+  optional frame (a reply to something the peer did: OPEN_FAIL, OPEN_OK, a RESET for its
+  violation, our own OPEN) is dropped and counted (``control_dropped``), and a frame that
+  streams cannot do without (WINDOW, FIN, a RESET of ours) fails the tunnel.
+  ``stats["max_buffered"]`` is the largest bufferedAmount seen right after any send.
 
-The tunnel never closes the channel (the tube owns it) and never gives up on transient
-trouble: an ICE restart keeps the channel and its SCTP association, so streams go on.
-When the channel closes, every stream ends and the loops stop.
+What the peer can make this side do is limited (all configurable on :class:`Tunnel`):
+
+- at most ``max_streams`` streams at once (default 256): each of the peer's streams is a
+  TCP connection to the target; OPENs beyond it get OPEN_FAIL ("stream limit ...");
+- at most ``open_rate`` OPENs a second, ``open_burst`` at once (defaults 64/s, 128; a
+  token bucket on ``clock``); OPENs beyond it get OPEN_FAIL ("OPEN rate limit ...");
+- every OPEN that cannot be accepted, malformed ones included (oversized or non-UTF-8
+  target, bad host:port, unknown flags, a window outside MIN_WINDOW..MAX_WINDOW), is
+  answered with OPEN_FAIL at once, so the opener never waits for its timeout;
+- an unparseable message (too short, text, unknown type) is logged (throttled), counted
+  and ignored; only ``MAX_BAD_FRAMES_IN_A_ROW`` of them with no valid frame between
+  means the peer does not speak this protocol, and the tunnel fails.
+
+A failed tunnel (:attr:`failure` says why, ``on_fail(reason)`` is called once) ends every
+stream, stops listening and refuses new streams, as if closed; its owner should replace
+the tube and call :meth:`close`. The tunnel never closes the channel itself (the tube owns
+it) and never gives up on transient trouble: an ICE restart keeps the channel and its
+SCTP association, so streams go on. When the channel closes, every stream ends and the
+loops stop.
 """
 
 from __future__ import annotations
@@ -35,6 +56,7 @@ from aiortc import RTCDataChannel
 
 from . import frames
 from .frames import FrameError, FrameType
+from .limits import LogThrottle, TokenBucket
 from .stream import Stream, StreamEnded, StreamState, format_hostport
 
 logger = logging.getLogger("tether.tunnel")
@@ -43,6 +65,15 @@ DEFAULT_WINDOW = 256 * 1024
 DEFAULT_HIGH_WATER = 1024 * 1024
 DEFAULT_DIAL_TIMEOUT = 10.0
 DEFAULT_OPEN_TIMEOUT = 30.0
+#: Streams the peer may have open at once (each is a TCP connection to the target).
+DEFAULT_MAX_STREAMS = 256
+#: OPENs the peer may send a second, and at once.
+DEFAULT_OPEN_RATE = 64.0
+DEFAULT_OPEN_BURST = 128
+#: Bytes of control frames the channel may hold beyond the data high-water mark.
+DEFAULT_CONTROL_LIMIT = 256 * 1024
+#: Unparseable messages in a row (no valid frame between) after which the tunnel fails.
+MAX_BAD_FRAMES_IN_A_ROW = 64
 ACTIVITY_INTERVAL = 1.0
 
 
@@ -105,11 +136,27 @@ class Tunnel:
         dial_timeout: float = DEFAULT_DIAL_TIMEOUT,
         open_timeout: float = DEFAULT_OPEN_TIMEOUT,
         on_activity: Callable[[], None] | None = None,
+        max_streams: int = DEFAULT_MAX_STREAMS,
+        open_rate: float | None = DEFAULT_OPEN_RATE,
+        open_burst: int = DEFAULT_OPEN_BURST,
+        control_limit: int = DEFAULT_CONTROL_LIMIT,
+        clock: Callable[[], float] = time.monotonic,
+        on_fail: Callable[[str], None] | None = None,
     ) -> None:
-        if not 1 <= window <= frames.MAX_WINDOW:
-            raise ValueError(f"window {window} out of range 1..{frames.MAX_WINDOW}")
+        problem = frames.window_problem(window)
+        if problem is not None:
+            raise ValueError(f"window: {problem}")
         if high_water < 1:
             raise ValueError(f"high_water {high_water} must be positive")
+        if max_streams < 1:
+            raise ValueError(f"max_streams {max_streams} must be at least 1")
+        if open_rate is not None and not open_rate > 0:
+            raise ValueError(f"open_rate {open_rate} must be positive (or None: no limit)")
+        if open_burst < 1:
+            raise ValueError(f"open_burst {open_burst} must be at least 1")
+        if control_limit < frames.HEADER_SIZE + frames.MAX_REASON:
+            raise ValueError(f"control_limit {control_limit} must hold at least one RESET "
+                             f"({frames.HEADER_SIZE + frames.MAX_REASON} bytes)")
         self.channel = channel
         self.name = name
         self.target = target
@@ -121,6 +168,17 @@ class Tunnel:
         self.dial_timeout = dial_timeout
         self.open_timeout = open_timeout
         self.on_activity = on_activity
+        self.max_streams = max_streams
+        self.open_rate = open_rate
+        self.open_burst = open_burst
+        self.control_limit = control_limit
+        self.on_fail = on_fail
+        self._open_bucket = (TokenBucket(open_rate, open_burst, clock)
+                             if open_rate is not None else None)
+        # Floods of bad frames must not flood the log: a few lines a second, then counts.
+        self._refusal_log = LogThrottle(clock=clock)
+        self._bad_frame_log = LogThrottle(clock=clock)
+        self._drop_log = LogThrottle(clock=clock)
 
         self._streams: dict[int, Stream] = {}
         self._next_id = 1
@@ -132,6 +190,8 @@ class Tunnel:
         self._channel_closed = False
         self._closing = False
         self._closed_future: asyncio.Future[None] | None = None
+        self._failure: str | None = None
+        self._bad_in_a_row = 0
         self._last_activity = 0.0
         # Counters.
         self._streams_total = 0
@@ -142,17 +202,33 @@ class Tunnel:
         self._frames_malformed = 0
         self._max_buffered = 0
         self._buffered_waits = 0
+        self._opens_refused = 0
+        self._opens_refused_limit = 0
+        self._opens_refused_rate = 0
+        self._opens_refused_malformed = 0
+        self._windows_refused = 0
+        self._control_dropped = 0
 
     # ------------------------------------------------------------------ public API
 
     @property
-    def bound(self) -> int:
-        """Largest bufferedAmount the channel can reach from DATA (control frames aside)."""
+    def data_bound(self) -> int:
+        """Largest bufferedAmount the channel can reach from DATA alone."""
         return self.high_water + frames.MAX_FRAME
+
+    @property
+    def bound(self) -> int:
+        """Largest bufferedAmount the channel can reach: DATA, then control frames."""
+        return self.high_water + frames.MAX_FRAME + self.control_limit
 
     @property
     def closed(self) -> bool:
         return self._closing or self._channel_closed
+
+    @property
+    def failure(self) -> str | None:
+        """Why the tunnel failed (the peer broke the protocol or stopped reading), if it did."""
+        return self._failure
 
     @property
     def streams(self) -> dict[int, Stream]:
@@ -169,6 +245,14 @@ class Tunnel:
             "bytes_to_peer": self._bytes_to_peer,
             "bytes_from_peer": self._bytes_from_peer,
             "frames_malformed": self._frames_malformed,
+            "opens_refused": self._opens_refused,
+            "opens_refused_limit": self._opens_refused_limit,
+            "opens_refused_rate": self._opens_refused_rate,
+            "opens_refused_malformed": self._opens_refused_malformed,
+            "windows_refused": self._windows_refused,
+            "control_dropped": self._control_dropped,
+            "max_streams": self.max_streams,
+            "failure": self._failure,
             "buffered": self._buffered_amount(),
             "max_buffered": self._max_buffered,
             "buffered_waits": self._buffered_waits,
@@ -237,7 +321,8 @@ class Tunnel:
                 logger.info("tube %s: tunnel closing, ending %d streams",
                             self.name, len(self._streams))
             for stream in list(self._streams.values()):
-                stream.reset("the tunnel closed", send=self._can_send(), level=logging.DEBUG)
+                stream.reset("the tunnel closed", send=self._can_send(), level=logging.DEBUG,
+                             optional=True)
             self._writable.set()
             tasks = list(self._tasks)
             for task in tasks:
@@ -322,17 +407,45 @@ class Tunnel:
         if buffered > self._max_buffered:
             self._max_buffered = buffered
 
-    def _send_control(self, frame: bytes) -> None:
-        """Send a small control frame now (never held back by the high-water mark)."""
+    def _send_control(self, frame: bytes, *, optional: bool = False) -> bool:
+        """Send a control frame now, if the channel's queue stays within :attr:`bound`.
+
+        Past the bound the peer is not reading: an ``optional`` frame is dropped (counted),
+        any other fails the tunnel. Returns whether the frame was sent.
+        """
         if not self._can_send():
             logger.debug("tube %s: channel not open, dropping a control frame", self.name)
-            return
+            return False
+        buffered = self._buffered_amount()
+        if buffered + len(frame) > self.bound:
+            if optional:
+                self._control_dropped += 1
+                self._throttled(self._drop_log, logging.WARNING,
+                                "tube %s: the peer is not reading (%d bytes queued in the "
+                                "data channel, limit %d); dropping a %s frame",
+                                self.name, buffered, self.bound, _frame_name(frame))
+            else:
+                self._fail(f"the peer is not reading: {buffered} bytes are queued in the "
+                           f"data channel and a {_frame_name(frame)} frame would pass the "
+                           f"limit of {self.bound} (high water {self.high_water} + control "
+                           f"limit {self.control_limit})")
+            return False
         try:
             self.channel.send(frame)
         except Exception as exc:  # InvalidStateError during close, ValueError, ...
             logger.debug("tube %s: cannot send a control frame: %r", self.name, exc)
-            return
+            return False
         self._sent()
+        return True
+
+    def _throttled(self, throttle: LogThrottle, level: int, msg: str, *args: Any) -> None:
+        skipped = throttle.admit()
+        if skipped is None:
+            return
+        if skipped:
+            msg += " (%d similar messages suppressed)"
+            args = (*args, skipped)
+        logger.log(level, msg, *args)
 
     def _send_data(self, frame: bytes, size: int) -> None:
         if not self._can_send():
@@ -381,24 +494,17 @@ class Tunnel:
             logger.exception("tube %s: error handling a frame from the peer", self.name)
 
     def _dispatch(self, message: bytes | str) -> None:
+        if self._failure is not None:
+            return
         if isinstance(message, str):
-            self._frames_malformed += 1
-            logger.warning("tube %s: ignoring a text message from the peer (%d chars); "
-                           "tunnel frames are binary", self.name, len(message))
+            self._bad_frame(f"a text message ({len(message)} chars); tunnel frames are binary")
             return
         try:
             frame = frames.decode(message)
         except FrameError as exc:
-            self._frames_malformed += 1
-            stream = self._streams.get(exc.stream_id) if exc.stream_id is not None else None
-            if stream is not None:
-                logger.warning("tube %s stream %d: malformed frame from the peer: %s",
-                               self.name, stream.id, exc)
-                stream.reset(f"malformed frame: {exc}")
-            else:
-                logger.warning("tube %s: ignoring a malformed frame from the peer: %s",
-                               self.name, exc)
+            self._on_malformed(exc)
             return
+        self._bad_in_a_row = 0
         ftype = frame.type
         if ftype is FrameType.DATA:
             stream = self._streams.get(frame.stream_id)
@@ -431,33 +537,110 @@ class Tunnel:
                 logger.warning("tube %s stream %d: ignoring an unexpected %s",
                                self.name, stream.id, ftype.name)
 
+    def _on_malformed(self, exc: FrameError) -> None:
+        sid, ftype = exc.stream_id, exc.frame_type
+        if ftype is None:  # no header, or a type we do not know: nothing to answer
+            self._bad_frame(str(exc))
+            return
+        self._frames_malformed += 1
+        self._bad_in_a_row = 0  # a known frame type: the peer speaks the protocol
+        if ftype is FrameType.OPEN:
+            assert sid is not None
+            self._opens_refused_malformed += 1
+            self._refuse_open(sid, f"malformed OPEN: {exc}")
+            return
+        stream = self._streams.get(sid) if sid is not None else None
+        if stream is not None:
+            self._throttled(self._bad_frame_log, logging.WARNING,
+                            "tube %s stream %d: malformed frame from the peer: %s",
+                            self.name, stream.id, exc)
+            stream.reset(f"malformed frame: {exc}", optional=True)
+        else:
+            self._throttled(self._bad_frame_log, logging.WARNING,
+                            "tube %s: ignoring a malformed frame from the peer: %s",
+                            self.name, exc)
+
+    def _bad_frame(self, what: str) -> None:
+        """A message that is not a frame of this protocol at all: count, log, ignore."""
+        self._frames_malformed += 1
+        self._bad_in_a_row += 1
+        self._throttled(self._bad_frame_log, logging.WARNING,
+                        "tube %s: ignoring a malformed frame from the peer: %s", self.name, what)
+        if self._bad_in_a_row >= MAX_BAD_FRAMES_IN_A_ROW:
+            self._fail(f"the peer does not speak the tunnel protocol: {self._bad_in_a_row} "
+                       f"unparseable messages in a row (the last: {what})")
+
     def _on_open(self, frame: frames.Frame) -> None:
         sid = frame.stream_id
-        reason = None
         if self.target is None:
-            reason = "this side does not accept streams (it is the connecting side)"
-        elif sid == 0:
-            reason = "stream id 0 is reserved"
-        elif sid in self._streams:
-            reason = f"stream id {sid} is already in use"
-        elif frame.text:
-            reason = f"dynamic targets are not supported (asked for {frame.text!r})"
-        elif self.closed:
-            reason = "the tunnel is closing"
-        elif frame.value == 0:
-            reason = "OPEN with a zero window"
-        if reason is not None:
-            self._open_failures += 1
-            logger.warning("tube %s stream %d: refusing the peer's OPEN: %s",
-                           self.name, sid, reason)
-            self._send_control(frames.encode_open_fail(sid, reason))
+            self._refuse_open(sid, "this side does not accept streams (it is the connecting side)")
+            return
+        if self.closed:
+            self._refuse_open(sid, "the tunnel is closing")
+            return
+        if sid == 0:
+            self._refuse_open(sid, "stream id 0 is reserved")
+            return
+        if sid in self._streams:
+            self._refuse_open(sid, f"stream id {sid} is already in use")
+            return
+        if frame.text:
+            try:
+                parse_hostport(frame.text)
+            except ValueError as exc:
+                self._opens_refused_malformed += 1
+                self._refuse_open(sid, f"malformed OPEN: bad target: {exc}")
+                return
+            self._refuse_open(sid, f"dynamic targets are not supported "
+                                   f"(asked for {frame.text!r})")
+            return
+        problem = frames.window_problem(frame.value)
+        if problem is not None:
+            self._windows_refused += 1
+            self._refuse_open(sid, f"OPEN with {problem}")
+            return
+        if len(self._streams) >= self.max_streams:
+            self._opens_refused_limit += 1
+            self._refuse_open(sid, f"stream limit reached: {len(self._streams)} streams "
+                                   f"are open, at most {self.max_streams} (max_streams)")
+            return
+        if self._open_bucket is not None and not self._open_bucket.take():
+            self._opens_refused_rate += 1
+            self._refuse_open(sid, f"OPEN rate limit: at most {self.open_rate:g} OPENs a "
+                                   f"second, {self.open_burst} at once (open_rate, open_burst)")
             return
         stream = Stream(self, sid, outbound=False, peer_window=frame.value)
         stream._set_peer_window(frame.value)
         self._add(stream)
         logger.info("tube %s stream %d: opening, dialing %s",
-                    self.name, sid, format_hostport(*self.target))  # type: ignore[misc]
+                    self.name, sid, format_hostport(*self.target))
         self._spawn(stream.run(), f"stream-{sid}")
+
+    def _refuse_open(self, sid: int, reason: str) -> None:
+        self._open_failures += 1
+        self._opens_refused += 1
+        self._throttled(self._refusal_log, logging.WARNING,
+                        "tube %s stream %d: refusing the peer's OPEN: %s", self.name, sid, reason)
+        self._send_control(frames.encode_open_fail(sid, reason), optional=True)
+
+    def _fail(self, reason: str) -> None:
+        """The protocol cannot go on: end every stream, refuse new ones, tell the owner."""
+        if self._failure is not None or self._closing or self._channel_closed:
+            return
+        self._failure = reason
+        self._closing = True
+        logger.error("tube %s: the tunnel fails: %s; ending %d streams",
+                     self.name, reason, len(self._streams))
+        self._writable.set()
+        for server in self._servers:
+            server.close()
+        for stream in list(self._streams.values()):
+            stream.reset(f"the tunnel failed: {reason}", optional=True)
+        if self.on_fail is not None:
+            try:
+                self.on_fail(reason)
+            except Exception:
+                logger.exception("tube %s: on_fail callback failed", self.name)
 
     def _on_channel_close(self) -> None:
         if self._channel_closed:
@@ -479,6 +662,13 @@ class Tunnel:
                 self.channel.remove_listener(event, handler)
             except Exception:  # already removed (aiortc drops all listeners on close)
                 pass
+
+
+def _frame_name(frame: bytes) -> str:
+    try:
+        return FrameType(frame[0]).name
+    except (ValueError, IndexError):
+        return "control"
 
 
 def _peer(peer: Any) -> str:
