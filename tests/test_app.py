@@ -14,6 +14,8 @@ from tether.cores.gathering import LOOPBACK
 from tether.echo import start_echo_server
 from tether.signaling import SignalingServer
 
+from .tube_pair import until
+
 
 @pytest.fixture
 async def echo_address():
@@ -238,3 +240,89 @@ async def test_a_stopping_peer_says_goodbye_and_streams_close_at_once(relay, ech
                            host_addresses=LOOPBACK)
         async with again:
             assert await asyncio.wait_for(pending, 15) == b"queued"
+
+
+# -- only the two peers control a tunnel ---------------------------------------------------
+
+SECRET = "a-strong-shared-tunnel-secret"
+
+
+def sealed_sides(relay_port: int, target, name: str, secret: str = SECRET,
+                 connect_secret: str | None = None):
+    url = f"ws://127.0.0.1:{relay_port}"
+    common = {"signal_url": url, "token": "t0ken", "host_addresses": LOOPBACK}
+    expose = ExposeSide(name, target=target, secret=secret, **common)
+    connect = ConnectSide(name, listen=("127.0.0.1", 0), secret=connect_secret or secret,
+                          **common)
+    return expose, connect
+
+
+class TamperingRelay(SignalingServer):
+    """A relay that changes one character of every offer it passes on."""
+
+    async def _on_message(self, endpoint, message):
+        if isinstance(message, str) and '"kind":"offer"' in message:
+            at = message.index('"data":"') + 20
+            flipped = "A" if message[at] != "A" else "B"
+            message = message[:at] + flipped + message[at + 1:]
+        return await super()._on_message(endpoint, message)
+
+
+async def test_sealed_signals_connect_and_the_relay_never_sees_the_name(relay, echo_address):
+    expose, connect = sealed_sides(relay.port, echo_address, "secret-db")
+    async with expose, connect:
+        await connect.wait_ready(timeout=20)
+        assert await echo_once(connect.listen_address, b"sealed") == b"sealed"
+        assert connect.client.conversation_id != "secret-db"
+        assert relay.table.peers("secret-db") == []
+        assert len(relay.table.peers(connect.client.conversation_id)) == 2
+        assert expose.refused == {} and connect.refused == {}
+
+
+async def test_a_relay_that_changes_a_signal_is_refused_not_obeyed(echo_address):
+    relay = TamperingRelay(host="127.0.0.1", port=0, token="t0ken")
+    await relay.start()
+    try:
+        expose, connect = sealed_sides(relay.port, echo_address, "tampered")
+        async with expose, connect:
+            with pytest.raises(TimeoutError):
+                await connect.wait_ready(timeout=3)
+            assert expose.refused.get("unauthentic", 0) >= 1
+            assert expose.tubes == {}  # no tube was made from the changed offer
+    finally:
+        await relay.close()
+
+
+async def test_a_wrong_secret_never_meets_the_tunnel(relay, echo_address):
+    expose, connect = sealed_sides(relay.port, echo_address, "guarded",
+                                   connect_secret="an-attacker-guess-of-the-secret")
+    async with expose, connect:
+        with pytest.raises(TimeoutError):
+            await connect.wait_ready(timeout=3)
+        # Different secrets, different conversations: they never even met at the relay.
+        assert expose.client.conversation_id != connect.client.conversation_id
+        assert expose.tubes == {}
+
+
+async def test_forged_signals_from_a_token_holder_change_nothing(relay, echo_address):
+    """An intruder who even learned the conversation id joins while the connecting side is
+    away and sends an unsealed offer, a forged close and a replayed sealed signal."""
+    from tether.signaling import SignalingClient
+
+    expose, connect = sealed_sides(relay.port, echo_address, "forged")
+    async with expose:
+        got: list[dict] = []
+        intruder = SignalingClient(f"ws://127.0.0.1:{relay.port}", "t0ken",
+                                   expose.client.conversation_id, got.append)
+        await intruder.start()
+        await intruder.send([
+            {"tube_id": "evil", "kind": "offer", "data": "ZXZpbA=="},
+            {"tube_id": "evil", "kind": "channel_closed", "data": "x", "reason": "shutdown"},
+        ])
+        await until(lambda: expose.refused.get("unsealed", 0) >= 2, timeout=10)
+        assert expose.tubes == {}
+        await intruder.close()
+        # The real peer still gets its tunnel.
+        async with connect:
+            await connect.wait_ready(timeout=20)
+            assert await echo_once(connect.listen_address, b"mine") == b"mine"

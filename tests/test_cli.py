@@ -33,7 +33,8 @@ async def test_wrong_token_says_what_to_do():
     async with SignalingServer(host="127.0.0.1", port=0, token="right") as server:
         code, _, err = await run(
             "connect", "db", "--listen", "127.0.0.1:0",
-            "--signal", f"ws://127.0.0.1:{server.port}", "--token", "wrong", timeout=30)
+            "--signal", f"ws://127.0.0.1:{server.port}", "--token", "wrong",
+            "--secret", "a-tunnel-secret-of-some-length", timeout=30)
     assert code == 2
     assert "refused the token" in err and "--token" in err
 
@@ -42,3 +43,15 @@ async def test_bad_address_is_a_usage_error():
     code, _, err = await run("expose", "db", "--target", "nohost", "--signal", "ws://x",
                              "--token", "t")
     assert code == 2 and "--target" in err
+
+
+async def test_connect_needs_the_tunnel_secret():
+    code, _, err = await run("connect", "db", "--listen", "127.0.0.1:0",
+                             "--signal", "ws://127.0.0.1:9", "--token", "t")
+    assert code == 2 and "--secret" in err
+
+
+async def test_a_short_tunnel_secret_is_refused():
+    code, _, err = await run("connect", "db", "--listen", "127.0.0.1:0",
+                             "--signal", "ws://127.0.0.1:9", "--token", "t", "--secret", "short")
+    assert code == 2 and "at least 16" in err

@@ -348,8 +348,11 @@ async def test_open_ok_with_a_bad_window_resets_the_stream_on_both_sides(
 # ---------------------------------------------------------------------------- garbage
 
 
+N_RANDOM = 5000
+
+
 async def test_a_storm_of_random_frames_leaves_the_tunnel_bounded_and_working() -> None:
-    """20,000 random frames (valid, malformed and plain garbage) from the peer: nothing
+    """5,000 random frames (valid, malformed and plain garbage) from the peer: nothing
     escapes, the streams stay within max_streams, the channel within its bound, and a real
     stream still works afterwards."""
     import random
@@ -381,16 +384,20 @@ async def test_a_storm_of_random_frames_leaves_the_tunnel_bounded_and_working() 
         expose = pair.expose
         peer = RawPeer(pair.connect_channel)  # sees the replies, next to the real tunnel
         peak = 0
+        delivered = 0
 
         def watch(_: object) -> None:
-            nonlocal peak
+            nonlocal peak, delivered
             peak = max(peak, len(expose.streams))
+            delivered += 1
 
         pair.expose_channel.on("message", watch)
-        for i in range(20_000):
+        # Paced in batches: a burst of thousands of messages overflows the loopback UDP
+        # socket, and aiortc's SCTP then recovers only after long retransmission timeouts.
+        for i in range(N_RANDOM):
             pair.connect_channel.send(random_frame())
-            if i % 500 == 0:
-                await asyncio.sleep(0)
+            if i % 250 == 249:
+                await settle(lambda: delivered == i + 1, timeout=30)
         # The peer ends whatever it opened, then a marker that is answered once all is read.
         for sid in range(BIG_ID, BIG_ID + 64):
             pair.connect_channel.send(frames.encode_reset(sid, "done"))
@@ -404,7 +411,7 @@ async def test_a_storm_of_random_frames_leaves_the_tunnel_bounded_and_working() 
               f"{stats['control_dropped']} control frames dropped, "
               f"max buffered {stats['max_buffered']} bytes")
         assert stats["failure"] is None
-        assert stats["frames_malformed"] > 1000 and stats["streams_total"] > 0
+        assert stats["frames_malformed"] > N_RANDOM // 4 and stats["streams_total"] > 0
         assert peak <= 8
         assert stats["max_buffered"] <= expose.bound
         # A real stream still works.

@@ -16,6 +16,11 @@ What keeps a tunnel alive around the managers lives here too:
   once, so after a peer restarts its streams close cleanly and a new tube is offered at once;
 - the sides never give up on a tube that worked (``keep_trying``): they go on retrying at
   the longest backoff, while a tube that never connects is replaced after the connect timeout.
+
+With a tunnel ``secret`` every signal to the peer is sealed (``tether.sealing``): the relay
+sees a conversation id derived from the secret and the name, and a signal that does not
+open (forged, changed, replayed, or from someone with only the relay token) is dropped and
+counted, with one clear warning, while the tunnel waits for the real peer.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from typing import Any
 
 from . import signals
 from .connection_manager import (
+    PEER_KEY,
     ConnectionState,
     ICERestartPolicy,
     ManagerRegistry,
@@ -39,6 +45,7 @@ from .connection_manager import (
 from .cores.aiortc_core import AiortcTubeRegistry
 from .events import EventLog
 from .router import CLOSE_REASON, UNKNOWN_TUBE, SignalRouter
+from .sealing import UNAUTHENTIC, UNSEALED, SealError, Sealer
 from .signaling import SignalingClient
 from .signaling.client import SignalingError
 from .tunnel import Tunnel
@@ -82,6 +89,7 @@ class Side:
     """What both ends share: a core, a manager registry, a signaling client, a router."""
 
     initiator = False
+    role = "expose"
 
     def __init__(
         self,
@@ -95,20 +103,25 @@ class Side:
         window: int | None = None,
         events: EventLog | None = None,
         watch_network: bool = False,
+        secret: str | None = None,
     ) -> None:
         self.name = name
+        self.sealer = Sealer(secret, name, self.role) if secret is not None else None
+        # Signals refused by the sealer, by reason (wrong secret, replayed, unsealed...).
+        self.refused: dict[str, int] = {}
         self.core = core if core is not None else AiortcTubeRegistry(host_addresses=host_addresses)
         self.policy = policy if policy is not None else default_policy()
         self.window = window
         self.events = events if events is not None else EventLog(None)
         self.managers = ManagerRegistry()
         self.tubes: dict[str, TubeHandle] = {}
+        conversation = self.sealer.conversation_id if self.sealer is not None else name
         self.client = SignalingClient(
-            signal_url, token, name, self._on_peer_signal,
+            signal_url, token, conversation, self._on_peer_signal,
             on_state=self._on_signaling_state, on_peer=self._on_peer_presence,
         )
         self.router = SignalRouter(
-            self.managers, reply=self.client.send, on_unknown_tube=self._on_unknown_tube
+            self.managers, reply=self._send, on_unknown_tube=self._on_unknown_tube
         )
         self.monitor: Any = None
         if watch_network:
@@ -169,7 +182,10 @@ class Side:
 
     # -- signal plumbing -----------------------------------------------------------------
 
-    async def _on_peer_signal(self, signal: signals.Signal) -> None:
+    async def _on_peer_signal(self, wire: signals.Signal) -> None:
+        signal = self._open(wire)
+        if signal is None:
+            return
         kind = signal.get("kind")
         if kind == signals.CHANNEL_CLOSED:
             await self._peer_closed(signal)
@@ -194,8 +210,36 @@ class Side:
         if manager is not None:
             await manager.handle_signal(signal, from_peer=False)
 
+    def _open(self, wire: signals.Signal) -> signals.Signal | None:
+        """The peer's signal as sent, or None if it must be dropped (see the module doc)."""
+        if wire.get("kind") == signals.ERROR and PEER_KEY not in wire:
+            logger.debug("the signaling relay reported: %s", wire.get("data"))
+            return None
+        if self.sealer is None:
+            return wire
+        try:
+            return self.sealer.open(wire)
+        except SealError as exc:
+            count = self.refused.get(exc.reason, 0) + 1
+            self.refused[exc.reason] = count
+            if exc.reason == UNAUTHENTIC:
+                message = f"a peer with the wrong secret tried to join tunnel {self.name!r}"
+            elif exc.reason == UNSEALED:
+                message = (f"a peer without the tunnel secret sent a signal to tunnel "
+                           f"{self.name!r}")
+            else:
+                message = f"a signal for tunnel {self.name!r} was refused: {exc}"
+            if count == 1:
+                logger.warning("%s; dropped (the tunnel waits for the real peer)", message)
+            else:
+                logger.debug("%s (%d so far)", message, count)
+            self.events.emit("refused", reason=exc.reason, detail=str(exc))
+            return None
+
     async def _send(self, signal: signals.Signal) -> None:
-        """Send to the peer; a closed client (we are stopping) is no error worth raising."""
+        """Seal and send to the peer; a closed client (we are stopping) is no error."""
+        if self.sealer is not None:
+            signal = self.sealer.seal(signal)  # queued at once below: counters stay in order
         try:
             await self.client.send(signal)
         except SignalingError as exc:
@@ -404,6 +448,7 @@ class ConnectSide(Side):
     """
 
     initiator = True
+    role = "connect"
 
     def __init__(
         self,

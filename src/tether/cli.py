@@ -22,6 +22,7 @@ from .cores.aiortc_core import AiortcTubeRegistry
 from .cores.gathering import LOOPBACK
 from .display import demo_line, tube_table
 from .events import EventLog
+from .sealing import MIN_SECRET_CHARS, new_secret
 from .signaling import SignalingServer
 from .signaling.client import AuthenticationError, ConversationFullError
 from .tunnel import parse_hostport
@@ -58,6 +59,16 @@ TurnPassword = Annotated[
     typer.Option("--turn-password", envvar="TETHER_TURN_PASSWORD",
                  help="Password for the turn:/turns: servers (or TETHER_TURN_PASSWORD)."),
 ]
+Secret = Annotated[
+    str | None,
+    typer.Option("--secret", envvar="TETHER_SECRET", show_default=False,
+                 help="The tunnel secret both peers share; the relay never sees it. Prefer "
+                      "TETHER_SECRET or --secret-file: --secret shows in `ps`."),
+]
+SecretFile = Annotated[
+    str | None,
+    typer.Option("--secret-file", help="Read the tunnel secret from this file."),
+]
 Events = Annotated[
     str | None,
     typer.Option("--events", help="Append what happens (states, network changes, tubes) "
@@ -82,6 +93,21 @@ def _address(value: str, option: str) -> tuple[str, int]:
         return parse_hostport(value)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint=option) from None
+
+
+def _secret(secret: str | None, secret_file: str | None) -> str | None:
+    if secret_file is not None:
+        try:
+            with open(secret_file, encoding="utf-8") as f:
+                secret = f.read().strip()
+        except OSError as exc:
+            raise typer.BadParameter(f"cannot read it: {exc.strerror}",
+                                     param_hint="--secret-file") from None
+    if secret is not None and len(secret) < MIN_SECRET_CHARS:
+        raise typer.BadParameter(f"the tunnel secret must have at least {MIN_SECRET_CHARS} "
+                                 "characters (`tether expose` makes a strong one for you)",
+                                 param_hint="--secret")
+    return secret
 
 
 def _need_token(token: str | None) -> str:
@@ -179,17 +205,29 @@ def expose(
     ice_server: IceServer = None,
     turn_user: TurnUser = None,
     turn_password: TurnPassword = None,
+    secret: Secret = None,
+    secret_file: SecretFile = None,
     events: Events = None,
     verbose: Verbose = False,
 ) -> None:
-    """Expose TARGET as tunnel NAME: answer tubes and dial TARGET for each stream."""
+    """Expose TARGET as tunnel NAME: answer tubes and dial TARGET for each stream.
+
+    Only a peer with the tunnel secret can connect; without --secret a strong one is made
+    and the exact `tether connect` line to use is printed.
+    """
     _logging(verbose)
     address = _address(target, "--target")
     token = _need_token(token)
+    secret = _secret(secret, secret_file)
+    if secret is None:
+        secret = new_secret()
+        console.print("no tunnel secret given; made one. On the connecting machine run:")
+        out.print(f"  TETHER_SECRET={secret} tether connect {name} --signal {signal} "
+                  f"--listen 127.0.0.1:0", highlight=False, soft_wrap=True)
 
     side = ExposeSide(name, target=address, signal_url=signal, token=token,
                       core=_core(loopback, ice_server, turn_user, turn_password),
-                      events=EventLog(events), watch_network=True)
+                      events=EventLog(events), watch_network=True, secret=secret)
     console.print(f"exposing {target} as {name!r} via {signal}")
     _run_side(side, lambda: f"expose {name} -> {target}")
 
@@ -204,6 +242,8 @@ def connect(
     ice_server: IceServer = None,
     turn_user: TurnUser = None,
     turn_password: TurnPassword = None,
+    secret: Secret = None,
+    secret_file: SecretFile = None,
     events: Events = None,
     verbose: Verbose = False,
 ) -> None:
@@ -211,10 +251,15 @@ def connect(
     _logging(verbose)
     address = _address(listen, "--listen")
     token = _need_token(token)
+    secret = _secret(secret, secret_file)
+    if secret is None:
+        raise typer.BadParameter("give the tunnel secret that `tether expose` printed "
+                                 "(TETHER_SECRET, --secret-file or --secret)",
+                                 param_hint="--secret")
 
     side = ConnectSide(name, listen=address, signal_url=signal, token=token,
                        core=_core(loopback, ice_server, turn_user, turn_password),
-                       events=EventLog(events), watch_network=True)
+                       events=EventLog(events), watch_network=True, secret=secret)
 
     def title() -> str:
         host, port = side.listen_address

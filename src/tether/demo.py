@@ -28,6 +28,7 @@ from .app import ConnectSide, ExposeSide, TubeHandle
 from .connection_manager import ConnectionState
 from .cores.gathering import LOOPBACK
 from .echo import start_echo_server
+from .sealing import new_secret
 from .signaling import SignalingServer
 
 MB = 1024 * 1024
@@ -154,10 +155,11 @@ async def run_demo(
         stack.callback(echo.close)
         url = f"ws://127.0.0.1:{server.port}"
         target = echo.sockets[0].getsockname()[:2]
+        secret = new_secret()  # every signal between the two peers is sealed with it
         expose = ExposeSide("demo", target=target, signal_url=url, token=token,
-                            host_addresses=LOOPBACK)
+                            host_addresses=LOOPBACK, secret=secret)
         connect = ConnectSide("demo", listen=("127.0.0.1", 0), signal_url=url, token=token,
-                              host_addresses=LOOPBACK)
+                              host_addresses=LOOPBACK, secret=secret)
         await expose.start()
         stack.push_async_callback(expose.close)
         progress.phase = "connecting"

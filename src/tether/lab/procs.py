@@ -60,7 +60,8 @@ class Processes:
         return [self.python, *args]
 
     async def start(self, name: str, ns: str, argv: Sequence[str], *,
-                    stdin: bool = False, stdout_pipe: bool = False) -> Proc:
+                    stdin: bool = False, stdout_pipe: bool = False,
+                    env: dict[str, str] | None = None) -> Proc:
         """Start ``argv`` in namespace ``ns`` as ``name`` (a running one is replaced)."""
         old = self.procs.pop(name, None)
         if old is not None:
@@ -74,7 +75,7 @@ class Processes:
                 *full,
                 stdin=asyncio.subprocess.PIPE if stdin else asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE if stdout_pipe else out,
-                stderr=out, env=self.env, start_new_session=True,
+                stderr=out, env={**self.env, **(env or {})}, start_new_session=True,
             )
         netns.LIVE_GROUPS.add(process.pid)
         proc = Proc(name, ns, list(full), log, process)

@@ -70,6 +70,8 @@ class LabSession:
         self.topo = Topology()
         self.procs = Processes(run_dir)
         self.token = secrets.token_urlsafe(12)
+        # The tunnel secret both peers share, passed in the environment (not in `ps`).
+        self.peer_env = {"TETHER_SECRET": secrets.token_urlsafe(32)}
         self.echo: EchoChecker | None = None
         self.turn = False
         self.events_on = {"connect --events", "expose --events"} <= flags
@@ -103,7 +105,9 @@ class LabSession:
         return self.procs.py("-m", "tether.cli", *args)
 
     def _peer_args(self, side: str) -> list[str]:
-        args = ["--signal", self.signal_url, "--token", self.token]
+        # The tunnel secret both peers share (the relay token doubles as one: >= 16 chars).
+        args = ["--signal", self.signal_url, "--token", self.token,
+                "--secret", self.token]
         if self.events_on:
             args += ["--events", str(self.events_file(side))]
         if self.turn:
@@ -126,12 +130,13 @@ class LabSession:
 
     async def start_expose(self) -> None:
         await self.procs.start("expose", self.topo.b, self._tether(
-            "expose", TUNNEL, "--target", f"127.0.0.1:{ECHO_PORT}", *self._peer_args("expose")))
+            "expose", TUNNEL, "--target", f"127.0.0.1:{ECHO_PORT}", *self._peer_args("expose")),
+            env=self.peer_env)
 
     async def start_connect(self) -> None:
         proc = await self.procs.start("connect", self.topo.a, self._tether(
             "connect", TUNNEL, "--listen", f"127.0.0.1:{LISTEN_PORT}",
-            *self._peer_args("connect")))
+            *self._peer_args("connect")), env=self.peer_env)
         await wait_listening(self.topo.a, LISTEN_PORT, 20.0, proc)
 
     async def start_turn(self) -> None:

@@ -1,0 +1,167 @@
+"""Property tests: the frame decoder and the tunnel's dispatch under arbitrary input.
+
+The decoder raises nothing but FrameError for any input, and what it returns is bounded
+and re-encodes to itself. The tunnel, fed arbitrary message sequences by a peer that never
+reads (the stand-in channel keeps every byte sent), never raises, never holds more streams
+than max_streams, never lets its channel queue pass :attr:`Tunnel.bound`, and closes
+leaving no task; real TCP connections are made to a real target for the OPENs it accepts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tether.tunnel import FrameType, Tunnel, frames
+from tether.tunnel.frames import (
+    HEADER,
+    HEADER_SIZE,
+    MAX_DATA,
+    MAX_FRAME,
+    MAX_REASON,
+    MAX_TARGET,
+    Frame,
+    FrameError,
+)
+
+from .test_tunnel_abuse import holding_target
+from .test_tunnel_limits import PeerChannel
+
+u32 = st.integers(0, 0xFFFFFFFF)
+small_ids = st.integers(0, 12)  # few ids, so frames meet the streams they name
+type_bytes = st.one_of(st.sampled_from([t.value for t in FrameType]), st.integers(0, 255))
+
+
+def structured(ids: st.SearchStrategy[int] = u32) -> st.SearchStrategy[bytes]:
+    """A header (mostly a known type) and a payload shaped like, or close to, a real one."""
+    payload = st.one_of(
+        st.binary(max_size=12),
+        u32.map(lambda v: struct.pack(">I", v)),
+        st.tuples(u32, st.integers(0, 255), st.binary(max_size=40)).map(
+            lambda t: struct.pack(">IB", t[0], t[1]) + t[2]),
+        st.tuples(u32, st.text(max_size=30)).map(
+            lambda t: struct.pack(">I", t[0]) + b"\x00" + t[1].encode()),
+        st.integers(MAX_DATA - 2, MAX_DATA + 2).map(lambda n: b"x" * n),
+        st.integers(MAX_TARGET, MAX_TARGET + 8).map(lambda n: b"\x00" * 5 + b"t" * n),
+    )
+    return st.tuples(type_bytes, ids, payload).map(lambda t: HEADER.pack(t[0], t[1]) + t[2])
+
+
+def valid(ids: st.SearchStrategy[int] = u32) -> st.SearchStrategy[bytes]:
+    window = st.one_of(st.integers(1024, 1 << 20), u32)
+    return st.one_of(
+        st.tuples(ids, window).map(lambda t: frames.encode_open(*t)),
+        st.tuples(ids, window).map(lambda t: frames.encode_open_ok(*t)),
+        st.tuples(ids, st.text(max_size=20)).map(lambda t: frames.encode_open_fail(*t)),
+        st.tuples(ids, st.binary(min_size=1, max_size=3000)).map(
+            lambda t: frames.encode_data(*t)),
+        st.tuples(ids, st.integers(1, 0xFFFFFFFF)).map(lambda t: frames.encode_window(*t)),
+        ids.map(frames.encode_fin),
+        st.tuples(ids, st.text(max_size=20)).map(lambda t: frames.encode_reset(*t)),
+    )
+
+
+messages = st.one_of(st.binary(max_size=64), structured(), valid())
+
+
+# ---------------------------------------------------------------------------- the decoder
+
+
+def check_decode(raw: bytes | bytearray | memoryview) -> Frame | None:
+    try:
+        frame = frames.decode(raw)
+    except FrameError as exc:
+        size = len(raw)
+        if size < HEADER_SIZE:
+            assert exc.stream_id is None and exc.frame_type is None
+        else:
+            type_byte, sid = HEADER.unpack_from(raw)
+            assert exc.stream_id == sid
+            known = type_byte in {t.value for t in FrameType}
+            assert exc.frame_type == (FrameType(type_byte) if known else None)
+        return None
+    assert 0 <= frame.stream_id <= 0xFFFFFFFF
+    assert len(frame.data) <= MAX_DATA
+    assert len(frame.text) <= max(MAX_REASON, MAX_TARGET)
+    assert 0 <= frame.value <= 0xFFFFFFFF
+    assert len(raw) <= MAX_FRAME
+    return frame
+
+
+@settings(max_examples=500)
+@given(st.one_of(st.binary(max_size=MAX_FRAME + 16), structured(), valid()))
+def test_decode_raises_only_frame_error_and_round_trips(raw: bytes) -> None:
+    frame = check_decode(raw)
+    for view in (bytearray(raw), memoryview(raw)):
+        assert check_decode(view) == frame
+    if frame is None:
+        return
+    again = frames.decode(frames.encode(frame))
+    if frame.type in (FrameType.OPEN_FAIL, FrameType.RESET):
+        # Invalid UTF-8 in a reason becomes U+FFFD (3 bytes), so a re-encoded reason may
+        # be cut back to MAX_REASON bytes: only ever shorter.
+        assert again.type is frame.type and again.stream_id == frame.stream_id
+        assert frame.text.startswith(again.text)
+    else:
+        assert again == frame
+
+
+@given(st.one_of(st.none(), st.integers(), st.text(), st.lists(st.integers(0, 255))))
+def test_decode_of_a_non_binary_message_is_a_frame_error(message: object) -> None:
+    try:
+        frames.decode(message)  # type: ignore[arg-type]
+    except FrameError as exc:
+        assert exc.stream_id is None and "binary" in str(exc)
+    else:
+        raise AssertionError("decoded a non-binary message")
+
+
+@given(st.binary(min_size=1, max_size=64))
+def test_decode_of_an_odd_memoryview(raw: bytes) -> None:
+    view = memoryview(raw * 4).cast("I")  # 4-byte items: decoded as its bytes
+    try:
+        frames.decode(view)
+    except FrameError:
+        pass
+
+
+# ---------------------------------------------------------------------------- the dispatch
+
+ALLOWED_FAILURES = ("the peer does not speak the tunnel protocol", "the peer is not reading")
+
+
+async def dispatch_all(sequence: list[bytes | str], target: tuple[str, int]) -> None:
+    channel = PeerChannel(stalled=True)
+    tunnel = Tunnel(channel, name="fuzz", target=target, window=4096, high_water=8192,
+                    control_limit=4096, max_streams=3, open_rate=None)  # type: ignore[arg-type]
+    tunnel.start()
+    try:
+        for message in sequence:
+            tunnel._dispatch(message)  # raises nothing, whatever the message
+            assert len(tunnel.streams) <= 3
+            assert channel.bufferedAmount <= tunnel.bound
+            await asyncio.sleep(0)  # let dials, OPEN_OKs and uplinks run in between
+        await asyncio.sleep(0.01)
+        assert channel.max_buffered <= tunnel.bound
+        failure = tunnel.failure
+        assert failure is None or failure.startswith(ALLOWED_FAILURES), failure
+        for raw in channel.sent:
+            frames.decode(raw)  # everything we sent is a valid frame
+    finally:
+        await tunnel.close()
+    assert not tunnel._tasks and not tunnel.streams
+
+
+async def run_dispatch(sequence: list[bytes | str]) -> None:
+    async with holding_target() as target:
+        await dispatch_all(sequence, target.address)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.one_of(messages, structured(small_ids), valid(small_ids),
+                          st.text(max_size=8)), max_size=120))
+def test_dispatch_of_arbitrary_messages_stays_bounded(sequence: list[bytes | str]) -> None:
+    asyncio.run(run_dispatch(sequence))
