@@ -114,14 +114,28 @@ async def test_start_retries_until_the_relay_comes_up():
         await peer.client.close()
 
 
-async def test_another_client_with_the_same_peer_id_replaces_this_one(relay):
-    first, second = Peer(relay.url, "same"), Peer(relay.url, "same")
+async def test_same_peer_id_replaces_only_with_the_resume_credential(relay):
+    first = Peer(relay.url, "same")
     await first.client.start()
+    assert first.client.resume.startswith("tr1_")
+
+    # Knowing the peer id is not enough: refused like a third peer, first keeps its place.
+    intruder = Peer(relay.url, "same")
+    with pytest.raises(ConversationFullError, match="409") as refused:
+        await intruder.client.start()
+    assert "resume credential" in str(refused.value)
+    assert first.client.connected and first.client.error is None
+    await intruder.client.close()
+
+    # The holder of the credential (e.g. the same process after a half-open connection) may.
+    second = Peer(relay.url, "same")
+    second.client.resume = first.client.resume
     await second.client.start()
     await eventually(lambda: first.client.error is not None)
     assert isinstance(first.client.error, PeerReplacedError)
     assert first.states[-1] == "failed"
     assert second.client.connected
+    assert second.client.resume == first.client.resume
     await first.client.close()
     await second.client.close()
 

@@ -93,9 +93,14 @@ def small_send_buffers(relay: SignalingServer) -> None:
 
 
 async def raw_join(
-    relay: SignalingServer, peer: str, conversation: str = "conv", rcvbuf: int | None = None
+    relay: SignalingServer,
+    peer: str,
+    conversation: str = "conv",
+    rcvbuf: int | None = None,
+    resume: str | None = None,
 ) -> ClientConnection:
-    """A bare websockets peer; ``rcvbuf`` shrinks its socket receive buffer."""
+    """A bare websockets peer; ``rcvbuf`` shrinks its socket receive buffer; ``resume``
+    presents a resume credential (to replace a connection of the same peer id)."""
     sock = None
     if rcvbuf is not None:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -104,7 +109,7 @@ async def raw_join(
         await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", relay.port))
     return await connect(
         f"ws://127.0.0.1:{relay.port}/?conversation={conversation}&peer={peer}",
-        additional_headers=AUTH,
+        additional_headers={**AUTH, "X-Tether-Resume": resume} if resume else AUTH,
         proxy=None,
         sock=sock,
         ping_interval=None,
@@ -113,6 +118,13 @@ async def raw_join(
 
 async def recv(ws: ClientConnection, timeout: float = 2.0):
     return json.loads(await asyncio.wait_for(ws.recv(), timeout))
+
+
+async def recv_first(ws: ClientConnection) -> dict:
+    """The relay's first message (presence); its resume credential is kept as ws.resume."""
+    first = await recv(ws)
+    ws.resume = first.pop("resume")
+    return first
 
 
 async def close_all(*peers: Peer) -> None:
@@ -207,7 +219,7 @@ async def _stuck_peer(relay: SignalingServer, sender: Peer) -> ClientConnection:
     for b is blocked in a send and frames pile up in b's queue."""
     small_send_buffers(relay)
     b = await raw_join(relay, "b", rcvbuf=4096)
-    assert await recv(b) == {"control": "peer", "event": "present"}
+    assert await recv_first(b) == {"control": "peer", "event": "present"}
     b.transport.pause_reading()
     endpoint = relay.table._conversations["conv"].peers["b"]
     for i in range(60):
@@ -237,10 +249,10 @@ async def test_a_stuck_receiver_delays_neither_its_own_rejoin_nor_other_conversa
 
         # b reconnects (its old connection is stuck): it joins and is served at once.
         started = time.monotonic()
-        b2 = await raw_join(relay, "b")
+        b2 = await raw_join(relay, "b", resume=stuck.resume)
         first = await recv(b2)
         joined = time.monotonic() - started
-        assert first == {"control": "peer", "event": "present"}
+        assert first == {"control": "peer", "event": "present", "resume": stuck.resume}
         assert old_endpoint.gone
         got = await recv(b2)  # what was queued for the stuck connection moved over
         assert isinstance(got, (dict, list))
@@ -284,7 +296,7 @@ async def test_a_full_outgoing_queue_drops_that_connection_and_holds_its_signals
         await a.client.start()
         small_send_buffers(relay)
         b = await raw_join(relay, "b", rcvbuf=4096)
-        assert await recv(b) == {"control": "peer", "event": "present"}
+        assert await recv_first(b) == {"control": "peer", "event": "present"}
         b.transport.pause_reading()
         for i in range(60):
             await a.client.send(sig(f"{i}:{noise()}"))

@@ -34,13 +34,24 @@ def url(server: SignalingServer, conversation: str | None = "conv", peer: str | 
 
 
 async def join(
-    server: SignalingServer, peer: str, conversation: str = "conv", token: str | None = TOKEN
+    server: SignalingServer,
+    peer: str,
+    conversation: str = "conv",
+    token: str | None = TOKEN,
+    resume: str | None = None,
 ) -> ClientConnection:
-    """Connect; the relay's first message (presence of the other peer) is checked and eaten."""
+    """Connect; the relay's first message (presence of the other peer) is checked and eaten.
+
+    Its resume credential is kept as ``ws.resume``; ``resume`` presents one.
+    """
     headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+    if resume is not None:
+        headers["X-Tether-Resume"] = resume
     ws = await connect(url(server, conversation, peer), additional_headers=headers, proxy=None)
     first = await recv_raw(ws)
     assert first["control"] == "peer" and first["event"] in ("present", "absent"), first
+    assert first["resume"].startswith("tr1_") and len(first["resume"]) > 30, first
+    ws.resume = first["resume"]
     return ws
 
 
@@ -117,8 +128,17 @@ async def test_third_peer_is_refused_with_409_but_same_peer_replaces(relay, capl
         await join(relay, "c")
     status, body = status_of(third)
     assert status == 409 and "already has 2 peers" in body and "third peer" in body
+    assert "'a'" not in body and "'b'" not in body  # names no other peer
 
-    a2 = await join(relay, "a")  # same peer id: replaces, not a third peer
+    # Same peer id without (or with a wrong) resume credential: refused like a third peer.
+    for wrong in (None, "tr1_" + "x" * 32, b.resume):
+        with pytest.raises(InvalidStatus) as claim:
+            await join(relay, "a", resume=wrong)
+        status, body = status_of(claim)
+        assert status == 409 and "resume credential" in body and "'b'" not in body
+
+    a2 = await join(relay, "a", resume=a1.resume)  # its credential: replaces, not a third peer
+    assert a2.resume == a1.resume  # the credential stays with the peer id
     await asyncio.wait_for(a1.wait_closed(), 2)
     assert a1.close_code == server_module.CLOSE_REPLACED
     assert sorted(relay.table.peers("conv")) == ["a", "b"]
@@ -202,16 +222,25 @@ async def test_bad_control_messages_get_an_error_and_are_not_forwarded(relay, me
     await b.close()
 
 
+def without_resume(message: dict) -> dict:
+    return {k: v for k, v in message.items() if k != "resume"}
+
+
 async def test_presence_events(relay):
     a = await connect(url(relay, peer="a"), additional_headers=AUTH, proxy=None)
-    assert await recv_raw(a) == {"control": "peer", "event": "absent"}
+    assert without_resume(await recv_raw(a)) == {"control": "peer", "event": "absent"}
     b = await connect(url(relay, peer="b"), additional_headers=AUTH, proxy=None)
-    assert await recv_raw(b) == {"control": "peer", "event": "present"}
-    assert await recv_raw(a) == {"control": "peer", "event": "joined"}
+    first_b = await recv_raw(b)
+    assert without_resume(first_b) == {"control": "peer", "event": "present"}
+    assert await recv_raw(a) == {"control": "peer", "event": "joined"}  # no credential
 
     # b replaces its own connection: a hears "joined" again (never "left" for it)
-    b2 = await connect(url(relay, peer="b"), additional_headers=AUTH, proxy=None)
-    assert await recv_raw(b2) == {"control": "peer", "event": "present"}
+    b2 = await connect(
+        url(relay, peer="b"),
+        additional_headers={**AUTH, "X-Tether-Resume": first_b["resume"]},
+        proxy=None,
+    )
+    assert await recv_raw(b2) == first_b
     assert await recv_raw(a) == {"control": "peer", "event": "joined"}
     await asyncio.wait_for(b.wait_closed(), 2)
 

@@ -27,11 +27,13 @@ from tether.tunnel.frames import (
     FrameError,
 )
 
+from tether.tunnel.tunnel import MAX_BAD_FRAMES_IN_A_ROW
+
 from .test_tunnel_abuse import holding_target
 from .test_tunnel_limits import PeerChannel
 
 u32 = st.integers(0, 0xFFFFFFFF)
-small_ids = st.integers(0, 12)  # few ids, so frames meet the streams they name
+small_ids = st.integers(0, 4)  # few ids, so frames meet the streams they name
 type_bytes = st.one_of(st.sampled_from([t.value for t in FrameType]), st.integers(0, 255))
 
 
@@ -74,11 +76,11 @@ def check_decode(raw: bytes | bytearray | memoryview) -> Frame | None:
     try:
         frame = frames.decode(raw)
     except FrameError as exc:
-        size = len(raw)
-        if size < HEADER_SIZE:
+        flat = bytes(raw)  # a view's bytes, whatever its shape
+        if len(flat) < HEADER_SIZE:
             assert exc.stream_id is None and exc.frame_type is None
         else:
-            type_byte, sid = HEADER.unpack_from(raw)
+            type_byte, sid = HEADER.unpack_from(flat)
             assert exc.stream_id == sid
             known = type_byte in {t.value for t in FrameType}
             assert exc.frame_type == (FrameType(type_byte) if known else None)
@@ -87,7 +89,7 @@ def check_decode(raw: bytes | bytearray | memoryview) -> Frame | None:
     assert len(frame.data) <= MAX_DATA
     assert len(frame.text) <= max(MAX_REASON, MAX_TARGET)
     assert 0 <= frame.value <= 0xFFFFFFFF
-    assert len(raw) <= MAX_FRAME
+    assert len(bytes(raw)) <= MAX_FRAME
     return frame
 
 
@@ -119,13 +121,25 @@ def test_decode_of_a_non_binary_message_is_a_frame_error(message: object) -> Non
         raise AssertionError("decoded a non-binary message")
 
 
-@given(st.binary(min_size=1, max_size=64))
-def test_decode_of_an_odd_memoryview(raw: bytes) -> None:
-    view = memoryview(raw * 4).cast("I")  # 4-byte items: decoded as its bytes
+@given(st.one_of(structured(), valid()))
+def test_decode_of_odd_memoryviews(raw: bytes) -> None:
+    """Views with wide items, two dimensions or none decode as the bytes behind them."""
+    expected = check_decode(raw)
+    padded = raw + b"\x00" * (-len(raw) % 4)
+    if padded == raw:
+        assert check_decode(memoryview(raw).cast("I")) == expected
+        if raw:
+            assert check_decode(memoryview(raw).cast("B", (1, len(raw)))) == expected
+    scalar = memoryview(b"\x07").cast("B", ())
+    assert check_decode(scalar) is None
+    released = memoryview(raw)
+    released.release()
     try:
-        frames.decode(view)
-    except FrameError:
-        pass
+        frames.decode(released)
+    except FrameError as exc:
+        assert "unusable" in str(exc)
+    else:
+        raise AssertionError("decoded a released view")
 
 
 # ---------------------------------------------------------------------------- the dispatch
@@ -133,10 +147,14 @@ def test_decode_of_an_odd_memoryview(raw: bytes) -> None:
 ALLOWED_FAILURES = ("the peer does not speak the tunnel protocol", "the peer is not reading")
 
 
-async def dispatch_all(sequence: list[bytes | str], target: tuple[str, int]) -> None:
+async def dispatch_all(sequence: list[bytes | str], target: tuple[str, int],
+                       unread: int) -> Tunnel:
+    """Feed ``sequence`` to a tunnel whose peer reads nothing and has ``unread`` bytes of
+    earlier frames waiting in the channel; check the bounds after every message."""
     channel = PeerChannel(stalled=True)
-    tunnel = Tunnel(channel, name="fuzz", target=target, window=4096, high_water=8192,
-                    control_limit=4096, max_streams=3, open_rate=None)  # type: ignore[arg-type]
+    tunnel = Tunnel(channel, name="fuzz", target=target, window=4096, high_water=4096,
+                    control_limit=2048, max_streams=3, open_rate=None)  # type: ignore[arg-type]
+    channel.bufferedAmount = min(unread, tunnel.bound)
     tunnel.start()
     try:
         for message in sequence:
@@ -153,15 +171,54 @@ async def dispatch_all(sequence: list[bytes | str], target: tuple[str, int]) -> 
     finally:
         await tunnel.close()
     assert not tunnel._tasks and not tunnel.streams
+    return tunnel
 
 
-async def run_dispatch(sequence: list[bytes | str]) -> None:
-    async with holding_target() as target:
-        await dispatch_all(sequence, target.address)
+async def run_dispatch(sequence: list[bytes | str], unread: int = 0) -> Tunnel:
+    async with holding_target(echo=True) as target:
+        return await dispatch_all(sequence, target.address, unread)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(st.one_of(messages, structured(small_ids), valid(small_ids),
-                          st.text(max_size=8)), max_size=120))
-def test_dispatch_of_arbitrary_messages_stays_bounded(sequence: list[bytes | str]) -> None:
-    asyncio.run(run_dispatch(sequence))
+# Mostly frames of the protocol for a few stream ids (so OPENs are accepted, DATA echoes
+# back, WINDOWs and RESETs hit live streams), mixed with malformed frames and garbage.
+protocolish = st.one_of(
+    valid(small_ids), valid(small_ids), valid(small_ids), valid(small_ids),
+    structured(small_ids), messages, st.text(max_size=8),
+)
+
+
+# Bytes the peer left unread before the sequence: often none, often around the bound
+# (4096 + 16389 + 2048 = 22533), where frames start being dropped or the tunnel fails.
+unread_bytes = st.one_of(st.just(0), st.integers(0, 40_000), st.integers(18_000, 23_000))
+
+
+@settings(max_examples=100, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(st.lists(protocolish, min_size=10, max_size=200), unread_bytes)
+def test_dispatch_of_arbitrary_messages_stays_bounded(
+    sequence: list[bytes | str], unread: int,
+) -> None:
+    asyncio.run(run_dispatch(sequence, unread))
+
+
+unparseable = st.one_of(
+    st.binary(max_size=4),
+    st.text(max_size=3),
+    st.tuples(st.integers(8, 255), u32, st.binary(max_size=8)).map(
+        lambda t: HEADER.pack(t[0], t[1]) + t[2]),  # a type this side does not know
+)
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(unparseable, min_size=40, max_size=100))
+def test_unparseable_messages_fail_the_tunnel_only_after_a_long_run(
+    sequence: list[bytes | str],
+) -> None:
+    tunnel = asyncio.run(run_dispatch(sequence))
+    if len(sequence) >= MAX_BAD_FRAMES_IN_A_ROW:
+        assert tunnel.failure is not None
+        assert tunnel.failure.startswith("the peer does not speak the tunnel protocol")
+        assert tunnel.stats["frames_malformed"] == MAX_BAD_FRAMES_IN_A_ROW  # then ignored
+    else:
+        assert tunnel.failure is None
+        assert tunnel.stats["frames_malformed"] == len(sequence)

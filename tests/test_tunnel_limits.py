@@ -9,7 +9,7 @@ import contextlib
 import logging
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from tether.tunnel import FrameType, LogThrottle, TokenBucket, Tunnel, frames

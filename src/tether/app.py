@@ -342,7 +342,11 @@ class Side:
         kwargs: dict[str, Any] = {"name": handle.tube_id, "target": target}
         if self.window is not None:
             kwargs["window"] = self.window
-        tunnel = Tunnel(channel, **kwargs)
+
+        def failed(reason: str) -> None:  # the peer broke the tunnel protocol: a new tube
+            self._spawn(self._drop_tube(handle.tube_id, f"tunnel failed: {reason}"))
+
+        tunnel = Tunnel(channel, on_fail=failed, **kwargs)
         tunnel.start()
         handle.tunnel = tunnel
         logger.info("tube %s: tunnel open after %.0f ms", handle.tube_id, handle.connect_ms)

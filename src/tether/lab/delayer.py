@@ -6,7 +6,8 @@ lookup 100``; table 100's default route is the TUN) into it. This program reads 
 from ``/dev/net/tun`` and writes it back into the same TUN ``--delay`` seconds later; a
 packet written back arrives with ``iif`` = the TUN, matches no rule and follows the main
 table to its real destination. Each direction passes the TUN once, so a 0.3 s delay makes a
-0.6 s round trip. Connection tracking would see every packet twice (once on the way in, once
+0.6 s round trip. The lab routes through the TUN from the start with no delay and turns the
+delay on (a ``delay 0.3`` line on stdin) as the fault, in one step. Connection tracking would see every packet twice (once on the way in, once
 from the TUN), which breaks the NAT, so the topology marks the first pass ``notrack`` (see
 :meth:`tether.lab.topology.Topology.slow_path`). A TUN was chosen over NFQUEUE because it
 needs nothing beyond the standard library and the kernel's tun driver.
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import fcntl
 import json
 import logging
@@ -39,8 +39,9 @@ MAX_PACKET = 65535
 class DelayLine:
     """Holds packets for a fixed delay, in arrival order, up to a bound.
 
-    Every packet waits the same time, so a FIFO is already sorted by due time. A full line
-    drops the new packet, as a router's full queue would.
+    Due times never decrease (no packet overtakes one ahead of it, even when the delay
+    shrinks), so a FIFO is sorted by due time. A full line drops the new packet, as a
+    router's full queue would.
     """
 
     def __init__(self, delay: float, *, max_packets: int = 50_000,
@@ -58,12 +59,22 @@ class DelayLine:
     def __len__(self) -> int:
         return len(self._queue)
 
+    def set_delay(self, delay: float) -> None:
+        """Packets queued from now on wait ``delay``; order is kept (a shorter delay makes a
+        packet wait for the ones ahead of it, as on a real link)."""
+        if delay < 0:
+            raise ValueError("delay must not be negative")
+        self.delay = delay
+
     def push(self, packet: bytes, now: float) -> bool:
         """Queue ``packet`` arriving at ``now``; False if the line is full (dropped)."""
         if len(self._queue) >= self.max_packets or self._bytes + len(packet) > self.max_bytes:
             self.dropped += 1
             return False
-        self._queue.append((now + self.delay, packet))
+        due = now + self.delay
+        if self._queue and self._queue[-1][0] > due:
+            due = self._queue[-1][0]
+        self._queue.append((due, packet))
         self._bytes += len(packet)
         self.accepted += 1
         return True
@@ -94,9 +105,13 @@ def open_tun(name: str) -> int:
 
 
 async def run(device: str, delay: float) -> DelayLine:
-    """Delay every packet of ``device`` until stdin closes or SIGTERM arrives."""
+    """Delay every packet of ``device`` until stdin closes or SIGTERM arrives.
+
+    A line ``delay SECONDS`` on stdin changes the delay: the lab routes through the TUN
+    from the start with no delay and turns the delay on as the fault, in one step.
+    """
     loop = asyncio.get_running_loop()
-    line = DelayLine(delay)
+    queue = DelayLine(delay)
     fd = open_tun(device)
     timer: asyncio.TimerHandle | None = None
     stop = asyncio.Event()
@@ -104,14 +119,16 @@ async def run(device: str, delay: float) -> DelayLine:
     def flush() -> None:
         nonlocal timer
         timer = None
-        for packet in line.pop_due(loop.time()):
-            with contextlib.suppress(OSError):
+        for packet in queue.pop_due(loop.time()):
+            try:
                 os.write(fd, packet)
+            except OSError:
+                queue.dropped += 1
         arm()
 
     def arm() -> None:
         nonlocal timer
-        due = line.next_due()
+        due = queue.next_due()
         if timer is None and due is not None:
             timer = loop.call_at(due, flush)
 
@@ -125,28 +142,46 @@ async def run(device: str, delay: float) -> DelayLine:
                 logger.error("reading %s: %s", device, exc)
                 stop.set()
                 break
-            line.push(packet, loop.time())
+            queue.push(packet, loop.time())
         arm()
+
+    reader = asyncio.StreamReader(limit=1024)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+
+    async def commands() -> None:
+        while text := await reader.readline():
+            words = text.decode(errors="replace").split()
+            try:
+                if len(words) == 2 and words[0] == "delay":
+                    queue.set_delay(float(words[1]))
+                    _say({"delay": queue.delay})
+                    continue
+            except ValueError:
+                pass
+            logger.error("unknown command %r (expected: delay SECONDS)", text[:80])
 
     loop.add_reader(fd, readable)
     loop.add_signal_handler(signal.SIGTERM, stop.set)
-    reader = asyncio.StreamReader(limit=1024)
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-    stdin_closed = asyncio.ensure_future(reader.read())
-    sys.stdout.write(json.dumps({"ready": device, "delay": delay}) + "\n")
-    sys.stdout.flush()
+    stdin_closed = asyncio.ensure_future(commands())
     stopped = asyncio.ensure_future(stop.wait())
+    _say({"ready": device, "delay": delay})
     try:
         await asyncio.wait({stdin_closed, stopped}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         stdin_closed.cancel()
         stopped.cancel()
+        await asyncio.gather(stdin_closed, stopped, return_exceptions=True)
         loop.remove_reader(fd)
         loop.remove_signal_handler(signal.SIGTERM)
         if timer is not None:
             timer.cancel()
         os.close(fd)
-    return line
+    return queue
+
+
+def _say(record: dict[str, object]) -> None:
+    sys.stdout.write(json.dumps(record) + "\n")
+    sys.stdout.flush()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -155,8 +190,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--delay", type=float, default=0.3, help="seconds, each way")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    line = asyncio.run(run(args.device, args.delay))
-    sys.stdout.write(json.dumps({"accepted": line.accepted, "dropped": line.dropped}) + "\n")
+    queue = asyncio.run(run(args.device, args.delay))
+    _say({"accepted": queue.accepted, "dropped": queue.dropped})
 
 
 if __name__ == "__main__":

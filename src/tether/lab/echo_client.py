@@ -9,7 +9,8 @@ verifies every echoed byte in order and reports JSON lines on stdout (one object
 - ``progress`` every ``--interval`` s: ``sent``, ``verified``, ``last_rx`` (time of the
   latest echoed byte);
 - ``stall``: nothing came back for ``--gap`` s while bytes were outstanding (``since``);
-- ``gap`` once the echo resumes after a stall: ``start``, ``end``, ``ms``;
+- ``gap`` when the echo resumes after a silence longer than ``--fine-gap`` s (50 ms; at
+  1 MB/s echoes arrive every ~16 ms) while bytes were outstanding: ``start``, ``end``, ``ms``;
 - ``done``: ``--total`` bytes were sent and all verified;
 - ``closed``: the stream ended; ``how`` is ``eof``, ``reset``, ``error`` or ``mismatch``;
   ``clean`` is true for an EOF with nothing wrong;
@@ -179,7 +180,7 @@ class EchoChecker:
                     clean, reason, how = False, f"mismatch at {offset}", "mismatch"
                     break
                 if (conn.waiting_since is not None
-                        and now - conn.waiting_since > self.args.gap):
+                        and now - conn.waiting_since > self.args.fine_gap):
                     emit("gap", conn=conn.conn, start=conn.waiting_since, end=now,
                          ms=round((now - conn.waiting_since) * 1000.0, 1))
                 conn.stalled = False
@@ -303,6 +304,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--chunk", type=int, default=16384)
     parser.add_argument("--interval", type=float, default=0.1, help="progress report period")
     parser.add_argument("--gap", type=float, default=0.2, help="silence that counts as a stall")
+    parser.add_argument("--fine-gap", type=float, default=0.05,
+                        help="shortest silence reported as a gap once it ends")
     parser.add_argument("--retry-for", type=float, default=60.0)
     parser.add_argument("--drain-timeout", type=float, default=10.0)
     args = parser.parse_args(argv)

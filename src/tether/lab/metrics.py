@@ -27,8 +27,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-# A gap that starts this long after the recovery moment belongs to something else.
-GAP_GRACE = 1.0
+# The gap a fault causes starts before, or just after, the moment recovery is possible (the
+# last bytes in flight); one that starts later belongs to something else.
+GAP_GRACE = 0.1
 
 DETECTING_STATES = frozenset({"degraded", "reconnecting", "failed"})
 

@@ -68,6 +68,9 @@ async def run_scenario(name: str, options: LabOptions, flags: set[str], root: Pa
                 await asyncio.to_thread(session.echo.dump, run_dir / "echo_client.jsonl")
     except (netns.CommandError, RuntimeError, OSError) as exc:
         obs.error = obs.error or f"{type(exc).__name__}: {exc}"
+    except asyncio.CancelledError:
+        logger.warning("%s interrupted; its logs are kept in %s", name, run_dir)
+        raise
     events = await asyncio.to_thread(session.events)
     result = metrics.score(obs, echo_records, events)
     result.extra["seconds"] = round(time.time() - started, 1)

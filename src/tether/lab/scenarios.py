@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from . import netns
 from .metrics import Observation
-from .session import TUN_DEVICE, LabOptions, LabSession
+from .session import LabOptions, LabSession
 
 Act = Callable[[LabSession, Observation], Awaitable[None]]
 Prepare = Callable[[LabSession], Awaitable[None]]
@@ -171,9 +171,10 @@ async def slow_path(s: LabSession, obs: Observation) -> None:
     await baseline(s)
     cid = echo.active
     assert cid is not None
+    obs.extra["rtt_before_ms"] = await measure_rtt(s)
     before = echo.conns[cid].verified
     obs.fault = obs.quiet_since = time.time()
-    await s.topo.slow_path(TUN_DEVICE)
+    await s.set_delay(s.options.delay_s)
     obs.extra["rtt_ms"] = await measure_rtt(s)
     await asyncio.sleep(s.options.slow_s)
     c = echo.conns[cid]

@@ -105,9 +105,8 @@ class LabSession:
         return self.procs.py("-m", "tether.cli", *args)
 
     def _peer_args(self, side: str) -> list[str]:
-        # The tunnel secret both peers share (the relay token doubles as one: >= 16 chars).
-        args = ["--signal", self.signal_url, "--token", self.token,
-                "--secret", self.token]
+        # The tunnel secret travels in the environment (peer_env), out of `ps` and the logs.
+        args = ["--signal", self.signal_url, "--token", self.token]
         if self.events_on:
             args += ["--events", str(self.events_file(side))]
         if self.turn:
@@ -161,16 +160,24 @@ class LabSession:
         return len(out.strip().splitlines())
 
     async def start_delayer(self) -> None:
-        """The TUN and the delay line in R (routing into it is the fault, applied later)."""
+        """The TUN and its delay line in R, with everything R forwards routed through it,
+        at no delay yet (:meth:`set_delay` is the fault)."""
         await self.topo.add_tun(TUN_DEVICE)
         proc = await self.procs.start("delayer", self.topo.r, self.procs.py(
-            "-m", "tether.lab.delayer", "--device", TUN_DEVICE,
-            "--delay", str(self.options.delay_s)), stdin=True)
+            "-m", "tether.lab.delayer", "--device", TUN_DEVICE, "--delay", "0"), stdin=True)
         deadline = time.monotonic() + 20.0
         while b'"ready"' not in await asyncio.to_thread(proc.log.read_bytes):
             if not proc.running or time.monotonic() > deadline:
                 raise RuntimeError(f"the delayer did not start (see {proc.log})")
             await asyncio.sleep(0.1)
+        await self.topo.slow_path(TUN_DEVICE)
+
+    async def set_delay(self, seconds: float) -> None:
+        proc = self.procs.procs.get("delayer")
+        if proc is None or not proc.running or proc.process.stdin is None:
+            raise RuntimeError("the delayer is not running")
+        proc.process.stdin.write(f"delay {seconds}\n".encode())
+        await proc.process.stdin.drain()
 
     async def start_checker(self, rate: float | None = None, total: int = 0) -> EchoChecker:
         rate = self.options.rate if rate is None else rate

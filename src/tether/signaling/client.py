@@ -8,6 +8,12 @@ stop coming although the peer is present. Incoming signals are handed to ``on_si
 each, in order per sender (see :mod:`tether.signaling.delivery`). The wire protocol is
 described in ``tether.signaling.server``.
 
+At join the relay hands out a secret resume credential; the client presents it (header
+``X-Tether-Resume``) on every reconnect, so that its new connection may replace one the relay
+still believes alive, and nobody else can. ``wss://`` URLs verify the relay's certificate
+(system store, or ``ca_file`` / an ``ssl`` context). The token and the credential never
+appear in logs (:mod:`tether.signaling.redact`).
+
 The client never sits on a dead socket longer than the app lets it: ``check()`` pings and
 reconnects at once when no pong comes, ``reconnect()`` drops the connection and connects
 again at once (after a network change the new connection uses the new source address).
@@ -27,10 +33,10 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import json
 import logging
 import random
 import secrets
+import ssl as ssl_module
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
@@ -40,10 +46,13 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 from websockets.uri import parse_uri
 
-from tether.signals import ERROR, Signal, SignalError, parse_frame, validate_signal
+from tether.signals import ERROR, Signal, SignalError, validate_signal
 
+from . import redact
 from .conversations import ABSENT, JOINED, LEFT, PRESENT
 from .delivery import DUPLICATE, GAP, Inbox, Outbox, ResendTimer
+from .frames import read_frame
+from .redact import RESUME_HEADER, RESUME_PREFIX
 from .server import (
     ACK,
     CLOSE_CONVERSATION_FULL,
@@ -54,6 +63,7 @@ from .server import (
     PEER_FIELD,
     PREV_FIELD,
     REJECTED,
+    RESUME_FIELD,
     SEQ_FIELD,
     SESSION_FIELD,
     TO_FIELD,
@@ -75,6 +85,8 @@ CLOSED = "closed"
 
 PREV_RESERVE = 32
 """Bytes kept free in max_message_bytes for the ``prev`` field added when writing."""
+MAX_RETRY_AFTER = 60.0
+"""A relay's Retry-After is honoured up to this many seconds."""
 
 
 class SignalingError(Exception):
@@ -98,7 +110,14 @@ class HandshakeRefusedError(SignalingError):
 
 
 class PeerReplacedError(SignalingError):
-    """Another client connected with this client's peer id and took its place."""
+    """Another client connected with this client's peer id and took its place.
+
+    The relay allows that only to a client presenting this one's resume credential.
+    """
+
+
+class CertificateError(HandshakeRefusedError):
+    """The relay's TLS certificate did not verify (on the first connection). Not retried."""
 
 
 class SignalingClosedError(SignalingError):
@@ -145,6 +164,8 @@ class SignalingClient:
         ping_timeout: float | None = 20.0,
         close_timeout: float | None = 2.0,
         proxy: str | bool | None = True,
+        ca_file: str | None = None,
+        ssl: ssl_module.SSLContext | None = None,
     ) -> None:
         if not conversation_id:
             raise ValueError("conversation_id must not be empty")
@@ -165,11 +186,24 @@ class SignalingClient:
         self._on_peer = on_peer
         self._url = _with_query(url, conversation=conversation_id, peer=self.peer_id)
         try:
-            parse_uri(self._url)
+            secure = parse_uri(self._url).secure
         except (InvalidURI, ValueError) as exc:
             raise ValueError(f"not a WebSocket URL: {url!r} ({exc})") from exc
+        if ca_file is not None and ssl is not None:
+            raise ValueError("give ca_file or ssl, not both")
+        if (ca_file is not None or ssl is not None) and not secure:
+            raise ValueError(f"ca_file/ssl given but {url!r} is not a wss:// URL")
+        redact.install(token)
+        self._token = token
+        self.resume = ""
+        """The relay's resume credential for this peer id ("" until the first connection)."""
+        self._retry_after = 0.0
+        tls: dict[str, Any] = {}
+        if secure:
+            # Certificates are always verified: the system store, or the given CA file.
+            tls["ssl"] = ssl or ssl_module.create_default_context(cafile=ca_file)
         self._connect_options: dict[str, Any] = dict(
-            additional_headers={"Authorization": f"Bearer {token}"},
+            **tls,
             open_timeout=open_timeout,
             ping_interval=ping_interval,
             ping_timeout=ping_timeout,
@@ -433,7 +467,9 @@ class SignalingClient:
 
     def _backoff(self, attempt: int) -> float:
         delay = min(self.reconnect_max, self.reconnect_base * (2**attempt))
-        return delay / 2 + random.uniform(0, delay / 2)
+        delay = delay / 2 + random.uniform(0, delay / 2)
+        wait, self._retry_after = self._retry_after, 0.0  # the relay said when (429, 503)
+        return max(delay, min(wait, MAX_RETRY_AFTER))
 
     async def _run(self) -> None:
         attempt = 0
@@ -510,12 +546,20 @@ class SignalingClient:
             fatal = self._refusal(exc)
             if fatal is not None:
                 raise fatal from None
+            self._retry_after = _retry_after(exc)
             log.warning(
                 "signaling %s: relay refused the connection (HTTP %s: %s); retrying",
                 self._name(),
                 exc.response.status_code,
                 _body(exc),
             )
+        except ssl_module.SSLCertVerificationError as exc:
+            if not self._ever_connected:
+                raise CertificateError(
+                    f"the signaling relay's TLS certificate did not verify: {exc.verify_message}"
+                    " (give the CA that signed it)"
+                ) from None
+            log.warning("signaling %s: TLS certificate did not verify: %s", self._name(), exc)
         except (OSError, TimeoutError, InvalidHandshake) as exc:
             log.info("signaling %s: cannot connect: %s", self._name(), exc or type(exc))
         finally:
@@ -523,7 +567,10 @@ class SignalingClient:
         return None
 
     async def _open(self) -> ClientConnection:
-        return await connect(self._url, **self._connect_options)
+        headers = {"Authorization": f"Bearer {self._token}"}
+        if self.resume:
+            headers[RESUME_HEADER] = self.resume
+        return await connect(self._url, additional_headers=headers, **self._connect_options)
 
     def _refusal(self, exc: InvalidStatus) -> SignalingError | None:
         status = exc.response.status_code
@@ -661,83 +708,104 @@ class SignalingClient:
 
     async def _reader(self, ws: ClientConnection) -> None:
         async for message in ws:
-            if isinstance(message, bytes):
-                log.warning("signaling %s: ignored a binary frame", self._name())
-                continue
-            try:
-                payload = json.loads(message)
-            except ValueError:
-                payload = None
-            if isinstance(payload, dict) and CONTROL in payload:
-                await self._on_control(payload)
-                continue
-            signals, errors = parse_frame(message)
-            for error in errors:
-                log.warning(
-                    "signaling %s: dropped a malformed incoming item: %s", self._name(), error
-                )
-            accepted: list[Signal] = []
-            acks: dict[tuple[str, str], list[int]] = {}
-            for signal in signals:
-                peer = signal.get(PEER_FIELD)
-                session = signal.get(SESSION_FIELD)
-                seq = signal.get(SEQ_FIELD)
-                if isinstance(peer, str) and isinstance(session, str) and _is_count(seq):
-                    prev = signal.get(PREV_FIELD)
-                    verdict = self._inbox.classify(
-                        peer, session, seq, prev if _is_count(prev) else None
-                    )
-                    if verdict == GAP:
-                        log.debug(
-                            "signaling %s: %s/%s seq %s arrived before seq %s; dropped "
-                            "(it comes again)",
-                            self._name(),
-                            peer,
-                            session,
-                            seq,
-                            prev,
-                        )
-                        continue
-                    acks.setdefault((peer, session), []).append(seq)
-                    if verdict == DUPLICATE:
-                        log.debug(
-                            "signaling %s: dropped duplicate %s/%s seq %s",
-                            self._name(),
-                            peer,
-                            session,
-                            seq,
-                        )
-                        continue
-                elif signal.get("kind") == ERROR and PEER_FIELD not in signal:
+            await self._on_frame(ws, message)
+
+    async def _on_frame(self, ws: ClientConnection, message: str | bytes) -> None:
+        """One frame from the relay. Whatever it holds, nothing escapes but I/O errors."""
+        control, signals, errors = read_frame(message)
+        if control is not None:
+            await self._on_control(control)
+            return
+        for error in errors[:5]:
+            log.warning(
+                "signaling %s: dropped a malformed incoming item: %s", self._name(), error
+            )
+        accepted: list[Signal] = []
+        ack: tuple[str, str] | None = None  # the one (peer, session) this frame may carry
+        seqs: list[int] = []
+        for signal in signals:
+            peer = signal.get(PEER_FIELD)
+            session = signal.get(SESSION_FIELD)
+            seq = signal.get(SEQ_FIELD)
+            if isinstance(peer, str) and isinstance(session, str) and _is_count(seq):
+                if ack is None:
+                    ack = (peer, session)
+                elif ack != (peer, session):
+                    # The relay never mixes senders or sessions in a frame; answering each
+                    # would turn one frame into many acks. Not acknowledged: if genuine, it
+                    # comes again.
                     log.warning(
-                        "signaling %s: relay reported an error: %s",
+                        "signaling %s: dropped a signal of another sender/session in the "
+                        "same frame",
                         self._name(),
-                        signal.get("data"),
                     )
-                accepted.append(signal)
-            # Acknowledge what this client now has (one ack per sender session, which is
-            # one per frame: the relay never mixes them) before the application works on
-            # it, so a slow on_signal does not hold up the sender.
-            for (peer, session), seqs in acks.items():
-                await ws.send(
-                    encode({CONTROL: ACK, TO_FIELD: peer, SESSION_FIELD: session, "seqs": seqs})
+                    continue
+                prev = signal.get(PREV_FIELD)
+                verdict = self._inbox.classify(
+                    peer, session, seq, prev if _is_count(prev) else None
                 )
-            for signal in accepted:
-                await self._deliver(signal)
+                if verdict == GAP:
+                    log.debug(
+                        "signaling %s: %s/%s seq %s arrived before seq %s; dropped "
+                        "(it comes again)",
+                        self._name(),
+                        peer,
+                        session,
+                        seq,
+                        prev,
+                    )
+                    continue
+                seqs.append(seq)
+                if verdict == DUPLICATE:
+                    log.debug(
+                        "signaling %s: dropped duplicate %s/%s seq %s",
+                        self._name(),
+                        peer,
+                        session,
+                        seq,
+                    )
+                    continue
+            elif signal.get("kind") == ERROR and PEER_FIELD not in signal:
+                log.warning(
+                    "signaling %s: relay reported an error: %s",
+                    self._name(),
+                    str(signal.get("data"))[:300],
+                )
+            accepted.append(signal)
+        # Acknowledge what this client now has (at most one ack per frame) before the
+        # application works on it, so a slow on_signal does not hold up the sender.
+        if ack is not None and seqs:
+            await ws.send(
+                encode({CONTROL: ACK, TO_FIELD: ack[0], SESSION_FIELD: ack[1], "seqs": seqs})
+            )
+        for signal in accepted:
+            await self._deliver(signal)
 
     async def _on_control(self, message: dict[str, Any]) -> None:
         kind = message.get(CONTROL)
         if kind == PEER_EVENT:
+            resume = message.get(RESUME_FIELD)
+            if (
+                isinstance(resume, str)
+                and resume.startswith(RESUME_PREFIX)
+                and len(resume) <= 256
+                and resume.isprintable()
+            ):
+                self.resume = resume  # presented on every reconnect from now on
             await self._on_presence(message.get("event"))
             return
         if kind not in (ACK, REJECTED):
-            log.debug("signaling %s: ignored control message %r", self._name(), message)
+            log.debug(
+                "signaling %s: ignored control message %.200r", self._name(), message
+            )
             return
         if message.get(SESSION_FIELD) not in (self.session, None):
             return  # meant for an earlier process with the same peer id
         seqs = message.get("seqs")
         if not isinstance(seqs, list):
-            log.warning("signaling %s: malformed %s %r", self._name(), kind, message)
+            log.warning(
+                "signaling %s: malformed %s %.200r", self._name(), str(kind)[:20], message
+            )
             return
         seqs = [seq for seq in seqs if _is_count(seq)]
         if kind == ACK:
@@ -824,6 +892,14 @@ def _with_query(url: str, **params: str) -> str:
     query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k not in params]
     query.extend(params.items())
     return urlunsplit(parts._replace(path=parts.path or "/", query=urlencode(query)))
+
+
+def _retry_after(exc: InvalidStatus) -> float:
+    """The relay's Retry-After (seconds) on a refusal, 0 if absent or not a number."""
+    try:
+        return max(0.0, float(exc.response.headers.get("Retry-After", "0")))
+    except (ValueError, OverflowError):
+        return 0.0
 
 
 def _body(exc: InvalidStatus) -> str:

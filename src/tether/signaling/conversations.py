@@ -8,9 +8,16 @@ DESIGN.md "Coming later") implements the same coroutines; the server does not ch
 
 Rules every implementation keeps:
 
-- At most two peers per conversation (``MAX_PEERS``). A peer joining with a peer id that is
-  already present *replaces* the old connection at once: ``Peer.supersede()`` is called on
-  it (no waiting) and the signals still queued on it move to the new connection.
+- At most two peers per conversation (``MAX_PEERS``). A peer id is not a credential: at
+  join the table gives each connection a secret resume credential (``Peer.credential``,
+  sent in its first message). A connection claiming a peer id that is connected *replaces*
+  the old connection only if it presents that credential (``Peer.resume``); otherwise it
+  is refused (409) like a third peer. On replacement ``Peer.supersede()`` is called on the
+  old connection (no waiting), the signals still queued on it move to the new connection,
+  and the credential stays the same. Refusals never name another peer.
+- Limits: conversations in total and per creating address (``Peer.address``); held signals
+  per conversation and in total, by count and by bytes; held signals older than
+  ``held_ttl`` are dropped (``expire``). Refusals carry ``retry_after`` when waiting helps.
 - The table never writes to a socket and never waits for one. Relaying puts signals on the
   recipient's bounded outgoing queue (``Peer.deliver``), which its own writer task drains;
   a recipient whose queue is full is evicted (its peer reconnects) and the signals are held
@@ -31,12 +38,19 @@ Rules every implementation keeps:
 
 from __future__ import annotations
 
+import hmac
+import json
 import logging
+import secrets
+import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from tether.signals import Signal
+
+from .redact import RESUME_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +71,12 @@ class Peer(Protocol):
     """
 
     peer_id: str
+    address: str
+    """Who this connection counts as for per-address limits (see ``limits.address_key``)."""
+    resume: str
+    """The resume credential this connection presented ("" if none)."""
+    credential: str
+    """Set by the table at join: the credential that lets a later connection replace it."""
 
     def deliver(self, signals: list[Signal], *, bounded: bool = True) -> bool:
         """Queue ``signals`` (in order) for this peer; False if its queue is full.
@@ -87,6 +107,8 @@ class Refusal:
 
     status: int
     reason: str
+    retry_after: float | None = None
+    """Seconds after which trying again may succeed (sent as Retry-After)."""
 
 
 class JoinRefused(Exception):
@@ -114,7 +136,9 @@ class RelayResult:
 class ConversationTable(Protocol):
     """The interface the server uses. All of it is async so a networked table fits."""
 
-    async def admit(self, conversation_id: str, peer_id: str) -> Refusal | None:
+    async def admit(
+        self, conversation_id: str, peer_id: str, *, resume: str = "", address: str = ""
+    ) -> Refusal | None:
         """Pre-check during the HTTP handshake: would ``join`` refuse this peer now?"""
 
     async def join(self, conversation_id: str, peer: Peer) -> bool:
@@ -137,6 +161,9 @@ class ConversationTable(Protocol):
     ) -> bool:
         """Queue a control ``message`` for peer ``to``; False if it is not connected."""
 
+    async def expire(self) -> int:
+        """Drop held signals older than the table's ``held_ttl``; return how many."""
+
     async def close(self) -> None:
         """Forget everything."""
 
@@ -149,17 +176,25 @@ class _Held:
     sender_id: str
     signal: Signal
     key: tuple[str, str, int] | None
+    size: int
+    at: float
 
 
 class _Conversation:
-    __slots__ = ("conversation_id", "peers", "held", "held_keys")
+    __slots__ = ("conversation_id", "peers", "held", "held_keys", "held_bytes", "creator")
 
-    def __init__(self, conversation_id: str) -> None:
+    def __init__(self, conversation_id: str, creator: str) -> None:
         self.conversation_id = conversation_id
+        self.creator = creator
         self.peers: dict[str, Peer] = {}
         # Signals waiting for an absent recipient, in relay order (all senders).
         self.held: deque[_Held] = deque()
         self.held_keys: set[tuple[str, str, int]] = set()
+        self.held_bytes = 0
+
+
+def new_credential() -> str:
+    return RESUME_PREFIX + secrets.token_urlsafe(24)
 
 
 def _held_key(sender_id: str, signal: Signal) -> tuple[str, str, int] | None:
@@ -176,14 +211,36 @@ class MemoryConversationTable:
     cannot both take the last slot and relay order is the order of the calls.
     """
 
-    def __init__(self, *, max_conversations: int = 10_000, max_held: int = 256) -> None:
+    def __init__(
+        self,
+        *,
+        max_conversations: int = 10_000,
+        max_held: int = 256,
+        max_held_bytes: int = 1024 * 1024,
+        max_held_total: int = 100_000,
+        max_held_total_bytes: int = 64 * 1024 * 1024,
+        max_conversations_per_address: int | None = None,
+        held_ttl: float = 600.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         if max_conversations < 1:
             raise ValueError("max_conversations must be at least 1")
-        if max_held < 1:
-            raise ValueError("max_held must be at least 1")
+        if max_held < 1 or max_held_bytes < 1 or max_held_total < 1 or max_held_total_bytes < 1:
+            raise ValueError("held-signal limits must be at least 1")
+        if held_ttl <= 0:
+            raise ValueError("held_ttl must be positive")
         self.max_conversations = max_conversations
         self.max_held = max_held
+        self.max_held_bytes = max_held_bytes
+        self.max_held_total = max_held_total
+        self.max_held_total_bytes = max_held_total_bytes
+        self.max_conversations_per_address = max_conversations_per_address or max_conversations
+        self.held_ttl = held_ttl
+        self.clock = clock
         self._conversations: dict[str, _Conversation] = {}
+        self._created_by: dict[str, int] = {}  # address -> live conversations it created
+        self.held_total = 0
+        self.held_total_bytes = 0
 
     def __len__(self) -> int:
         return len(self._conversations)
@@ -199,20 +256,27 @@ class MemoryConversationTable:
 
     # -- interface ---------------------------------------------------------------------
 
-    async def admit(self, conversation_id: str, peer_id: str) -> Refusal | None:
-        return self._refusal(conversation_id, peer_id)
+    async def admit(
+        self, conversation_id: str, peer_id: str, *, resume: str = "", address: str = ""
+    ) -> Refusal | None:
+        return self._refusal(conversation_id, peer_id, resume, address)
 
     async def join(self, conversation_id: str, peer: Peer) -> bool:
-        refusal = self._refusal(conversation_id, peer.peer_id)
+        address = getattr(peer, "address", "")
+        refusal = self._refusal(
+            conversation_id, peer.peer_id, getattr(peer, "resume", ""), address
+        )
         if refusal is not None:
             raise JoinRefused(refusal)
         conversation = self._conversations.get(conversation_id)
         if conversation is None:
             conversation = self._conversations[conversation_id] = _Conversation(
-                conversation_id
+                conversation_id, address
             )
+            self._created_by[address] = self._created_by.get(address, 0) + 1
         old = conversation.peers.get(peer.peer_id)
         replaced = old is not None and old is not peer
+        peer.credential = old.credential if replaced and old is not None else new_credential()
         conversation.peers[peer.peer_id] = peer
         others = [p for pid, p in conversation.peers.items() if pid != peer.peer_id]
 
@@ -223,14 +287,12 @@ class MemoryConversationTable:
             old.supersede()
             if carried:
                 ok = peer.deliver(carried, bounded=False) and ok
+        self._expire(conversation, self.clock())
         held = [h for h in conversation.held if h.sender_id != peer.peer_id]
         if held:
-            conversation.held = deque(
-                h for h in conversation.held if h.sender_id == peer.peer_id
-            )
-            for h in held:
-                if h.key is not None:
-                    conversation.held_keys.discard(h.key)
+            kept = deque(h for h in conversation.held if h.sender_id == peer.peer_id)
+            self._unhold(conversation, held)
+            conversation.held = kept
             ok = peer.deliver([h.signal for h in held], bounded=False) and ok
         if not ok:  # cannot happen with a fresh queue, but never leave it half-served
             self._evict(conversation, peer, "its outgoing queue is full")
@@ -263,21 +325,27 @@ class MemoryConversationTable:
         if conversation.peers.get(sender.peer_id) is not sender:
             # Telling the sender that the recipient left overflowed its own queue.
             return RelayResult(superseded=True)
+        now = self.clock()
+        self._expire(conversation, now)
         for signal in signals:
             key = _held_key(sender.peer_id, signal)
             if key is not None and key in conversation.held_keys:
                 continue  # a resend of a signal already held
-            if len(conversation.held) >= self.max_held:
+            size = len(json.dumps(signal, separators=(",", ":")))
+            full = self._held_full(conversation, size)
+            if full is not None:
                 result.rejected.append(
                     (
                         signal,
-                        f"the relay's queue for this conversation is full "
-                        f"({self.max_held} signals waiting for the other peer); "
+                        f"the relay's queue for this conversation is full ({full}); "
                         f"signal not relayed, retry when the peer joins",
                     )
                 )
                 continue
-            conversation.held.append(_Held(sender.peer_id, signal, key))
+            conversation.held.append(_Held(sender.peer_id, signal, key, size, now))
+            conversation.held_bytes += size
+            self.held_total += 1
+            self.held_total_bytes += size
             if key is not None:
                 conversation.held_keys.add(key)
         return result
@@ -296,10 +364,51 @@ class MemoryConversationTable:
             return False
         return True
 
+    async def expire(self) -> int:
+        now = self.clock()
+        return sum(self._expire(c, now) for c in list(self._conversations.values()))
+
     async def close(self) -> None:
         self._conversations.clear()
+        self._created_by.clear()
+        self.held_total = self.held_total_bytes = 0
 
     # -- internals ---------------------------------------------------------------------
+
+    def _held_full(self, conversation: _Conversation, size: int) -> str | None:
+        if len(conversation.held) >= self.max_held:
+            return f"{self.max_held} signals waiting for the other peer"
+        if conversation.held_bytes + size > self.max_held_bytes:
+            return f"{self.max_held_bytes} bytes waiting for the other peer"
+        if self.held_total >= self.max_held_total:
+            return f"the relay holds {self.max_held_total} signals in total"
+        if self.held_total_bytes + size > self.max_held_total_bytes:
+            return f"the relay holds {self.max_held_total_bytes} bytes in total"
+        return None
+
+    def _unhold(self, conversation: _Conversation, gone: list[_Held]) -> None:
+        for h in gone:
+            if h.key is not None:
+                conversation.held_keys.discard(h.key)
+            conversation.held_bytes -= h.size
+            self.held_total -= 1
+            self.held_total_bytes -= h.size
+
+    def _expire(self, conversation: _Conversation, now: float) -> int:
+        """Drop this conversation's held signals older than ``held_ttl`` (oldest first)."""
+        old: list[_Held] = []
+        while conversation.held and now - conversation.held[0].at >= self.held_ttl:
+            old.append(conversation.held.popleft())
+        if old:
+            self._unhold(conversation, old)
+            log.debug(
+                "conversation %s: dropped %d held signal(s) older than %gs "
+                "(their senders resend them when the peer joins)",
+                conversation.conversation_id,
+                len(old),
+                self.held_ttl,
+            )
+        return len(old)
 
     def _evict(self, conversation: _Conversation, peer: Peer, reason: str) -> None:
         if conversation.peers.get(peer.peer_id) is not peer:
@@ -323,14 +432,23 @@ class MemoryConversationTable:
                     conversation.conversation_id,
                     len(conversation.held),
                 )
+                self._unhold(conversation, list(conversation.held))
+                conversation.held.clear()
             if self._conversations.get(conversation.conversation_id) is conversation:
                 del self._conversations[conversation.conversation_id]
+                count = self._created_by.get(conversation.creator, 0) - 1
+                if count > 0:
+                    self._created_by[conversation.creator] = count
+                else:
+                    self._created_by.pop(conversation.creator, None)
             return
         for other in list(conversation.peers.values()):
             if conversation.peers.get(other.peer_id) is other and not other.presence(LEFT):
                 self._evict(conversation, other, "its outgoing queue is full")
 
-    def _refusal(self, conversation_id: str, peer_id: str) -> Refusal | None:
+    def _refusal(
+        self, conversation_id: str, peer_id: str, resume: str = "", address: str = ""
+    ) -> Refusal | None:
         conversation = self._conversations.get(conversation_id)
         if conversation is None:
             if len(self._conversations) >= self.max_conversations:
@@ -338,12 +456,30 @@ class MemoryConversationTable:
                     503,
                     f"the relay is full: {self.max_conversations} conversations "
                     f"are open; try again later",
+                    retry_after=10.0,
+                )
+            if self._created_by.get(address, 0) >= self.max_conversations_per_address:
+                return Refusal(
+                    429,
+                    f"too many conversations from your address "
+                    f"({self.max_conversations_per_address} open); close some first",
+                    retry_after=10.0,
                 )
             return None
-        if peer_id not in conversation.peers and len(conversation.peers) >= MAX_PEERS:
+        current = conversation.peers.get(peer_id)
+        if current is not None:
+            if resume and hmac.compare_digest(resume.encode(), current.credential.encode()):
+                return None
             return Refusal(
                 409,
-                f"conversation {conversation_id!r} already has {MAX_PEERS} peers "
-                f"({', '.join(sorted(conversation.peers))}); a third peer cannot join",
+                f"peer id {peer_id!r} is already connected to conversation "
+                f"{conversation_id!r}; only the holder of its resume credential can "
+                f"replace that connection",
+            )
+        if len(conversation.peers) >= MAX_PEERS:
+            return Refusal(
+                409,
+                f"conversation {conversation_id!r} already has {MAX_PEERS} peers; "
+                f"a third peer cannot join",
             )
         return None

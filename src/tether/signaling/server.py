@@ -135,7 +135,10 @@ import hmac
 import http
 import json
 import logging
+import ssl
+import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -148,11 +151,17 @@ from websockets.protocol import State
 
 from tether.signals import ERROR, Signal, SignalError, validate_signal
 
+from . import redact
 from .conversations import (
+    ABSENT,
+    PRESENT,
     ConversationTable,
     JoinRefused,
     MemoryConversationTable,
 )
+from .frames import load
+from .limits import BucketTable, RelayLimits, address_key, retry_after
+from .redact import RESUME_HEADER
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +177,8 @@ SESSION_FIELD = "session"
 SEQ_FIELD = "seq"
 PREV_FIELD = "prev"
 TO_FIELD = "to"
+RESUME_FIELD = "resume"
+"""Key of the resume credential in the first presence message."""
 
 CLOSE_REPLACED = 4000
 CLOSE_CONVERSATION_FULL = 4409
@@ -258,6 +269,8 @@ class _Endpoint:
         conversation_id: str,
         peer_id: str,
         *,
+        address: str = "",
+        resume: str = "",
         max_frame_bytes: int,
         queue_frames: int,
         queue_bytes: int,
@@ -267,6 +280,9 @@ class _Endpoint:
         self.ws = ws
         self.conversation_id = conversation_id
         self.peer_id = peer_id
+        self.address = address
+        self.resume = resume
+        self.credential = ""
         self.max_frame_bytes = max_frame_bytes
         self.queue_frames = queue_frames
         self.queue_bytes = queue_bytes
@@ -313,7 +329,10 @@ class _Endpoint:
         return self._put(items, bounded)
 
     def presence(self, event: str) -> bool:
-        return self._put([_Outgoing(encode({CONTROL: PEER_EVENT, "event": event}), None)])
+        message: dict[str, Any] = {CONTROL: PEER_EVENT, "event": event}
+        if event in (PRESENT, ABSENT) and self.credential:
+            message[RESUME_FIELD] = self.credential  # the first message of the connection
+        return self._put([_Outgoing(encode(message), None)])
 
     def forward(self, message: dict[str, Any]) -> bool:
         return self._put([_Outgoing(encode(message), None)])
@@ -420,18 +439,26 @@ class _Endpoint:
 
 
 class _Route:
-    __slots__ = ("conversation_id", "peer_id")
+    __slots__ = ("conversation_id", "peer_id", "address", "resume")
 
-    def __init__(self, conversation_id: str, peer_id: str) -> None:
+    def __init__(self, conversation_id: str, peer_id: str, address: str, resume: str) -> None:
         self.conversation_id = conversation_id
         self.peer_id = peer_id
+        self.address = address
+        self.resume = resume
 
 
 # -- the server ----------------------------------------------------------------------------
 
 
 class SignalingServer:
-    """The relay. ``await start()`` binds (``port=0`` picks a free port, see ``.port``)."""
+    """The relay. ``await start()`` binds (``port=0`` picks a free port, see ``.port``).
+
+    ``limits`` (:class:`~tether.signaling.limits.RelayLimits`) sets every abuse limit;
+    ``max_conversations`` and ``max_held``, if given, override the matching fields.
+    ``ssl_context`` makes it a ``wss://`` relay. ``clock`` drives the rate limits and the
+    expiry of held signals (inject a fake one in tests).
+    """
 
     def __init__(
         self,
@@ -440,8 +467,11 @@ class SignalingServer:
         token: str = "",
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         *,
-        max_conversations: int = 10_000,
-        max_held: int = 256,
+        max_conversations: int | None = None,
+        max_held: int | None = None,
+        limits: RelayLimits | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        clock: Callable[[], float] = time.monotonic,
         table: ConversationTable | None = None,
         ping_interval: float | None = 20.0,
         ping_timeout: float | None = 20.0,
@@ -464,13 +494,42 @@ class SignalingServer:
             raise ValueError("send_timeout must be positive (or None)")
         if replace_grace <= 0:
             raise ValueError("replace_grace must be positive")
+        limits = limits or RelayLimits()
+        overrides: dict[str, int] = {}
+        if max_conversations is not None:
+            overrides["max_conversations"] = max_conversations
+        if max_held is not None:
+            overrides["max_held"] = max_held
+        if overrides:
+            limits = RelayLimits(**{**vars(limits), **overrides})
+        self.limits = limits
         self.host = host
         self.port = port
         self.max_message_bytes = max_message_bytes
-        self.table: ConversationTable = table or MemoryConversationTable(
-            max_conversations=max_conversations, max_held=max_held
+        self.ssl_context = ssl_context
+        self.clock = clock
+        # (not "table or ...": an empty table is falsy, it has a __len__)
+        self.table: ConversationTable = table if table is not None else MemoryConversationTable(
+            max_conversations=limits.max_conversations,
+            max_held=limits.max_held,
+            max_held_bytes=limits.max_held_bytes,
+            max_held_total=limits.max_held_total,
+            max_held_total_bytes=limits.max_held_total_bytes,
+            max_conversations_per_address=limits.max_conversations_per_address,
+            held_ttl=limits.held_ttl,
+            clock=clock,
         )
         self._token = token.encode()
+        redact.install(token)
+        self._failed_auth = BucketTable(
+            limits.failed_auth_rate, limits.failed_auth_burst, clock, limits.tracked_addresses
+        )
+        self._joins = BucketTable(
+            limits.join_rate, limits.join_burst, clock, limits.tracked_addresses
+        )
+        self._all_joins = BucketTable(limits.total_join_rate, limits.total_join_burst, clock, 1)
+        self._connections: dict[str, int] = {}  # address -> open WebSocket connections
+        self.connection_count = 0
         self._endpoint_options = dict(
             max_frame_bytes=max_message_bytes,
             queue_frames=send_queue_frames,
@@ -488,6 +547,7 @@ class SignalingServer:
             max_size=WS_SIZE_FACTOR * max_message_bytes,
         )
         self._server: Server | None = None
+        self._expirer: asyncio.Task[None] | None = None
         self._closed = False
 
     # lifecycle
@@ -502,9 +562,11 @@ class SignalingServer:
             self.host,
             self.port,
             process_request=self._process_request,
+            ssl=self.ssl_context,
             **self._ws_options,
         )
         self.port = self._server.sockets[0].getsockname()[1]
+        self._expirer = asyncio.create_task(self._expire_loop(), name="relay-expire")
         log.info("signaling relay listening on %s", self.url)
 
     async def close(self) -> None:
@@ -512,6 +574,10 @@ class SignalingServer:
         if self._closed:
             return
         self._closed = True
+        expirer, self._expirer = self._expirer, None
+        if expirer is not None:
+            expirer.cancel()
+            await asyncio.wait({expirer})
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
@@ -535,21 +601,40 @@ class SignalingServer:
         host = self.host or "127.0.0.1"
         if ":" in host:
             host = f"[{host}]"
-        return f"ws://{host}:{self.port}/"
+        scheme = "wss" if self.ssl_context is not None else "ws"
+        return f"{scheme}://{host}:{self.port}/"
 
     @property
     def conversation_count(self) -> int:
         return len(self.table)
 
+    async def _expire_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.limits.expire_interval)
+            try:
+                dropped = await self.table.expire()
+            except Exception:
+                log.exception("expiring held signals failed")
+                continue
+            if dropped:
+                log.info("dropped %d held signal(s) older than %gs", dropped, self.limits.held_ttl)
+
     # handshake
 
     def _refuse(
-        self, ws: ServerConnection, status: int, reason: str, route: str
+        self,
+        ws: ServerConnection,
+        status: int,
+        reason: str,
+        route: str,
+        wait: float | None = None,
     ) -> Response:
         log.info("refused %s from %s: %d %s", route, _remote(ws), status, reason)
         response = ws.respond(status, reason + "\n")
         if status == http.HTTPStatus.UNAUTHORIZED:
             response.headers["WWW-Authenticate"] = 'Bearer realm="tether"'
+        if wait is not None:
+            response.headers["Retry-After"] = retry_after(wait)
         return response
 
     async def _process_request(
@@ -561,19 +646,28 @@ class SignalingServer:
             key: (query.get(key) or [""])[0][:MAX_ID_LENGTH] for key in ("conversation", "peer")
         }
         route = f"peer={names['peer']!r} conversation={names['conversation']!r}"
+        address = _address_of(ws)
 
+        # Wrong tokens get slower: once an address used up its failed-auth budget it is
+        # refused before its token is even looked at, so guessing costs real time.
+        wait = self._failed_auth.wait(address)
+        if wait > 0:
+            return self._refuse(
+                ws, 429, "too many failed authentication attempts from your address", route, wait
+            )
         authorization = request.headers.get_all("Authorization")
+        problem = None
         if len(authorization) != 1:
-            return self._refuse(
-                ws, 401, "missing token: send the header 'Authorization: Bearer <token>'", route
-            )
-        scheme, _, given = authorization[0].strip().partition(" ")
-        if scheme.lower() != "bearer" or not given.strip():
-            return self._refuse(
-                ws, 401, "malformed Authorization header: expected 'Bearer <token>'", route
-            )
-        if not hmac.compare_digest(given.strip().encode(), self._token):
-            return self._refuse(ws, 401, "invalid token", route)
+            problem = "missing token: send the header 'Authorization: Bearer <token>'"
+        else:
+            scheme, _, given = authorization[0].strip().partition(" ")
+            if scheme.lower() != "bearer" or not given.strip():
+                problem = "malformed Authorization header: expected 'Bearer <token>'"
+            elif not hmac.compare_digest(given.strip().encode(), self._token):
+                problem = "invalid token"
+        if problem is not None:
+            self._failed_auth.take(address)
+            return self._refuse(ws, 401, problem, route)
 
         if parts.path not in ("", "/"):
             return self._refuse(ws, 404, f"unknown path {parts.path!r}; connect to '/'", route)
@@ -598,18 +692,69 @@ class SignalingServer:
                     route,
                 )
             values[key] = value
+        resumes = request.headers.get_all(RESUME_HEADER)
+        resume = resumes[0].strip() if len(resumes) == 1 else ""
+        if len(resume) > MAX_ID_LENGTH:
+            resume = ""
 
-        refusal = await self.table.admit(values["conversation"], values["peer"])
+        if self.connection_count >= self.limits.max_connections:
+            return self._refuse(
+                ws, 503, "the relay has too many open connections; try again later", route,
+                self.limits.connection_retry_after,
+            )
+        if self._connections.get(address, 0) >= self.limits.max_connections_per_address:
+            return self._refuse(
+                ws,
+                429,
+                f"too many open connections from your address "
+                f"({self.limits.max_connections_per_address})",
+                route,
+                self.limits.connection_retry_after,
+            )
+        wait = max(self._all_joins.wait("*"), self._joins.take(address))
+        if wait == 0:
+            wait = self._all_joins.take("*")
+        if wait > 0:
+            return self._refuse(ws, 429, "too many connection attempts; slow down", route, wait)
+
+        refusal = await self.table.admit(
+            values["conversation"], values["peer"], resume=resume, address=address
+        )
         if refusal is not None:
-            return self._refuse(ws, refusal.status, refusal.reason, route)
-        ws.tether_route = _Route(values["conversation"], values["peer"])  # type: ignore[attr-defined]
+            return self._refuse(ws, refusal.status, refusal.reason, route, refusal.retry_after)
+        self._count_connection(ws, address)
+        ws.tether_route = _Route(  # type: ignore[attr-defined]
+            values["conversation"], values["peer"], address, resume
+        )
         return None
+
+    def _count_connection(self, ws: ServerConnection, address: str) -> None:
+        """Count an accepted connection until its TCP connection is gone (whatever happens)."""
+        self.connection_count += 1
+        self._connections[address] = self._connections.get(address, 0) + 1
+
+        def release(_: object) -> None:
+            self.connection_count -= 1
+            left = self._connections.get(address, 0) - 1
+            if left > 0:
+                self._connections[address] = left
+            else:
+                self._connections.pop(address, None)
+
+        ws.connection_lost_waiter.add_done_callback(release)
 
     # connection
 
     async def _handle(self, ws: ServerConnection) -> None:
         route: _Route = ws.tether_route  # type: ignore[attr-defined]
-        endpoint = _Endpoint(ws, route.conversation_id, route.peer_id, **self._endpoint_options)
+        endpoint = _Endpoint(
+            ws,
+            route.conversation_id,
+            route.peer_id,
+            address=route.address,
+            resume=route.resume,
+            **self._endpoint_options,
+        )
         endpoint.start()
         try:
             try:
@@ -654,9 +799,31 @@ class SignalingServer:
             await endpoint.finish()
 
     async def _on_message(self, endpoint: _Endpoint, message: str | bytes) -> bool:
-        """Handle one frame; return False when this connection should stop reading."""
+        """Handle one frame; return False when this connection should stop reading.
+
+        Whatever the frame holds, the answer is at most an error reply and ``rejected``
+        notices: a hostile frame never closes the connection with 1011.
+        """
         if endpoint.gone:
             return False
+        try:
+            return await self._on_frame(endpoint, message)
+        except Exception as exc:
+            log.warning(
+                "peer %r conversation %r: failed to handle a frame (%s: %s)",
+                endpoint.peer_id,
+                endpoint.conversation_id,
+                type(exc).__name__,
+                str(exc)[:200],
+                exc_info=log.isEnabledFor(logging.DEBUG),
+            )
+            return self._reply(
+                endpoint,
+                [error_signal(endpoint.conversation_id, "the relay failed to handle this frame")],
+                _Refused(),
+            )
+
+    async def _on_frame(self, endpoint: _Endpoint, message: str | bytes) -> bool:
         conversation_id = endpoint.conversation_id
         errors: list[Signal] = []
         refused: _Refused = _Refused()
@@ -674,14 +841,11 @@ class SignalingServer:
         size = len(message) if message.isascii() else len(message.encode("utf-8"))
         if size > self.max_message_bytes:
             tube_id = ""
-            try:
-                payload = json.loads(message)
-            except ValueError:
-                payload = None
+            payload, _ = load(message)
             for item in payload if isinstance(payload, list) else [payload]:
                 refused.add(item, retry=False)
             if isinstance(payload, dict) and isinstance(payload.get("tube_id"), str):
-                tube_id = payload["tube_id"]
+                tube_id = payload["tube_id"][:MAX_ID_LENGTH]
             errors.append(
                 error_signal(
                     conversation_id,
@@ -692,18 +856,27 @@ class SignalingServer:
             )
             return self._reply(endpoint, errors, refused)
 
-        try:
-            payload = json.loads(message)
-        except ValueError:
-            payload = None
+        payload, problem = load(message)
+        if problem is not None:
+            errors.append(error_signal(conversation_id, f"{problem}; nothing was relayed"))
+            return self._reply(endpoint, errors, refused)
         if isinstance(payload, dict) and CONTROL in payload:
             return await self._on_control(endpoint, payload)
 
         good: list[Signal] = []
         index_of: dict[int, str] = {}
-        for label, item, problem in _split(message, payload):
+        session: Any = _UNSET
+        for label, item, problem in _split(payload):
             if problem is None:
                 problem = self._check_item(endpoint, item)
+            if problem is None:
+                if session is _UNSET:
+                    session = item.get(SESSION_FIELD)
+                elif item.get(SESSION_FIELD) != session:
+                    problem = (
+                        f"all signals of a frame must have the same {SESSION_FIELD!r} "
+                        f"(or none)"
+                    )
             if problem is None:
                 item[PEER_FIELD] = endpoint.peer_id
                 good.append(item)
@@ -714,7 +887,7 @@ class SignalingServer:
                     error_signal(
                         conversation_id,
                         f"{label}: {problem}" if label else problem,
-                        tube_id if isinstance(tube_id, str) else "",
+                        tube_id[:MAX_ID_LENGTH] if isinstance(tube_id, str) else "",
                     )
                 )
                 refused.add(item, retry=False)
@@ -770,8 +943,8 @@ class SignalingServer:
             item["conversation_id"] = endpoint.conversation_id
         elif conversation_id != endpoint.conversation_id:
             return (
-                f"conversation_id {conversation_id!r} does not match this connection's "
-                f"conversation {endpoint.conversation_id!r}"
+                f"conversation_id {conversation_id[:MAX_ID_LENGTH]!r} does not match this "
+                f"connection's conversation {endpoint.conversation_id!r}"
             )
         for key in (SEQ_FIELD, PREV_FIELD):
             if key in item and not _is_count(item[key]):
@@ -804,19 +977,32 @@ class SignalingServer:
         return True
 
 
+_UNSET = object()
+
+
 class _Refused:
-    """(session, retry) -> seqs of refused items, for the ``rejected`` notices."""
+    """(session, retry) -> seqs of refused items, for the ``rejected`` notices.
+
+    Only the first session seen in a frame is reported (a frame holds one session; a
+    frame that mixes them must not make the relay answer with one notice per session).
+    """
 
     def __init__(self) -> None:
         self.seqs: dict[tuple[str | None, bool], list[int]] = {}
+        self._session: Any = _UNSET
 
     def add(self, item: Any, *, retry: bool) -> None:
         if not isinstance(item, dict):
             return
         seq = item.get(SEQ_FIELD)
         session = item.get(SESSION_FIELD)
-        if _is_count(seq) and (session is None or isinstance(session, str)):
-            self.seqs.setdefault((session, retry), []).append(seq)
+        if not (_is_count(seq) and (session is None or isinstance(session, str))):
+            return
+        if self._session is _UNSET:
+            self._session = session
+        elif session != self._session:
+            return
+        self.seqs.setdefault((session, retry), []).append(seq)
 
 
 def _is_count(value: Any) -> bool:
@@ -838,18 +1024,12 @@ def _check_ack(message: dict[str, Any]) -> str | None:
     return None
 
 
-def _split(message: str, payload: Any) -> list[tuple[str, Any, str | None]]:
-    """(label, item, problem) per item of a frame; problem None means a valid signal.
+def _split(payload: Any) -> list[tuple[str, Any, str | None]]:
+    """(label, item, problem) per item of a parsed frame; problem None means a valid signal.
 
     The same rules and messages as ``tether.signals.parse_frame``, keeping each bad item
-    so that the error reply can name its tube_id. ``payload`` is the parsed frame, None if
-    it did not parse.
+    so that the error reply can name its tube_id.
     """
-    if payload is None:
-        try:
-            payload = json.loads(message)
-        except ValueError as exc:
-            return [("", None, f"frame is not valid JSON: {exc}")]
     if isinstance(payload, dict):
         items, single = [payload], True
     elif isinstance(payload, list):
@@ -864,10 +1044,17 @@ def _split(message: str, payload: Any) -> list[tuple[str, Any, str | None]]:
         try:
             validate_signal(item)
         except SignalError as exc:
-            out.append((label, item, str(exc)))
+            out.append((label, item, str(exc)[:300]))
         else:
             out.append((label, item, None))
     return out
+
+
+def _address_of(ws: ServerConnection) -> str:
+    try:
+        return address_key(str(ws.remote_address[0]))
+    except Exception:
+        return "?"
 
 
 def _remote(ws: ServerConnection) -> str:

@@ -206,9 +206,15 @@ def decode(message: bytes | bytearray | memoryview) -> Frame:
     """Decode one data-channel message; raise :class:`FrameError` if it is malformed."""
     if not isinstance(message, (bytes, bytearray, memoryview)):
         raise FrameError(f"frame must be binary, got {type(message).__name__}")
-    if isinstance(message, memoryview) and (message.ndim != 1 or message.itemsize != 1):
-        message = message.cast("B") if message.c_contiguous else message.tobytes()
-    size = len(message)
+    if isinstance(message, memoryview):
+        try:
+            if message.ndim != 1 or message.itemsize != 1:  # decode the bytes behind it
+                message = message.tobytes()
+            size = len(message)
+        except ValueError as exc:  # a released view
+            raise FrameError(f"frame buffer is unusable: {exc}") from None
+    else:
+        size = len(message)
     if size < HEADER_SIZE:
         raise FrameError(f"frame too short: {size} bytes, the header alone is {HEADER_SIZE}")
     type_byte, stream_id = _unpack_header(message)

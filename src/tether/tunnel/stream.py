@@ -339,7 +339,10 @@ class Stream:
     def on_reply(self, frame: frames.Frame) -> None:
         """OPEN_OK / OPEN_FAIL."""
         if self._reply is None or self._reply.done():
-            self._log(logging.WARNING, "ignoring an unexpected %s from the peer", frame.type.name)
+            tunnel = self.tunnel
+            tunnel._throttled(tunnel._bad_frame_log, logging.WARNING,
+                              "tube %s stream %d: ignoring an unexpected %s from the peer",
+                              tunnel.name, self.id, frame.type.name)
             return
         self._reply.set_result(frame)
 

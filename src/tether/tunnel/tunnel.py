@@ -122,7 +122,14 @@ def parse_hostport(value: str) -> tuple[str, int]:
 
 
 class Tunnel:
-    """TCP streams over one open RTCDataChannel; see the module docstring."""
+    """TCP streams over one open RTCDataChannel; see the module docstring.
+
+    Limits on the peer (keywords): ``max_streams`` streams at once (256); ``open_rate``
+    OPENs a second (64.0; None: no rate limit), ``open_burst`` at once (128), timed by
+    ``clock`` (time.monotonic); ``control_limit`` bytes of control frames past the data
+    high-water mark (256 KiB). ``window`` must be in MIN_WINDOW..MAX_WINDOW. ``on_fail``
+    is called once, with the reason, if the tunnel fails (:attr:`failure`).
+    """
 
     def __init__(
         self,
@@ -534,8 +541,9 @@ class Tunnel:
             if stream.outbound and stream.state is StreamState.OPENING:
                 stream.on_reply(frame)
             else:
-                logger.warning("tube %s stream %d: ignoring an unexpected %s",
-                               self.name, stream.id, ftype.name)
+                self._throttled(self._bad_frame_log, logging.WARNING,
+                                "tube %s stream %d: ignoring an unexpected %s",
+                                self.name, stream.id, ftype.name)
 
     def _on_malformed(self, exc: FrameError) -> None:
         sid, ftype = exc.stream_id, exc.frame_type
