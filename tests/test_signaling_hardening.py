@@ -259,7 +259,8 @@ class _Relay:
 
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
-        self.relay = SignalingServer(port=0, token=TOKEN, max_message_bytes=4096)
+        # default max_message_bytes: every generated frame stays under the 1009 limit
+        self.relay = SignalingServer(port=0, token=TOKEN)
         self.loop.run_until_complete(self._open())
 
     async def _open(self) -> None:

@@ -104,6 +104,7 @@ class Side:
         events: EventLog | None = None,
         watch_network: bool = False,
         secret: str | None = None,
+        ca_file: str | None = None,
     ) -> None:
         self.name = name
         self.sealer = Sealer(secret, name, self.role) if secret is not None else None
@@ -119,6 +120,7 @@ class Side:
         self.client = SignalingClient(
             signal_url, token, conversation, self._on_peer_signal,
             on_state=self._on_signaling_state, on_peer=self._on_peer_presence,
+            ca_file=ca_file,
         )
         self.router = SignalRouter(
             self.managers, reply=self._send, on_unknown_tube=self._on_unknown_tube

@@ -24,7 +24,7 @@ from .display import demo_line, tube_table
 from .events import EventLog
 from .sealing import MIN_SECRET_CHARS, new_secret
 from .signaling import SignalingServer
-from .signaling.client import AuthenticationError, ConversationFullError
+from .signaling.client import AuthenticationError, CertificateError, ConversationFullError
 from .tunnel import parse_hostport
 
 app = typer.Typer(
@@ -68,6 +68,11 @@ Secret = Annotated[
 SecretFile = Annotated[
     str | None,
     typer.Option("--secret-file", help="Read the tunnel secret from this file."),
+]
+CaFile = Annotated[
+    str | None,
+    typer.Option("--ca", help="CA certificate file to verify a wss:// relay with "
+                              "(default: the system's store)."),
 ]
 Events = Annotated[
     str | None,
@@ -149,6 +154,10 @@ def _run(main: Callable[[], Awaitable[Any]]) -> Any:
         return None
     except AuthenticationError as exc:
         console.print(f"[red]signaling server refused the token[/red]: {exc}. Check --token.")
+        raise typer.Exit(2) from None
+    except CertificateError as exc:
+        console.print(f"[red]cannot verify the relay's certificate[/red]: {exc}. "
+                      "Give its CA with --ca FILE.")
         raise typer.Exit(2) from None
     except ConversationFullError as exc:
         console.print(f"[red]conversation is full[/red]: {exc}. Is another peer using this NAME?")
@@ -252,6 +261,7 @@ def expose(
     turn_password: TurnPassword = None,
     secret: Secret = None,
     secret_file: SecretFile = None,
+    ca: CaFile = None,
     events: Events = None,
     verbose: Verbose = False,
 ) -> None:
@@ -272,7 +282,8 @@ def expose(
 
     side = ExposeSide(name, target=address, signal_url=signal, token=token,
                       core=_core(loopback, ice_server, turn_user, turn_password),
-                      events=EventLog(events), watch_network=True, secret=secret)
+                      events=EventLog(events), watch_network=True, secret=secret,
+                      ca_file=ca)
     console.print(f"exposing {target} as {name!r} via {signal}")
     _run_side(side, lambda: f"expose {name} -> {target}")
 
@@ -289,6 +300,7 @@ def connect(
     turn_password: TurnPassword = None,
     secret: Secret = None,
     secret_file: SecretFile = None,
+    ca: CaFile = None,
     events: Events = None,
     verbose: Verbose = False,
 ) -> None:
@@ -304,7 +316,8 @@ def connect(
 
     side = ConnectSide(name, listen=address, signal_url=signal, token=token,
                        core=_core(loopback, ice_server, turn_user, turn_password),
-                       events=EventLog(events), watch_network=True, secret=secret)
+                       events=EventLog(events), watch_network=True, secret=secret,
+                       ca_file=ca)
 
     def title() -> str:
         host, port = side.listen_address

@@ -5,6 +5,7 @@ The wire protocol is documented in :mod:`tether.signaling.server`.
 
 from .client import (
     AuthenticationError,
+    CertificateError,
     ConversationFullError,
     HandshakeRefusedError,
     OutboundQueueFullError,
@@ -15,10 +16,12 @@ from .client import (
     SignalTooLargeError,
 )
 from .conversations import ConversationTable, MemoryConversationTable, Peer, Refusal
+from .limits import RelayLimits
 from .server import SignalingServer
 
 __all__ = [
     "AuthenticationError",
+    "CertificateError",
     "ConversationFullError",
     "ConversationTable",
     "HandshakeRefusedError",
@@ -27,6 +30,7 @@ __all__ = [
     "Peer",
     "PeerReplacedError",
     "Refusal",
+    "RelayLimits",
     "SignalingClient",
     "SignalingClosedError",
     "SignalingError",

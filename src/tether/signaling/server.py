@@ -8,22 +8,30 @@ Wire protocol
 
 Connecting
 ----------
-``ws://HOST:PORT/?conversation=CONVERSATION_ID&peer=PEER_ID`` with the header
-``Authorization: Bearer TOKEN``. Refusals happen in the HTTP handshake, with a plain-text body
-saying why:
+``ws://HOST:PORT/?conversation=CONVERSATION_ID&peer=PEER_ID`` (``wss://`` when the relay
+has an ``ssl_context``; clients verify its certificate) with the header
+``Authorization: Bearer TOKEN`` and, on a reconnect, ``X-Tether-Resume: CREDENTIAL``.
+Refusals happen in the HTTP handshake, with a plain-text body saying why (it never names
+another peer); 429 and 503 carry ``Retry-After`` (seconds):
 
 =====  ============================================================================
 401    missing, malformed or wrong token (compared with ``hmac.compare_digest``)
 400    ``conversation`` or ``peer`` missing, repeated, empty, longer than 256
        characters or not printable
 404    a path other than ``/``
-409    the conversation already has two peers and ``peer`` is not one of them
-503    the relay already holds ``max_conversations`` conversations (or is shutting
-       down); retry later
+409    the conversation already has two peers and ``peer`` is not one of them, or
+       ``peer`` is connected and the request lacks its resume credential
+429    a per-address limit: failed-auth budget spent (checked *before* the token),
+       too many connections / conversations from this address, joins too fast
+503    ``max_conversations`` or ``max_connections`` reached (or shutting down)
 =====  ============================================================================
 
-A peer id identifies one end of the conversation. Connecting with a peer id that is already
-connected *replaces* that connection at once: the old one is sent close code 4000 and its
+A peer id identifies one end of the conversation but is not a credential. The first
+message of every connection carries a secret ``resume`` credential (``tr1_...``). A
+connection with the peer id of a *connected* peer is accepted only with that credential
+(header ``X-Tether-Resume``); it then replaces the old connection at once and keeps the
+credential. A peer id that is not connected joins afresh (a stale credential, e.g. after a
+relay restart, is ignored) and gets a new one. Replacing: the old one is sent close code 4000 and its
 TCP connection is closed without waiting for the closing handshake (aborted after
 ``replace_grace`` seconds if it cannot even be flushed); it is not counted as a third peer,
 and the signals still queued for it move to the new connection. (The client uses a random
@@ -111,6 +119,25 @@ Errors and limits
 - At most ``max_conversations`` (default 10,000) conversations; two peers each.
 - Per connection: ``websockets`` ``write_limit`` bounds the socket write buffer and
   ``max_queue`` bounds received frames not yet processed.
+
+Abuse limits (``RelayLimits``, per client address = IPv4 address or IPv6 /64, and in
+total; rates are token buckets on the injectable ``clock``): ``max_connections`` 2000 /
+``max_connections_per_address`` 32 open WebSockets; ``max_conversations`` 10,000 /
+``max_conversations_per_address`` 32 live conversations created; ``join_rate`` 5/s burst
+``join_burst`` 20 per address, ``total_join_rate`` 500/s burst 1000; ``failed_auth_rate``
+0.2/s burst ``failed_auth_burst`` 5 wrong tokens per address (then 429 until refilled, even
+for the right token); held signals ``max_held`` 256 and ``max_held_bytes`` 1 MiB per
+conversation, ``max_held_total`` 100,000 and ``max_held_total_bytes`` 64 MiB in total (past
+them: error reply and ``rejected`` with ``retry: true``); held signals older than
+``held_ttl`` 600 s are dropped (checked every ``expire_interval`` 30 s; senders resend on
+``joined``). A conversation with no connected peer is forgotten at once.
+
+Hostile frames: a frame nested deeper than 8 levels is refused before parsing; any parse
+failure is an error reply; all signals of a frame must share one ``session`` (others get an
+error); at most one error frame and two ``rejected`` notices answer a frame; ``seq`` and
+``prev`` must be integers >= 0. The client sends at most one ack per received frame.
+Neither side ever lets a frame's content close the connection with 1011. The token and
+credentials never reach a log handler (:mod:`tether.signaling.redact`).
 
 Close codes used by the relay: 1001 when the relay shuts down (clients reconnect), 4000 when
 a newer connection with the same peer id replaced this one, 4409 / 4503 when a join loses a
