@@ -7,17 +7,11 @@ address is 127.0.0.2 (all of 127/8 is loopback on Linux). Rate limits run on a f
 from __future__ import annotations
 
 import asyncio
-import datetime
-import ipaddress
 import json
 import logging
 import ssl
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from websockets.asyncio.client import connect
@@ -29,6 +23,7 @@ from tether.signaling.conversations import MemoryConversationTable
 from tether.signaling.frames import MAX_DEPTH, load, nesting_depth_exceeds, read_frame
 from tether.signaling.limits import BucketTable, RelayLimits, TokenBucket, address_key
 
+from .certs import certificate
 from .test_signaling_proxy import FreezableProxy
 
 TOKEN = "s3cret-token-value"
@@ -441,31 +436,8 @@ async def test_held_signals_are_bounded_in_bytes_and_expire():
 # -- TLS ---------------------------------------------------------------------------------------------
 
 
-def _certificate(tmp_path):
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "tether test CA")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name)
-        .public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(x509.SubjectAlternativeName(
-            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    cert_file, key_file = tmp_path / "relay.pem", tmp_path / "relay.key"
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption()))
-    return str(cert_file), str(key_file)
-
-
 async def test_wss_relay_verifies_with_the_given_ca_and_refuses_an_unknown_one(tmp_path):
-    cert, key = _certificate(tmp_path)
+    cert, key = certificate(tmp_path)
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert, key)
     async with SignalingServer(port=0, token=TOKEN, ssl_context=context) as relay:
