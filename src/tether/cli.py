@@ -22,6 +22,7 @@ from .cores.aiortc_core import AiortcTubeRegistry
 from .cores.gathering import LOOPBACK
 from .display import demo_line, tube_table
 from .events import EventLog
+from .lab.command import lab as lab_command
 from .sealing import MIN_SECRET_CHARS, new_secret
 from .signaling import SignalingServer
 from .signaling.client import AuthenticationError, CertificateError, ConversationFullError
@@ -405,6 +406,9 @@ def demo(
     if as_json:
         with contextlib.suppress(BrokenPipeError):
             out.print(json.dumps(result.as_dict()), highlight=False, soft_wrap=True)
+
+
+app.command("lab")(lab_command)
 
 
 if __name__ == "__main__":
