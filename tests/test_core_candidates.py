@@ -5,21 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from tether.cores.aiortc_core import HELD_CANDIDATES_LIMIT, AiortcTubeRegistry
-from tether.cores.gathering import LOOPBACK
+from tether.cores.aiortc_core import HELD_CANDIDATES_LIMIT
 
-from .tube_pair import Wire, connect_tubes, until
+from .tube_pair import FAST_LIVENESS, Wire, connect_tubes, until
 
-FAST = {"interval": 0.2, "misses": 3, "generation_timeout": 5.0}
-
-
-@pytest.fixture
-async def cores():
-    a = AiortcTubeRegistry(host_addresses=LOOPBACK, liveness=FAST)
-    b = AiortcTubeRegistry(host_addresses=LOOPBACK, liveness=FAST)
-    yield a, b
-    await a.close()
-    await b.close()
 
 
 def candidate(ufrag: str | None, port: int = 9) -> str:
@@ -35,8 +24,8 @@ async def restart(a, b, tube_id: str) -> None:
                 and b._tubes[tube_id].path.pending is None)
 
 
-async def test_candidate_of_a_retired_generation_is_dropped_not_held(cores):
-    a, b = cores
+async def test_candidate_of_a_retired_generation_is_dropped_not_held(fast_cores):
+    a, b = fast_cores
     tube_id = await connect_tubes(a, b, Wire(a, b))
     tube = b._tubes[tube_id]
     first_ufrag = tube.path.remote_ufrag(tube.path.current)
@@ -47,20 +36,20 @@ async def test_candidate_of_a_retired_generation_is_dropped_not_held(cores):
     assert tube.candidates_dropped == 1
 
 
-async def test_candidate_for_no_generation_is_dropped_once_too_old(cores):
-    a, b = cores
+async def test_candidate_for_no_generation_is_dropped_once_too_old(fast_cores):
+    a, b = fast_cores
     tube_id = await connect_tubes(a, b, Wire(a, b))
     tube = b._tubes[tube_id]
     await b.add_ice_candidate(tube_id, candidate("lost"))
     assert tube.pending_candidates == [candidate("lost")]  # its offer may still come
-    tube.held[0].at -= FAST["generation_timeout"] + 1  # ... but it did not, in time
+    tube.held[0].at -= FAST_LIVENESS["generation_timeout"] + 1  # ... but it did not, in time
     await b.add_ice_candidate(tube_id, candidate("next", 10))
     assert tube.pending_candidates == [candidate("next", 10)]
     assert tube.candidates_dropped == 1
 
 
-async def test_a_full_hold_of_stale_candidates_does_not_block_a_restart(cores):
-    a, b = cores
+async def test_a_full_hold_of_stale_candidates_does_not_block_a_restart(fast_cores):
+    a, b = fast_cores
     tube_id = await connect_tubes(a, b, Wire(a, b))
     tube = b._tubes[tube_id]
     for port in range(HELD_CANDIDATES_LIMIT):
@@ -69,7 +58,7 @@ async def test_a_full_hold_of_stale_candidates_does_not_block_a_restart(cores):
         await b.add_ice_candidate(tube_id, candidate("gone", 999))
     assert len(tube.held) == HELD_CANDIDATES_LIMIT  # the bound stays
     for item in tube.held:
-        item.at -= FAST["generation_timeout"] + 1
+        item.at -= FAST_LIVENESS["generation_timeout"] + 1
     # The restart's own candidates (trickled through the Wire) get held and applied.
     await restart(a, b, tube_id)
     await until(lambda: tube.path.generation == 2 and a._tubes[tube_id].path.generation == 2)
@@ -77,8 +66,8 @@ async def test_a_full_hold_of_stale_candidates_does_not_block_a_restart(cores):
     assert tube.pending_candidates == []
 
 
-async def test_first_generation_candidates_wait_for_the_answer_however_long(cores):
-    a, b = cores
+async def test_first_generation_candidates_wait_for_the_answer_however_long(fast_cores):
+    a, b = fast_cores
     offer = await a.create_tube("conv", {})
     tube = a._tubes[offer["tube_id"]]
     await a.add_ice_candidate(offer["tube_id"], candidate("peer"))
@@ -87,8 +76,8 @@ async def test_first_generation_candidates_wait_for_the_answer_however_long(core
     assert len(tube.held) == 2 and tube.candidates_dropped == 0
 
 
-async def test_a_malformed_candidate_is_refused_and_nothing_is_held(cores):
-    a, _ = cores
+async def test_a_malformed_candidate_is_refused_and_nothing_is_held(fast_cores):
+    a, _ = fast_cores
     offer = await a.create_tube("conv", {})
     with pytest.raises(ValueError, match="bad ICE candidate"):
         await a.add_ice_candidate(offer["tube_id"], "candidate:nonsense")

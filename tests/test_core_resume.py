@@ -11,23 +11,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-import pytest
 from aiortc.utils import uint32_gt
 
 from tether.cores.aiortc_core import AiortcTubeRegistry
-from tether.cores.gathering import LOOPBACK
 
 from .tube_pair import Wire, connect_tubes, until
 
 
-@pytest.fixture
-async def cores():
-    """Default liveness settings: what production uses."""
-    a = AiortcTubeRegistry(host_addresses=LOOPBACK)
-    b = AiortcTubeRegistry(host_addresses=LOOPBACK)
-    yield a, b
-    await a.close()
-    await b.close()
 
 
 def states(wire: Wire, side: str) -> list[str]:

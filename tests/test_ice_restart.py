@@ -6,21 +6,10 @@ import asyncio
 
 import pytest
 
-from tether.cores.aiortc_core import AiortcTubeRegistry, decode_sdp, sdp_credentials
-from tether.cores.gathering import LOOPBACK
+from tether.cores.aiortc_core import decode_sdp, sdp_credentials
 
 from .tube_pair import Wire, connect_tubes, until
 
-FAST = {"interval": 0.2, "misses": 3, "generation_timeout": 5.0}
-
-
-@pytest.fixture
-async def cores():
-    a = AiortcTubeRegistry(host_addresses=LOOPBACK, liveness=FAST)
-    b = AiortcTubeRegistry(host_addresses=LOOPBACK, liveness=FAST)
-    yield a, b
-    await a.close()
-    await b.close()
 
 
 def states(wire: Wire, side: str) -> list[str]:
@@ -39,8 +28,8 @@ def pair_of(core, tube_id):
     return pair.local_addr, pair.remote_addr
 
 
-async def test_restart_moves_to_a_new_path_and_loses_no_message(cores):
-    a, b = cores
+async def test_restart_moves_to_a_new_path_and_loses_no_message(fast_cores):
+    a, b = fast_cores
     wire = Wire(a, b)
     tube_id = await connect_tubes(a, b, wire)
     sender, receiver = a.channel(tube_id), b.channel(tube_id)
@@ -71,8 +60,8 @@ async def test_restart_moves_to_a_new_path_and_loses_no_message(cores):
     assert all(p.transport is not None for p in a._tubes[tube_id].path.current._protocols)
 
 
-async def test_restart_credentials_change_and_candidates_are_tagged(cores):
-    a, b = cores
+async def test_restart_credentials_change_and_candidates_are_tagged(fast_cores):
+    a, b = fast_cores
     wire = Wire(a, b)
     tube_id = await connect_tubes(a, b, wire)
     before = a._tubes[tube_id].path.local_credentials
@@ -89,8 +78,8 @@ async def test_restart_credentials_change_and_candidates_are_tagged(cores):
     assert set(tagged()) <= set(b._tubes[tube_id].pending_candidates)
 
 
-async def test_dead_path_reported_in_seconds_then_restart_recovers(cores):
-    a, b = cores
+async def test_dead_path_reported_in_seconds_then_restart_recovers(fast_cores):
+    a, b = fast_cores
     wire = Wire(a, b)
     tube_id = await connect_tubes(a, b, wire)
     await until(lambda: a._tubes[tube_id].path.watching and b._tubes[tube_id].path.watching)
@@ -111,8 +100,8 @@ async def test_dead_path_reported_in_seconds_then_restart_recovers(cores):
     assert await asyncio.wait_for(got, 10) == b"after restart"
 
 
-async def test_glare_the_peer_offer_replaces_our_own(cores):
-    a, b = cores
+async def test_glare_the_peer_offer_replaces_our_own(fast_cores):
+    a, b = fast_cores
     wire = Wire(a, b)
     tube_id = await connect_tubes(a, b, wire)
     offer_a = await a.restart_ice(tube_id)
@@ -125,8 +114,8 @@ async def test_glare_the_peer_offer_replaces_our_own(cores):
     assert b._tubes[tube_id].path.pending is None
 
 
-async def test_restart_before_the_first_answer_is_refused(cores):
-    a, _ = cores
+async def test_restart_before_the_first_answer_is_refused(fast_cores):
+    a, _ = fast_cores
     result = await a.create_tube("conv", {})
     with pytest.raises(RuntimeError, match="before the first answer"):
         await a.restart_ice(result["tube_id"])

@@ -8,6 +8,9 @@ from typing import Any
 
 from tether.cores.aiortc_core import AiortcTubeRegistry
 
+# Liveness tuned so dead paths are found in about a second (tests of restarts and candidates).
+FAST_LIVENESS = {"interval": 0.2, "misses": 3, "generation_timeout": 5.0}
+
 
 class Wire:
     """Carries each core's trickled candidates to the other core, and records every signal."""

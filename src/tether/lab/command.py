@@ -23,13 +23,15 @@ from rich.text import Text
 from .metrics import TARGETS, ScenarioResult, summarize
 from .netns import LabUnavailable
 from .runner import run_lab, select
+from .scenarios import SCENARIOS
 from .session import LabOptions
 
 logger = logging.getLogger(__name__)
 
 
 AsJson = Annotated[bool, typer.Option("--json", help="End with one JSON line of results.")]
-Only = Annotated[str | None, typer.Option(help="Comma-separated scenario names.")]
+Only = Annotated[str | None, typer.Option(
+    help=f"Comma-separated scenario names (default: all): {', '.join(SCENARIOS)}.")]
 Runs = Annotated[int, typer.Option(min=1, help="Runs of each scenario (min/median/max).")]
 Keep = Annotated[bool, typer.Option(help="Keep every run's directory, not only failed ones.")]
 GiveUp = Annotated[float, typer.Option(help="Seconds to wait for a recovery.")]
