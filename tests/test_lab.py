@@ -232,8 +232,19 @@ def test_a_corrupt_byte_fails_and_a_closed_survivor_fails() -> None:
     assert any("should have survived" in f for f in r.failures)
 
 
+def test_failed_but_still_trying_is_not_giving_up() -> None:
+    from tether.lab.metrics import is_give_up
+
+    assert is_give_up({"event": "state", "state": "failed"})
+    assert is_give_up({"event": "state", "state": "failed", "retrying": False})
+    assert not is_give_up({"event": "state", "state": "failed", "retrying": True})
+    assert is_give_up({"event": "tube", "what": "closed"})
+    assert not is_give_up({"event": "state", "state": "reconnecting"})
+
+
 def test_summaries_and_tables() -> None:
-    results = [ScenarioResult("ip_change", 70.0, v, 10, 0, v < 2000) for v in (150.0, 3000.0, 200.0)]
+    results = [ScenarioResult("ip_change", 70.0, v, 10, 0, v < 2000)
+               for v in (150.0, 3000.0, 200.0)]
     (row,) = summarize(results)
     assert row["runs"] == 3 and row["ok_runs"] == 2
     assert row["recovered_ms"] == {"min": 150.0, "median": 200.0, "max": 3000.0}

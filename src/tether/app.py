@@ -311,9 +311,12 @@ class Side:
 
     def _on_state_change(self, tube_id: str, state: ConnectionState) -> None:
         logger.debug("tube %s: %s", tube_id, state.value)
-        self.events.emit("state", tube_id=tube_id, state=state.value)
-        self._update_trouble()
         handle = self.tubes.get(tube_id)
+        extra = {}
+        if state is S.FAILED and handle is not None:
+            extra["retrying"] = handle.manager.machine.retrying  # not given up: trying on
+        self.events.emit("state", tube_id=tube_id, state=state.value, **extra)
+        self._update_trouble()
         if handle is None or handle.ended.is_set():
             return
         if state is S.FAILED and handle.manager.machine.retrying:

@@ -5,7 +5,8 @@ network lab can tell exactly when a tube changed state, the network changed, sig
 dropped or a tube was opened or closed, without parsing human log lines. Every line has
 ``ts`` (Unix time, float) and ``event``:
 
-- ``{"event": "state", "tube_id", "state"}``: a connection manager's state changed;
+- ``{"event": "state", "tube_id", "state"}``: a connection manager's state changed
+  ('failed' adds ``retrying``: true when the tube is kept and tried again, not given up);
 - ``{"event": "network_change", "change", "detail"}``: the network monitor saw a change;
 - ``{"event": "signaling", "state"}``: the signaling client connected or disconnected;
 - ``{"event": "peer", "what"}``: the other peer joined or left the relay;

@@ -7,8 +7,9 @@ from ``/dev/net/tun`` and writes it back into the same TUN ``--delay`` seconds l
 packet written back arrives with ``iif`` = the TUN, matches no rule and follows the main
 table to its real destination. Each direction passes the TUN once, so a 0.3 s delay makes a
 0.6 s round trip. The lab routes through the TUN from the start with no delay and turns the
-delay on (a ``delay 0.3`` line on stdin) as the fault, in one step. Connection tracking would see every packet twice (once on the way in, once
-from the TUN), which breaks the NAT, so the topology marks the first pass ``notrack`` (see
+delay on (a ``delay 0.3`` line on stdin) as the fault, in one step. Connection tracking
+would see every packet twice (once on the way in, once from the TUN), which breaks the NAT,
+so the topology marks the first pass ``notrack`` (see
 :meth:`tether.lab.topology.Topology.slow_path`). A TUN was chosen over NFQUEUE because it
 needs nothing beyond the standard library and the kernel's tun driver.
 

@@ -131,6 +131,7 @@ class EchoChecker:
             finally:
                 echoed.cancel()
                 ended.cancel()
+                await asyncio.gather(echoed, ended, return_exceptions=True)
             if conn.echoed.is_set() or time.monotonic() > deadline:
                 return
             await asyncio.sleep(0.25)

@@ -149,9 +149,11 @@ def is_disturbance(event: dict[str, Any]) -> bool:
 
 
 def is_give_up(event: dict[str, Any]) -> bool:
+    """A tube closed, or failed for good. 'failed' with ``retrying`` keeps the tube and its
+    streams and tries again at the longest backoff: that is not giving up."""
     kind = event.get("event")
-    return (kind == "state" and event.get("state") == "failed") or (
-        kind == "tube" and event.get("what") == "closed")
+    return (kind == "state" and event.get("state") == "failed"
+            and not event.get("retrying")) or (kind == "tube" and event.get("what") == "closed")
 
 
 Record = dict[str, Any]

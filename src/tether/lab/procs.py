@@ -109,7 +109,10 @@ class Processes:
             for proc in procs:
                 _killpg(proc.pid, signal.SIGKILL)  # the group may hold children
             if pending:
-                await asyncio.wait(pending, timeout=5.0)
+                _, stuck = await asyncio.wait(pending, timeout=5.0)
+                for wait in stuck:
+                    wait.cancel()
+                await asyncio.gather(*stuck, return_exceptions=True)
         for proc in procs:
             netns.LIVE_GROUPS.discard(proc.pid)
         self.procs.clear()
@@ -160,7 +163,7 @@ class EchoChecker:
         self.proc = proc
         self.records: deque[dict[str, Any]] = deque(maxlen=ECHO_RECORDS_LIMIT)
         self.conns: dict[int, ConnState] = {}
-        self.errors: list[dict[str, Any]] = []
+        self.errors: deque[dict[str, Any]] = deque(maxlen=1000)
         self.final: dict[str, Any] | None = None
         self._reader = asyncio.create_task(self._read(), name="lab-echo-reader")
 
