@@ -273,3 +273,49 @@ def test_bad_settings_are_refused():
         PathClock(0.0, interval=0)
     with pytest.raises(ValueError, match="busy_silence"):
         PathClock(0.0, busy_silence=-1)
+
+
+def test_strays_without_the_far_end_mean_a_rebinding_dead_within_a_second():
+    """A NAT gave the peer a new port: its packets come from elsewhere, none from the pair,
+    and this side has nothing unacknowledged. Dead after the stray window, not the idle one."""
+    clock = PathClock(0.0)
+    clock.probe_answered(9.0, 0.002)  # a fast path, measured
+    clock.received(10.0)
+    assert clock.poll(10.0, busy=False).alive
+    assert clock.stray(10.1)  # the verdict comes forward: poll now
+    assert not clock.stray(10.2)  # one wait, however many strays follow
+    assert clock.deadline() == pytest.approx(10.1 + clock.stray_window())
+    assert clock.poll(10.3, busy=False).probe  # the old path gets probed at once
+    assert clock.poll(10.1 + clock.stray_window() - 0.01, busy=False).alive
+    assert not clock.poll(10.1 + clock.stray_window(), busy=False).alive
+    assert clock.stray_window() < 1.0 < clock.busy_window() < clock.idle_window()
+
+
+@pytest.mark.parametrize("rtt", [0.001, 0.1, 0.6])
+def test_strays_never_kill_a_working_path_even_a_slow_one(rtt):
+    """Strays arrive all along while the far end answers, one round trip late, the probes
+    this wait sends: the path stays alive."""
+    clock = PathClock(0.0)
+    for step in range(10):  # settle the round trip estimate
+        clock.probe_answered(step * 1.0, rtt)
+    now = 10.0
+    pending: list[float] = []
+    while now < 40.0:
+        while pending and pending[0] <= now:
+            clock.probe_answered(pending.pop(0), rtt)
+        clock.stray(now)
+        verdict = clock.poll(now, busy=False)
+        assert verdict.alive, f"declared dead at {now:.2f} s"
+        if verdict.probe:
+            pending.append(now + rtt)
+        now += 0.05
+
+
+def test_strays_on_a_path_that_still_answers_change_nothing():
+    clock = PathClock(0.0)
+    for step in range(100):
+        now = step * 0.1
+        clock.received(now)
+        clock.stray(now + 0.05)  # e.g. a late check from another candidate
+        assert clock.poll(now + 0.06, busy=False).alive
+        assert clock.poll(now + 0.099, busy=False).alive

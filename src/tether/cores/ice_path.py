@@ -112,6 +112,7 @@ class PathClock:
         self._srtt: float | None = None
         self._rttvar = 0.0
         self._last_rtt = 0.0
+        self._stray_since: float | None = None
 
     # -- events ---------------------------------------------------------------------------
 
@@ -127,6 +128,19 @@ class PathClock:
             return False
         self.alive = True
         return True
+
+    def stray(self, now: float) -> bool:
+        """A datagram arrived from an address other than the pair's far end.
+
+        The peer's packets still come, but from elsewhere: a NAT gave it a new port, so
+        ours go to a mapping that no longer exists. That is a wait like a busy one: if
+        the far end stays silent for ``stray_window``, the path is dead, even when our own
+        side has nothing to send. True when that brings the verdict forward: poll now.
+        """
+        if self._stray_since is None or self._stray_since < self.heard:
+            self._stray_since = now
+            return True
+        return False
 
     def probe_answered(self, now: float, rtt: float) -> bool:
         """A probe's answer arrived after ``rtt`` seconds (RFC 6298 smoothing)."""
@@ -185,14 +199,23 @@ class PathClock:
         if self._busy_since is not None:
             start = max(self.heard, self._busy_since)
             deadline = min(deadline, start + self.busy_window())
+        if self._stray_since is not None and self._stray_since >= self.heard:
+            deadline = min(deadline, self._stray_since + self.stray_window())
         return deadline
+
+    def stray_window(self) -> float:
+        """Silence of the far end, while the peer is heard from elsewhere, that is death.
+        Shorter than the busy window: the strays already say the path moved; the probes
+        sent meanwhile (every round trip) give the old path its chance to answer."""
+        return max(self.busy_silence / 2, self.probe_after() + 3 * self.rtt_bound())
 
     def _next_probe(self) -> float:
         at = self._last_probe + self.interval  # keeps the round trip measured
         if not self.alive:  # notice the return soon
             return self._last_probe + min(self.interval, max(self.probe_floor, self.rtt_bound()))
-        if self._busy_since is not None:
-            start = max(self.heard, self._busy_since)
+        waits = [since for since in (self._busy_since, self._stray_since) if since is not None]
+        if waits:
+            start = max(self.heard, min(waits))
             gap = max(self.probe_floor, self.rtt_bound())
             at = min(at, max(start + self.probe_after(), self._last_probe + gap))
         if self._srtt is None:  # measure the round trip early
@@ -328,8 +351,12 @@ class IcePath:
         def datagram_received(data: bytes, addr: tuple[Any, ...]) -> None:
             if self._cut is gen:
                 return
-            if gen is self.current and self._liveness is not None and _from_pair(gen, addr):
-                if self.clock.received(self._loop.time()):
+            if gen is self.current and self._liveness is not None:
+                now = self._loop.time()
+                if _from_pair(gen, addr):
+                    if self.clock.received(now):
+                        self._kick.set()
+                elif self.clock.stray(now):
                     self._kick.set()
             receive(data, addr)
 
@@ -651,8 +678,8 @@ def _from_pair(gen: aioice.Connection, addr: tuple[Any, ...]) -> bool:
 
     Only that proves the path: after a NAT rebinding the peer's packets still arrive, but
     from a new port, while ours go to the old one and are lost. Counting those would keep
-    a half-dead path 'alive' on this side forever; not counting them lets it be declared
-    dead and restarted.
+    a half-dead path 'alive' on this side forever; they count as strays instead
+    (PathClock.stray), which gets the path declared dead and restarted within seconds.
     """
     pair = gen._nominated.get(COMPONENT)
     return pair is None or tuple(addr[:2]) == tuple(pair.remote_addr[:2])
