@@ -333,6 +333,8 @@ class Side:
         """Hook: a tube reached CONNECTED (first time or again)."""
 
     def _attach_tunnel(self, handle: TubeHandle, target: tuple[str, int] | None) -> None:
+        if self.tubes.get(handle.tube_id) is not handle:
+            return  # dropped while the core was still making it
         handle.attach_task = asyncio.create_task(
             self._run_attach(handle, target), name=f"tether-attach-{handle.tube_id}"
         )
@@ -340,7 +342,7 @@ class Side:
     async def _run_attach(self, handle: TubeHandle, target: tuple[str, int] | None) -> None:
         try:
             channel = await self.core.wait_channel(handle.tube_id)
-        except ConnectionError as exc:
+        except (ConnectionError, KeyError) as exc:  # closed before its channel opened
             logger.info("tube %s: %s", handle.tube_id, exc)
             return
         handle.connect_ms = (time.monotonic() - handle.created_at) * 1000.0
@@ -434,6 +436,9 @@ class ExposeSide(Side):
             await self._drop_tube(tube_id, "bad offer", tell=None)
             await self._send(signals.make_signal(
                 tube_id, self.name, signals.ERROR, f"cannot answer the offer: {exc}"))
+            return True
+        if self.tubes.get(tube_id) is not handle:  # the peer closed it meanwhile
+            await self.core.close_tube(tube_id, reason="closed while answering")
             return True
         self.events.emit("tube", tube_id=tube_id, what="answered", detail="")
         await self._send(signals.make_signal(

@@ -10,7 +10,9 @@ dropped or a tube was opened or closed, without parsing human log lines. Every l
 - ``{"event": "network_change", "change", "detail"}``: the network monitor saw a change;
 - ``{"event": "signaling", "state"}``: the signaling client connected or disconnected;
 - ``{"event": "peer", "what"}``: the other peer joined or left the relay;
-- ``{"event": "tube", "tube_id", "what", "detail"}``: offered, answered, open or closed.
+- ``{"event": "tube", "tube_id", "what", "detail"}``: offered, answered, open or closed;
+- ``{"event": "refused", "reason", "detail"}``: a signal that did not open with the tunnel
+  secret was dropped (wrong secret, changed in transit, replayed, unsealed).
 
 Lines are small and written whole with one ``write`` on a line-buffered file, the way a
 logging FileHandler does; a write that fails is reported once and the record stops.
