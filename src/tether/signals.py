@@ -84,12 +84,14 @@ def parse_frame(text: str | bytes) -> tuple[list[Signal], list[str]]:
     """Split a WebSocket frame into valid signals and error messages.
 
     A frame holds one signal or a JSON array of signals. Each bad item yields one error
-    message naming its index; the good items are returned in order.
+    message naming its index; the good items are returned in order. Never raises.
     """
     try:
         payload = json.loads(text)
     except (ValueError, UnicodeDecodeError) as exc:
         return [], [f"frame is not valid JSON: {exc}"]
+    except RecursionError:
+        return [], ["frame is nested too deeply"]
     if isinstance(payload, dict):
         try:
             return [validate_signal(payload)], []
