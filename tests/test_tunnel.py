@@ -18,6 +18,7 @@ from tether.tunnel import MAX_FRAME, FrameType, Tunnel, frames
 from tether.tunnel.frames import HEADER
 
 from .tunnel_peers import (
+    FakeChannel,
     channel_pair,
     echo_server,
     ipv6_available,
@@ -481,34 +482,6 @@ async def test_channel_close_ends_every_stream_and_loop() -> None:
 # ---------------------------------------------------------------------------- protocol rules
 # A stand-in channel makes the credit and high-water rules exact and deterministic: the
 # test decides when frames arrive and how full the channel is.
-
-
-class FakeChannel:
-    """Just enough of RTCDataChannel: records sent frames, lets the test emit events."""
-
-    def __init__(self) -> None:
-        self.readyState = "open"
-        self.bufferedAmount = 0
-        self.bufferedAmountLowThreshold = 0
-        self.sent: list[bytes] = []
-        self.handlers: dict[str, list] = {}
-
-    def on(self, event: str, handler) -> None:
-        self.handlers.setdefault(event, []).append(handler)
-
-    def remove_listener(self, event: str, handler) -> None:
-        self.handlers[event].remove(handler)
-
-    def emit(self, event: str, *args) -> None:
-        for handler in list(self.handlers.get(event, [])):
-            handler(*args)
-
-    def send(self, data: bytes) -> None:
-        self.sent.append(data)
-
-    def frames(self, ftype=None) -> list:
-        out = [frames.decode(raw) for raw in self.sent]
-        return [f for f in out if ftype is None or f.type is ftype]
 
 
 async def test_sender_never_exceeds_its_credit() -> None:

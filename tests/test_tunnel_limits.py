@@ -17,6 +17,7 @@ from tether.tunnel.frames import HEADER, MAX_FRAME, MIN_WINDOW
 from tether.tunnel.tunnel import MAX_BAD_FRAMES_IN_A_ROW
 
 from .test_tunnel_abuse import holding_target, settle
+from .tunnel_peers import FakeChannel
 
 
 class Clock:
@@ -25,44 +26,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-class PeerChannel:
-    """Enough of RTCDataChannel for a tunnel. ``stalled``: the peer reads nothing, so every
-    frame sent stays in bufferedAmount (as in aiortc's queue) until :meth:`drain`."""
-
-    def __init__(self, *, stalled: bool = False) -> None:
-        self.readyState = "open"
-        self.bufferedAmount = 0
-        self.bufferedAmountLowThreshold = 0
-        self.stalled = stalled
-        self.sent: list[bytes] = []
-        self.max_buffered = 0
-        self.handlers: dict[str, list] = {}
-
-    def on(self, event: str, handler) -> None:
-        self.handlers.setdefault(event, []).append(handler)
-
-    def remove_listener(self, event: str, handler) -> None:
-        self.handlers[event].remove(handler)
-
-    def emit(self, event: str, *args) -> None:
-        for handler in list(self.handlers.get(event, [])):
-            handler(*args)
-
-    def send(self, data: bytes) -> None:
-        self.sent.append(data)
-        if self.stalled:
-            self.bufferedAmount += len(data)
-            self.max_buffered = max(self.max_buffered, self.bufferedAmount)
-
-    def drain(self) -> None:
-        self.bufferedAmount = 0
-        self.emit("bufferedamountlow")
-
-    def frames(self, ftype: FrameType | None = None) -> list[frames.Frame]:
-        out = [frames.decode(raw) for raw in self.sent]
-        return [f for f in out if ftype is None or f.type is ftype]
 
 
 def open_frame(sid: int, window: int = 65536) -> bytes:
@@ -120,7 +83,7 @@ def test_log_throttle_counts_what_it_drops() -> None:
 
 
 def test_tunnel_rejects_bad_limits() -> None:
-    channel = PeerChannel()
+    channel = FakeChannel()
     for kwargs, message in [
         ({"window": 0}, "window of 0 bytes is out of range"),
         ({"window": MIN_WINDOW - 1}, "out of range"),
@@ -143,7 +106,7 @@ def test_tunnel_rejects_bad_limits() -> None:
 
 async def test_stream_limit_refuses_at_once_and_frees_slots() -> None:
     async with holding_target() as target:
-        channel = PeerChannel()
+        channel = FakeChannel()
         tunnel = Tunnel(channel, name="e", target=target.address, max_streams=3,
                         open_rate=None)  # type: ignore[arg-type]
         tunnel.start()
@@ -176,7 +139,7 @@ async def test_stream_limit_refuses_at_once_and_frees_slots() -> None:
 async def test_rate_limit_on_an_injected_clock_and_refusals_cost_no_token() -> None:
     clock = Clock()
     async with holding_target() as target:
-        channel = PeerChannel()
+        channel = FakeChannel()
         tunnel = Tunnel(channel, name="e", target=target.address, max_streams=2,
                         open_rate=2.0, open_burst=3, clock=clock)  # type: ignore[arg-type]
         tunnel.start()
@@ -208,7 +171,7 @@ async def test_rate_limit_on_an_injected_clock_and_refusals_cost_no_token() -> N
 async def test_refusal_logs_are_throttled(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="tether.tunnel")
     clock = Clock()
-    channel = PeerChannel()
+    channel = FakeChannel()
     tunnel = Tunnel(channel, name="e", target=("127.0.0.1", 9), clock=clock)  # type: ignore[arg-type]
     tunnel.start()
     try:
@@ -232,7 +195,7 @@ async def test_a_peer_that_floods_opens_and_reads_nothing_gets_its_excess_droppe
     """The peer sends 20,000 OPENs and reads nothing: OPEN_FAILs go out until the channel
     holds ``bound`` bytes, the rest are dropped and counted; nothing grows past the bound,
     and the tunnel lives on (refusals are optional). Once the peer reads, replies resume."""
-    channel = PeerChannel(stalled=True)
+    channel = FakeChannel(stalled=True)
     tunnel = Tunnel(channel, name="e", target=("127.0.0.1", 9), high_water=16 * 1024,
                     control_limit=8 * 1024)  # type: ignore[arg-type]
     tunnel.start()
@@ -259,7 +222,7 @@ async def test_a_frame_streams_need_that_does_not_fit_fails_the_tunnel(
     stream cannot do without) is due: the tunnel fails with the reason, tells its owner,
     ends its streams, stops listening and ignores the peer from then on."""
     failures: list[str] = []
-    channel = PeerChannel(stalled=True)
+    channel = FakeChannel(stalled=True)
     tunnel = Tunnel(channel, name="c", target=None, window=4096,
                     on_fail=failures.append)  # type: ignore[arg-type]
     tunnel.start()
@@ -295,7 +258,7 @@ async def test_a_frame_streams_need_that_does_not_fit_fails_the_tunnel(
 
 
 async def test_a_local_connection_is_refused_not_fatal_when_the_channel_is_full() -> None:
-    channel = PeerChannel(stalled=True)
+    channel = FakeChannel(stalled=True)
     tunnel = Tunnel(channel, name="c", target=None)  # type: ignore[arg-type]
     tunnel.start()
     server = await tunnel.listen("127.0.0.1", 0)
@@ -316,7 +279,7 @@ async def test_a_local_connection_is_refused_not_fatal_when_the_channel_is_full(
 
 async def test_only_a_long_run_of_unparseable_messages_fails_the_tunnel() -> None:
     failures: list[str] = []
-    channel = PeerChannel()
+    channel = FakeChannel()
     tunnel = Tunnel(channel, name="e", target=("127.0.0.1", 9),
                     on_fail=failures.append)  # type: ignore[arg-type]
     tunnel.start()

@@ -14,7 +14,7 @@ from aiortc import RTCConfiguration, RTCDataChannel, RTCPeerConnection
 
 from tether.cores.gathering import LOOPBACK, host_addresses
 from tether.echo import start_echo_server
-from tether.tunnel import Tunnel
+from tether.tunnel import Tunnel, frames
 
 
 async def _wait_open(channel: RTCDataChannel) -> None:
@@ -106,3 +106,45 @@ async def tunnel_pair(
         finally:
             await connect.close()
             await expose.close()
+
+
+class FakeChannel:
+    """Just enough of RTCDataChannel: records sent frames, lets the test emit events.
+
+    ``stalled``: the peer reads nothing, so every frame sent stays in bufferedAmount (as
+    in aiortc's queue) until :meth:`drain`. For rules that must be exact and deterministic:
+    the test decides when frames arrive and how full the channel is.
+    """
+
+    def __init__(self, *, stalled: bool = False) -> None:
+        self.readyState = "open"
+        self.bufferedAmount = 0
+        self.bufferedAmountLowThreshold = 0
+        self.stalled = stalled
+        self.sent: list[bytes] = []
+        self.max_buffered = 0
+        self.handlers: dict[str, list] = {}
+
+    def on(self, event: str, handler) -> None:
+        self.handlers.setdefault(event, []).append(handler)
+
+    def remove_listener(self, event: str, handler) -> None:
+        self.handlers[event].remove(handler)
+
+    def emit(self, event: str, *args) -> None:
+        for handler in list(self.handlers.get(event, [])):
+            handler(*args)
+
+    def send(self, data: bytes) -> None:
+        self.sent.append(data)
+        if self.stalled:
+            self.bufferedAmount += len(data)
+            self.max_buffered = max(self.max_buffered, self.bufferedAmount)
+
+    def drain(self) -> None:
+        self.bufferedAmount = 0
+        self.emit("bufferedamountlow")
+
+    def frames(self, ftype: frames.FrameType | None = None) -> list[frames.Frame]:
+        out = [frames.decode(raw) for raw in self.sent]
+        return [f for f in out if ftype is None or f.type is ftype]
