@@ -55,3 +55,31 @@ async def test_a_short_tunnel_secret_is_refused():
     code, _, err = await run("connect", "db", "--listen", "127.0.0.1:0",
                              "--signal", "ws://127.0.0.1:9", "--token", "t", "--secret", "short")
     assert code == 2 and "at least 16" in err
+
+
+async def test_a_signal_url_that_is_no_websocket_url_is_a_usage_error():
+    code, _, err = await run("connect", "db", "--listen", "127.0.0.1:0", "--signal",
+                             "http://127.0.0.1:9", "--token", "t",
+                             "--secret", "a-tunnel-secret-of-some-length")
+    assert code == 2 and "not a WebSocket URL" in err and "Traceback" not in err
+
+
+async def test_a_busy_listen_address_is_one_clear_line():
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code, _, err = await run("connect", "db", "--listen", f"127.0.0.1:{port}", "--signal",
+                                 "ws://127.0.0.1:9", "--token", "t",
+                                 "--secret", "a-tunnel-secret-of-some-length")
+    assert code == 1 and "address already in use" in err and "Traceback" not in err
+
+
+async def test_version_flag_and_the_library_at_the_top():
+    import tether
+
+    code, out, _ = await run("--version")
+    assert code == 0 and out.strip() == tether.__version__
+    assert tether.TunnelConnectionManager.__module__ == "tether.connection_manager"

@@ -33,6 +33,21 @@ app = typer.Typer(
     no_args_is_help=True,
     help="tether keeps WebRTC tunnels alive: TCP forwarding over WebRTC data channels.",
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        out.print(__version__)
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[bool, typer.Option(
+        "--version", callback=_print_version, is_eager=True,
+        help="Print tether's version and exit.")] = False,
+) -> None:
+    """tether keeps WebRTC tunnels alive: TCP forwarding over WebRTC data channels."""
 console = Console(stderr=True)
 out = Console()
 
@@ -163,6 +178,9 @@ def _run(main: Callable[[], Awaitable[Any]]) -> Any:
     except ConversationFullError as exc:
         console.print(f"[red]conversation is full[/red]: {exc}. Is another peer using this NAME?")
         raise typer.Exit(2) from None
+    except OSError as exc:  # a busy or unusable listen address, most often
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from None
 
 
 async def _show(side: Side, title: str) -> None:
@@ -281,10 +299,9 @@ def expose(
         out.print(f"  TETHER_SECRET={secret} tether connect {name} --signal {signal} "
                   f"--listen 127.0.0.1:0", highlight=False, soft_wrap=True)
 
-    side = ExposeSide(name, target=address, signal_url=signal, token=token,
-                      core=_core(loopback, ice_server, turn_user, turn_password),
-                      events=EventLog(events), watch_network=True, secret=secret,
-                      ca_file=ca)
+    core = _core(loopback, ice_server, turn_user, turn_password)
+    side = _side(ExposeSide, name, target=address, signal_url=signal, token=token, core=core,
+                 events=EventLog(events), watch_network=True, secret=secret, ca_file=ca)
     console.print(f"exposing {target} as {name!r} via {signal}")
     _run_side(side, lambda: f"expose {name} -> {target}")
 
@@ -315,10 +332,10 @@ def connect(
                                  "(TETHER_SECRET, --secret-file or --secret)",
                                  param_hint="--secret")
 
-    side = ConnectSide(name, listen=address, signal_url=signal, token=token,
-                       core=_core(loopback, ice_server, turn_user, turn_password),
-                       events=EventLog(events), watch_network=True, secret=secret,
-                       ca_file=ca)
+    core = _core(loopback, ice_server, turn_user, turn_password)
+    side = _side(ConnectSide, name, listen=address, signal_url=signal, token=token,
+                 core=core, events=EventLog(events), watch_network=True, secret=secret,
+                 ca_file=ca)
 
     def title() -> str:
         host, port = side.listen_address
@@ -329,6 +346,15 @@ def connect(
     _run_side(side, title)
 
 
+def _side(kind: type[Side], name: str, **kwargs: Any) -> Side:
+    """Make a side; a setting it refuses (a --signal that is no WebSocket URL...) is a usage
+    error with its message, not a traceback."""
+    try:
+        return kind(name, **kwargs)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
 def _core(loopback: bool, ice_servers: list[str] | None, turn_user: str | None,
           turn_password: str | None) -> AiortcTubeRegistry:
     servers = ice_servers or []
@@ -336,10 +362,13 @@ def _core(loopback: bool, ice_servers: list[str] | None, turn_user: str | None,
             turn_user and turn_password):
         raise typer.BadParameter("a turn:/turns: server needs --turn-user and --turn-password "
                                  "(or TETHER_TURN_PASSWORD)", param_hint="--ice-server")
-    return AiortcTubeRegistry(
-        host_addresses=LOOPBACK if loopback else None, ice_servers=servers,
-        turn_username=turn_user, turn_password=turn_password,
-    )
+    try:
+        return AiortcTubeRegistry(
+            host_addresses=LOOPBACK if loopback else None, ice_servers=servers,
+            turn_username=turn_user, turn_password=turn_password,
+        )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--ice-server") from None
 
 
 def _run_side(side: Side, title: Callable[[], str]) -> None:
