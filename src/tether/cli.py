@@ -104,9 +104,9 @@ def _logging(verbose: bool, default: int = logging.INFO) -> None:
         handlers=[RichHandler(console=console, show_path=False, rich_tracebacks=True)],
         force=True,
     )
-    if not verbose:
-        for noisy in ("aioice", "aiortc", "websockets"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
+    # -v is tether's story; aiortc's SCTP debug alone is ~100k lines per 50 MB.
+    for noisy in ("aioice", "aiortc", "websockets"):
+        logging.getLogger(noisy).setLevel(logging.INFO if verbose else logging.WARNING)
 
 
 def _address(value: str, option: str) -> tuple[str, int]:
@@ -259,7 +259,9 @@ def serve(
         server = SignalingServer(host=host, port=port, token=token, ssl_context=context)
         await server.start()
         scheme = "wss" if context is not None else "ws"
-        console.print(f"signaling server on {scheme}://{host}:{server.port} (Ctrl-C to stop)")
+        shown = f"[{host}]" if ":" in host else host  # an IPv6 address in a URL
+        console.print(f"signaling server on {scheme}://{shown}:{server.port} (Ctrl-C to stop)",
+                      highlight=False)
         try:
             await asyncio.Event().wait()
         finally:
