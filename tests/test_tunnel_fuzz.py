@@ -30,7 +30,7 @@ from tether.tunnel.frames import (
 from tether.tunnel.tunnel import MAX_BAD_FRAMES_IN_A_ROW
 
 from .test_tunnel_abuse import holding_target
-from .test_tunnel_limits import PeerChannel
+from .tunnel_peers import FakeChannel
 
 u32 = st.integers(0, 0xFFFFFFFF)
 small_ids = st.integers(0, 4)  # few ids, so frames meet the streams they name
@@ -151,7 +151,7 @@ async def dispatch_all(sequence: list[bytes | str], target: tuple[str, int],
                        unread: int) -> Tunnel:
     """Feed ``sequence`` to a tunnel whose peer reads nothing and has ``unread`` bytes of
     earlier frames waiting in the channel; check the bounds after every message."""
-    channel = PeerChannel(stalled=True)
+    channel = FakeChannel(stalled=True)
     tunnel = Tunnel(channel, name="fuzz", target=target, window=4096, high_water=4096,
                     control_limit=2048, max_streams=3, open_rate=None)  # type: ignore[arg-type]
     channel.bufferedAmount = min(unread, tunnel.bound)
