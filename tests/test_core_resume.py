@@ -84,15 +84,21 @@ async def restart(a, b, tube_id: str) -> None:
     await a.set_remote_description(tube_id, answer, is_answer=True)
 
 
-async def test_busy_path_cut_detected_then_new_path_resumes_at_once(cores):
+async def streaming(cores):
+    """Two connected tubes with liveness on, and a checked stream running from a to b."""
     a, b = cores
     wire = Wire(a, b)
     tube_id = await connect_tubes(a, b, wire)
     await until(lambda: a._tubes[tube_id].path.watching and b._tubes[tube_id].path.watching)
     stream = Stream(a.channel(tube_id), b.channel(tube_id))
     sacks = SackWatch(a, tube_id)
-    loop = asyncio.get_running_loop()
     stream.start()
+    return a, b, wire, tube_id, stream, sacks
+
+
+async def test_busy_path_cut_detected_then_new_path_resumes_at_once(cores):
+    a, b, wire, tube_id, stream, sacks = await streaming(cores)
+    loop = asyncio.get_running_loop()
     try:
         await asyncio.sleep(0.5)
         assert stream.got, "nothing flowed before the cut"
@@ -122,14 +128,8 @@ async def test_busy_path_cut_detected_then_new_path_resumes_at_once(cores):
 
 
 async def test_old_path_back_after_an_outage_resumes_at_once(cores):
-    a, b = cores
-    wire = Wire(a, b)
-    tube_id = await connect_tubes(a, b, wire)
-    await until(lambda: a._tubes[tube_id].path.watching and b._tubes[tube_id].path.watching)
-    stream = Stream(a.channel(tube_id), b.channel(tube_id))
-    sacks = SackWatch(a, tube_id)
+    a, b, wire, tube_id, stream, sacks = await streaming(cores)
     loop = asyncio.get_running_loop()
-    stream.start()
     try:
         await asyncio.sleep(0.3)
         a.drop_traffic(tube_id, True)

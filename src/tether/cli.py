@@ -301,9 +301,9 @@ def expose(
         out.print(f"  TETHER_SECRET={secret} tether connect {name} --signal {signal} "
                   f"--listen 127.0.0.1:0", highlight=False, soft_wrap=True)
 
-    core = _core(loopback, ice_server, turn_user, turn_password)
-    side = _side(ExposeSide, name, target=address, signal_url=signal, token=token, core=core,
-                 events=EventLog(events), watch_network=True, secret=secret, ca_file=ca)
+    side = _side(ExposeSide, name, target=address, signal_url=signal, token=token,
+                 core=_core(loopback, ice_server, turn_user, turn_password), events=events,
+                 secret=secret, ca_file=ca)
     console.print(f"exposing {target} as {name!r} via {signal}")
     _run_side(side, lambda: f"expose {name} -> {target}")
 
@@ -334,10 +334,9 @@ def connect(
                                  "(TETHER_SECRET, --secret-file or --secret)",
                                  param_hint="--secret")
 
-    core = _core(loopback, ice_server, turn_user, turn_password)
     side = _side(ConnectSide, name, listen=address, signal_url=signal, token=token,
-                 core=core, events=EventLog(events), watch_network=True, secret=secret,
-                 ca_file=ca)
+                 core=_core(loopback, ice_server, turn_user, turn_password), events=events,
+                 secret=secret, ca_file=ca)
 
     def title() -> str:
         host, port = side.listen_address
@@ -348,11 +347,12 @@ def connect(
     _run_side(side, title)
 
 
-def _side(kind: type[Side], name: str, **kwargs: Any) -> Side:
-    """Make a side; a setting it refuses (a --signal that is no WebSocket URL...) is a usage
-    error with its message, not a traceback."""
+def _side(kind: type[Side], name: str, *, events: str | None, **kwargs: Any) -> Side:
+    """Make a side that watches the network and records ``events``; a setting it refuses
+    (a --signal that is no WebSocket URL...) is a usage error with its message, not a
+    traceback."""
     try:
-        return kind(name, **kwargs)
+        return kind(name, events=EventLog(events), watch_network=True, **kwargs)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
 
