@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-DEBIAN_PACKAGES := iproute2 nftables conntrack coturn
+DEBIAN_PACKAGES := iproute2 nftables conntrack coturn redis-server chromium
 
 .PHONY: demo test venv debian bench clean
 

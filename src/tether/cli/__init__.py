@@ -1,0 +1,45 @@
+"""The command line: tether serve | expose | connect | demo | lab.
+
+One module per command family; ``common`` holds what they share."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from .. import __version__
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="tether keeps WebRTC tunnels alive: TCP forwarding over WebRTC data channels.",
+)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        common.out.print(__version__)
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[bool, typer.Option(
+        "--version", callback=_print_version, is_eager=True,
+        help="Print tether's version and exit.")] = False,
+) -> None:
+    """tether keeps WebRTC tunnels alive: TCP forwarding over WebRTC data channels."""
+
+
+@app.command()
+def version() -> None:
+    """Print tether's version."""
+    common.out.print(__version__)
+
+
+from . import common  # noqa: E402  (the commands register themselves on ``app``)
+from . import serve, tunnels, demo  # noqa: E402,F401  (this order is --help's)
+from ..lab.command import lab as lab_command  # noqa: E402
+
+app.command("lab")(lab_command)
