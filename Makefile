@@ -37,9 +37,7 @@ test: venv debian
 	$(BIN)/python -m pytest -q
 
 bench: venv
-	$(BIN)/python benchmarks/bench_managers.py
-	$(BIN)/python benchmarks/bench_tunnel.py
-	$(BIN)/tether demo --json
+	$(BIN)/tether bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

@@ -30,7 +30,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,13 +42,17 @@ from .connection_manager import (
     ManagerRegistry,
     TunnelConnectionManager,
 )
-from .cores.aiortc_core import AiortcTubeRegistry
+from .allow import AllowList
+from .cores.aiortc_core import AiortcTubeRegistry, path_info
 from .events import EventLog
 from .router import CLOSE_REASON, UNKNOWN_TUBE, SignalRouter
 from .sealing import UNAUTHENTIC, UNSEALED, SealError, Sealer
 from .signaling import SignalingClient
+from .socks import SocksServer
 from .signaling.client import SignalingError
-from .tunnel import Tunnel
+from .tunnel import Tunnel, reasons
+from .tunnel.reasons import DENIED, Refusal
+from .tubestats import SideStats
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +62,8 @@ TROUBLE = frozenset({S.DEGRADED, S.RECONNECTING, S.FAILED})
 # ping may take before the connection counts as dead.
 SIGNALING_CHECK_INTERVAL = 1.0
 SIGNALING_CHECK_TIMEOUT = 2.0
+# The local listener's accept queue: a burst of connects beyond it is reset by the kernel.
+LISTEN_BACKLOG = 1024
 # How long close() waits for the peer to acknowledge our goodbyes.
 GOODBYE_TIMEOUT = 1.0
 # Reasons carried by our channel_closed signals (besides the router's UNKNOWN_TUBE).
@@ -95,7 +101,7 @@ class Side:
         self,
         name: str,
         *,
-        signal_url: str,
+        signal_url: str | Sequence[str],
         token: str,
         core: Any = None,
         host_addresses: Sequence[str] | None = None,
@@ -133,6 +139,8 @@ class Side:
         self._trouble = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
+        self.started_at = time.time()
+        self.stats = SideStats(self)  # history for status(): rates, idle, restart causes
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -141,6 +149,7 @@ class Side:
         if self.monitor is not None:
             await self.monitor.start()
         self._spawn(self._watch_signaling())
+        self._spawn(self.stats.run())
 
     async def close(self) -> None:
         """Tell the peer, close every tube, the signaling client and every task; idempotent."""
@@ -181,6 +190,43 @@ class Side:
                 row.update(handle.tunnel.stats)
             rows.append(row)
         return rows
+
+    def status(self) -> dict[str, Any]:
+        """Everything `tether status` shows: the side, its signaling, every tube (state,
+        path, RTT, rates, bytes, streams, restarts and their causes) and recent endings."""
+        self.stats.sample()
+        path_of = getattr(self.core, "_tubes", None) is not None
+        tubes = [self.stats.tube(h, path_info(self.core, h.tube_id) if path_of else None)
+                 for h in list(self.tubes.values())]
+        status: dict[str, Any] = {
+            "name": self.name, "role": self.role, "started_at": self.started_at,
+            "uptime_seconds": time.time() - self.started_at,
+            "signaling": {"connected": self.client.connected},
+            "sealed": self.sealer is not None, "refused": dict(self.refused),
+            "tubes": tubes, "closed_tubes": list(self.stats.closed),
+            "restarts_by_reason": dict(self.stats.restarts),
+            "rate_to_peer": sum(t["rate_to_peer"] for t in tubes),
+            "rate_from_peer": sum(t["rate_from_peer"] for t in tubes),
+        }
+        target = getattr(self, "target", None)
+        if target is not None:
+            status["target"] = f"{target[0]}:{target[1]}"
+        server = getattr(self, "server", None)
+        if server is not None and server.sockets:
+            host, port = server.sockets[0].getsockname()[:2]
+            status["listen"] = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return status
+
+    async def restart(self) -> list[str]:
+        """A manual ICE restart of every tube (allowed even after giving up); returns the
+        tubes now restarting."""
+        self.stats.manual_restart()
+        restarted = []
+        for handle in list(self.tubes.values()):
+            logger.info("tube %s: manual ICE restart requested", handle.tube_id)
+            if await handle.manager.restart(manual=True):
+                restarted.append(handle.tube_id)
+        return restarted
 
     # -- signal plumbing -----------------------------------------------------------------
 
@@ -271,6 +317,7 @@ class Side:
         """The monitor saw our addresses or routes change: act at once, everywhere."""
         logger.info("network change: %s (%s)", change.type.value, change.detail)
         self.events.emit("network_change", change=change.type.value, detail=change.detail)
+        self.stats.network_changed()
         self.client.reconnect(f"network change: {change.detail}")
         for manager in self.managers.list():
             await manager.handle_network_change(change.type, {"detail": change.detail})
@@ -312,6 +359,7 @@ class Side:
     def _on_state_change(self, tube_id: str, state: ConnectionState) -> None:
         logger.debug("tube %s: %s", tube_id, state.value)
         handle = self.tubes.get(tube_id)
+        self.stats.state_changed(tube_id, state, handle.manager.machine if handle else None)
         extra = {}
         if state is S.FAILED and handle is not None:
             extra["retrying"] = handle.manager.machine.retrying  # not given up: trying on
@@ -349,11 +397,14 @@ class Side:
         kwargs: dict[str, Any] = {"name": handle.tube_id, "target": target}
         if self.window is not None:
             kwargs["window"] = self.window
+        kwargs.update(self._tunnel_options())
 
         def failed(reason: str) -> None:  # the peer broke the tunnel protocol: a new tube
             self._spawn(self._drop_tube(handle.tube_id, f"tunnel failed: {reason}"))
 
-        tunnel = Tunnel(channel, on_fail=failed, **kwargs)
+        # A core that forwards TCP itself (the Rust core) makes its own tunnel object.
+        make_tunnel = getattr(self.core, "make_tunnel", Tunnel)
+        tunnel = make_tunnel(channel, on_fail=failed, **kwargs)
         tunnel.start()
         handle.tunnel = tunnel
         logger.info("tube %s: tunnel open after %.0f ms", handle.tube_id, handle.connect_ms)
@@ -364,6 +415,10 @@ class Side:
     def _tunnel_ready(self, handle: TubeHandle) -> None:
         """Hook for the connecting side."""
 
+    def _tunnel_options(self) -> dict[str, Any]:
+        """Hook: extra keywords for every Tunnel this side makes."""
+        return {}
+
     async def _drop_tube(self, tube_id: str, reason: str, *, tell: str | None = CLOSED) -> None:
         """Close a tube and its streams; ``tell`` the peer why (None: it already knows)."""
         handle = self.tubes.pop(tube_id, None)
@@ -372,6 +427,7 @@ class Side:
         logger.info("tube %s: closing (%s)", tube_id, reason)
         self.events.emit("tube", tube_id=tube_id, what="closed", detail=reason)
         handle.end_reason = reason
+        self.stats.tube_closed(tube_id, reason)
         handle.ended.set()
         self._withdraw(tube_id, signals.KINDS)  # nothing queued for it matters any more
         if tell is not None:
@@ -410,11 +466,28 @@ class ExposeSide(Side):
 
     initiator = False
 
-    def __init__(self, name: str, *, target: tuple[str, int], max_tubes: int = 4,
-                 **kwargs: Any) -> None:
+    def __init__(self, name: str, *, target: tuple[str, int] | None = None,
+                 allow: AllowList | None = None, max_tubes: int = 4, **kwargs: Any) -> None:
+        if target is None and not allow:
+            raise ValueError("give a target (--target HOST:PORT), an allow-list for targets "
+                             "the peer names (--allow HOST:PORTS,...), or both")
         super().__init__(name, **kwargs)
         self.target = target
+        # Targets the peer may name (SOCKS); None: only the fixed target. Swappable.
+        self.allow = allow
         self.max_tubes = max_tubes
+
+    def _tunnel_options(self) -> dict[str, Any]:
+        if self.allow is None:
+            return {}
+
+        async def policy(host: str, port: int) -> list[tuple[str, int]]:
+            allow = self.allow  # read per stream: a reload applies to new streams
+            if allow is None:
+                raise Refusal("this side no longer takes named targets", DENIED)
+            return await allow.resolve(host, port)
+
+        return {"dial_policy": policy}
 
     async def _on_unknown_tube(self, signal: signals.Signal) -> bool:
         if signal["kind"] != signals.OFFER:
@@ -428,7 +501,7 @@ class ExposeSide(Side):
         handle = self._new_handle(tube_id)
         try:
             result = await self.core.create_tube(
-                self.name, {}, offer=signal["data"], tube_id=tube_id,
+                self.name, {"target": self.target}, offer=signal["data"], tube_id=tube_id,
                 signal_callback=self._on_core_signal,
             )
         except Exception as exc:
@@ -468,11 +541,18 @@ class ConnectSide(Side):
         self,
         name: str,
         *,
-        listen: tuple[str, int],
+        listen: tuple[str, int] | None,
         stream_wait: float = 10.0,
         retry_delays: Sequence[float] = (1.0, 2.0, 5.0, 10.0, 30.0),
+        socks: tuple[str, int] | None = None,
+        socks_users: Mapping[str, str] | None = None,
         **kwargs: Any,
     ) -> None:
+        if listen is None and socks is None:
+            raise ValueError("give a local address to listen on, a SOCKS address, or both")
+        # A SOCKS5 server whose clients name their targets (tether.socks); checked first.
+        self.socks = (SocksServer(self.carry, *socks, users=socks_users)
+                      if socks is not None else None)
         super().__init__(name, **kwargs)
         self.listen = listen
         self.stream_wait = stream_wait
@@ -491,12 +571,19 @@ class ConnectSide(Side):
 
     async def start(self) -> None:
         """Bind the listener first (port 0 picks one), then signaling, then the first tube."""
-        host, port = self.listen
-        self.server = await asyncio.start_server(self._on_client, host, port)
+        if self.listen is not None:  # None: streams come only through carry() (SOCKS)
+            host, port = self.listen
+            # asyncio's default backlog (100) resets clients that connect in a burst.
+            self.server = await asyncio.start_server(self._on_client, host, port,
+                                                     backlog=LISTEN_BACKLOG)
+        if self.socks is not None:
+            await self.socks.start()
         await super().start()
         self._spawn(self._keep_a_tube())
 
     async def close(self) -> None:
+        if self.socks is not None:
+            await self.socks.close()
         if self.server is not None:
             self.server.close()
         for task in list(self._streams):
@@ -511,6 +598,25 @@ class ConnectSide(Side):
         await asyncio.wait_for(self._ready.wait(), timeout)
         assert self.current is not None
         return self.current
+
+    async def carry(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                    target: tuple[str, int] | None = None,
+                    on_open: Callable[[str | None], None] | None = None) -> None:
+        """Carry one client connection through the current tube (waiting up to
+        ``stream_wait`` s for one), to ``target`` if given (the peer's allow-list decides),
+        else to the peer's fixed target. ``on_open`` as in :meth:`Tunnel.carry`."""
+        try:
+            handle = await self.wait_ready(self.stream_wait)
+        except TimeoutError:
+            reason = (f"no tube to {self.name!r} after {self.stream_wait:.0f} s (is `tether "
+                      f"expose {self.name}` running?)")
+            logger.error("%s; closing the client connection", reason)
+            if on_open is not None:
+                on_open(reasons.tag(reason, reasons.NET_UNREACHABLE))
+            writer.close()
+            return
+        assert handle.tunnel is not None
+        await handle.tunnel.carry(reader, writer, target, on_open)
 
     async def _keep_a_tube(self) -> None:
         """Offer a tube; when it ends, offer another (at once if the peer closed it)."""

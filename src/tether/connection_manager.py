@@ -653,16 +653,25 @@ default_registry = ManagerRegistry()
 
 
 def register_connection_manager(manager: TunnelConnectionManager) -> None:
+    """Add ``manager`` to the process-wide registry, under its ``tube_id``.
+
+    Registering the same manager again is a no-op; another manager under a tube id
+    already in use raises ValueError (unregister the old one first).
+    """
     default_registry.register(manager)
 
 
 def get_connection_manager(tube_id: str) -> TunnelConnectionManager | None:
+    """The registered manager of tube ``tube_id``, or None if there is none."""
     return default_registry.get(tube_id)
 
 
 async def unregister_connection_manager(tube_id: str) -> TunnelConnectionManager | None:
+    """Remove tube ``tube_id``'s manager from the registry and shut it down (awaited); return
+    it, or None if none was registered."""
     return await default_registry.unregister(tube_id)
 
 
 def list_connection_managers() -> list[TunnelConnectionManager]:
+    """Every registered manager (a copy: safe to iterate while tubes come and go)."""
     return default_registry.list()

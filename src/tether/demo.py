@@ -12,6 +12,12 @@ to the first byte echoed again) took.
 
 Both peers share one process (and one core), so throughput here is about a third of two
 tether processes on two cores.
+
+Every stream is a client connection, an accepted one, a dialled one and an echoed one, all
+in this process, opened at once: the listeners get a deep accept queue (the kernel resets
+connections beyond asyncio's default backlog of 100, which is what crashed 500 streams),
+the open-file limit is raised to what the streams need (or a clear error says why not),
+and the exposing tunnel admits as many streams and OPENs as the demo makes.
 """
 
 from __future__ import annotations
@@ -23,11 +29,12 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
-from .app import ConnectSide, ExposeSide, TubeHandle
+from .app import LISTEN_BACKLOG, ConnectSide, ExposeSide, TubeHandle
 from .connection_manager import ConnectionState
 from .cores.gathering import LOOPBACK
-from .echo import start_echo_server
+from .echo import _echo
 from .sealing import new_secret
 from .signaling import SignalingServer
 
@@ -35,6 +42,39 @@ MB = 1024 * 1024
 CHUNK = 64 * 1024
 # Bytes echoed this soon after the break were already past the path when it died.
 STRAGGLERS = 0.25
+# Open files per stream in this one process (client, accepted, dialled, echoed) and spare.
+FILES_PER_STREAM = 4
+SPARE_FILES = 256
+
+
+def ensure_file_limit(streams: int) -> None:
+    """Raise the soft open-file limit to what ``streams`` need, or say why it cannot be."""
+    import resource
+
+    needed = streams * FILES_PER_STREAM + SPARE_FILES
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return
+    if hard != resource.RLIM_INFINITY and hard < needed:
+        raise ValueError(f"{streams} streams need about {needed:,} open files; this system "
+                         f"allows {hard:,} (ulimit -Hn): use fewer --streams")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+
+
+class _DemoExposeSide(ExposeSide):
+    """The exposing side, admitting every stream the demo opens at once."""
+
+    def __init__(self, *args: Any, streams: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._demo_streams = streams
+
+    def _tunnel_options(self) -> dict[str, Any]:
+        options = dict(super()._tunnel_options())
+        if self.core is None or type(self.core).__name__ == "AiortcTubeRegistry":
+            n = self._demo_streams
+            options.update(max_streams=max(n, 256), open_burst=max(n, 128),
+                           open_rate=max(float(n), 64.0))
+        return options
 
 
 @dataclass
@@ -114,12 +154,20 @@ async def push_and_verify(
 
     async def check() -> None:
         left = size
+        # Expected bytes, made in the sender's chunks: randbytes(n) split differently is a
+        # different sequence, and reads may end anywhere (the Rust core's do).
+        expected, to_make = bytearray(), size
         while left:
             data = await reader.read(min(CHUNK, left))
             if not data:
                 raise DataMismatch(f"stream {seed}: echo ended {left} bytes early")
-            if data != check_gen.randbytes(len(data)):
+            while len(expected) < len(data):
+                n = min(CHUNK, to_make)
+                expected += check_gen.randbytes(n)
+                to_make -= n
+            if data != expected[:len(data)]:
                 raise DataMismatch(f"stream {seed}: bytes differ at offset {size - left}")
+            del expected[:len(data)]
             progress.verified(len(data))
             left -= len(data)
 
@@ -137,12 +185,14 @@ async def run_demo(
     progress: DemoProgress | None = None,
     on_tick: Callable[[DemoProgress], None] | None = None,
     break_path: bool = True,
+    core: str = "aiortc",
 ) -> DemoResult:
     """Run the whole demo; raise DataMismatch if any byte came back wrong.
 
     ``break_path``: kill the tube's path once half the data is verified (see the module doc).
     """
     progress = progress or DemoProgress()
+    ensure_file_limit(streams)
     total = int(mb * MB)
     progress.bytes_total = total
     token = secrets.token_urlsafe(16)
@@ -150,16 +200,16 @@ async def run_demo(
         server = SignalingServer(host="127.0.0.1", port=0, token=token)
         await server.start()
         stack.push_async_callback(server.close)
-        echo = await start_echo_server("127.0.0.1", 0)
+        echo = await asyncio.start_server(_echo, "127.0.0.1", 0, backlog=LISTEN_BACKLOG)
         stack.push_async_callback(echo.wait_closed)
         stack.callback(echo.close)
         url = f"ws://127.0.0.1:{server.port}"
         target = echo.sockets[0].getsockname()[:2]
         secret = new_secret()  # every signal between the two peers is sealed with it
-        expose = ExposeSide("demo", target=target, signal_url=url, token=token,
-                            host_addresses=LOOPBACK, secret=secret)
+        expose = _DemoExposeSide("demo", streams=streams, target=target, signal_url=url, token=token,
+                            host_addresses=LOOPBACK, secret=secret, core=_core(core))
         connect = ConnectSide("demo", listen=("127.0.0.1", 0), signal_url=url, token=token,
-                              host_addresses=LOOPBACK, secret=secret)
+                              host_addresses=LOOPBACK, secret=secret, core=_core(core))
         await expose.start()
         stack.push_async_callback(expose.close)
         progress.phase = "connecting"
@@ -170,9 +220,10 @@ async def run_demo(
         breaker: asyncio.Task[None] | None = None
         try:
             handle = await connect.wait_ready(timeout=30)
+            progress.tube_state = handle.manager.state.value
             progress.phase = "transferring"
             progress.transfer_started = time.perf_counter()
-            if break_path:
+            if break_path and hasattr(connect.core, "drop_traffic"):  # not the Rust core
                 breaker = asyncio.create_task(_break_halfway(connect, handle, progress))
             sizes = [total // streams + (1 if i < total % streams else 0) for i in range(streams)]
             await asyncio.gather(*(
@@ -180,6 +231,7 @@ async def run_demo(
                 for seed, size in enumerate(sizes)
             ))
             seconds = time.perf_counter() - progress.transfer_started
+            progress.tube_state = handle.manager.state.value  # not the last tick's, maybe stale
             progress.phase = "done"
         finally:
             for task in (ticker, breaker):
@@ -204,6 +256,18 @@ async def run_demo(
             bytes_lost=progress.bytes_sent - progress.bytes_verified,
             restarts=handle.manager.metrics.restarts_succeeded,
         )
+
+
+def _core(name: str) -> Any:
+    """None (the sides' default aiortc core on loopback) or the Rust core ("keeper"), which
+    never gathers 127.0.0.1: run it where the host has another address."""
+    if name == "keeper":
+        from .cores.keeper_core import KeeperTubeRegistry
+
+        return KeeperTubeRegistry()
+    if name != "aiortc":
+        raise ValueError(f"unknown core {name!r}: aiortc or keeper")
+    return None
 
 
 def _ms_since(start: float | None, end: float | None) -> float | None:

@@ -22,6 +22,9 @@ logger = logging.getLogger(__name__)
 
 
 class ConnectionState(enum.StrEnum):
+    """Where a tube stands. CONNECTED and DEGRADED carry data; RECONNECTING is an ICE restart
+    in flight; FAILED still retries when the policy keeps trying; TERMINATED is final."""
+
     INITIALIZING = "initializing"
     CONNECTING = "connecting"
     CONNECTED = "connected"
@@ -32,6 +35,9 @@ class ConnectionState(enum.StrEnum):
 
 
 class NetworkChangeType(enum.StrEnum):
+    """Why the manager is told the network changed. Interface and address changes are known
+    causes: they restart ICE at once, whatever the backoff."""
+
     INTERFACE_CHANGE = "interface_change"
     IP_ADDRESS_CHANGE = "ip_change"
     CONNECTION_TIMEOUT = "timeout"

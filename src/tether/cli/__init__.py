@@ -40,6 +40,9 @@ def version() -> None:
 
 from . import common  # noqa: E402  (the commands register themselves on ``app``)
 from . import serve, tunnels, demo  # noqa: E402,F401  (this order is --help's)
+from . import up  # noqa: E402,F401  (tether up: the tunnels of a config file)
+from . import status  # noqa: E402,F401  (tether status | restart | stop)
 from ..lab.command import lab as lab_command  # noqa: E402
 
 app.command("lab")(lab_command)
+from ..bench import command as _bench_command  # noqa: E402,F401  (registers `tether bench`)

@@ -6,32 +6,58 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal as os_signal
 from collections.abc import Awaitable, Callable
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.logging import RichHandler
 
-from ..app import Side
-from ..cores.aiortc_core import AiortcTubeRegistry
-from ..cores.gathering import LOOPBACK
+from .. import logs
+from .errors import explain_os_error
+
+from .. import runloop
 from ..events import EventLog
 from ..sealing import MIN_SECRET_CHARS
 from ..signaling.client import AuthenticationError, CertificateError, ConversationFullError
 from ..tunnel import parse_hostport
 
-console = Console(stderr=True)
-out = Console()
+if TYPE_CHECKING:  # aiortc and aioice load only when a core is made (fast --help)
+    from ..app import Side
+    from ..cores.aiortc_core import AiortcTubeRegistry
 
-Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Show debug logs.")]
+# soft_wrap: never wrap at 80 columns when not on a terminal (services, pipes, grep).
+console = Console(stderr=True, soft_wrap=True)
+out = Console(soft_wrap=True)
+
+Verbose = Annotated[int, typer.Option(
+    "--verbose", "-v", count=True, show_default=False,
+    help="-v: tether's debug logs and tracebacks; -vv: also aiortc, aioice, websockets.")]
+LogFormat = Annotated[str, typer.Option(
+    "--log-format", envvar="TETHER_LOG_FORMAT", metavar="text|json",
+    help="Log lines as text or JSON objects (or TETHER_LOG_FORMAT).")]
+StatusInterval = Annotated[float, typer.Option(
+    "--status-interval", min=0.0, metavar="SECONDS",
+    help="When not on a terminal, log a one-line status this often (0: never).")]
+def _check_metrics(value: str | None) -> str | None:
+    if value is not None:
+        parse_address(value, "--metrics")
+    return value
+
+
+Metrics = Annotated[str | None, typer.Option(
+    "--metrics", metavar="HOST:PORT", callback=_check_metrics,
+    help="Serve Prometheus metrics on http://HOST:PORT/metrics.")]
 Token = Annotated[
     str | None,
     typer.Option("--token", envvar="TETHER_TOKEN", help="Shared secret for the signaling server."),
 ]
 Signal = Annotated[
-    str, typer.Option("--signal", help="Signaling server URL, e.g. ws://127.0.0.1:8765.")
+    list[str],
+    typer.Option("--signal", help="Signaling relay URL, e.g. ws://127.0.0.1:8765; repeat it "
+                                  "for relays that share a Redis (the next one is tried when "
+                                  "one fails)."),
 ]
 Loopback = Annotated[
     bool, typer.Option("--loopback", help="Gather ICE candidates on 127.0.0.1 only.")
@@ -71,16 +97,13 @@ Events = Annotated[
 ]
 
 
-def setup_logging(verbose: bool, default: int = logging.INFO) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else default,
-        format="%(name)s: %(message)s",
-        handlers=[RichHandler(console=console, show_path=False, rich_tracebacks=True)],
-        force=True,
-    )
-    # -v is tether's story; aiortc's SCTP debug alone is ~100k lines per 50 MB.
-    for noisy in ("aioice", "aiortc", "websockets"):
-        logging.getLogger(noisy).setLevel(logging.INFO if verbose else logging.WARNING)
+def setup_logging(verbose: int, default: int = logging.INFO, log_format: str | None = None) -> None:
+    """One line per event, timestamped, secrets redacted (tether.logs); -v, -vv."""
+    fmt = log_format or os.environ.get("TETHER_LOG_FORMAT") or "text"
+    if fmt not in logs.FORMATS:
+        raise typer.BadParameter(f"{fmt!r} is not a log format: use text or json",
+                                 param_hint="--log-format")
+    logs.setup(int(verbose), fmt, console=console, default=default)
 
 
 def parse_address(value: str, option: str) -> tuple[str, int]:
@@ -138,7 +161,7 @@ async def stoppable(main: Callable[[], Awaitable[Any]]) -> Any:
 def run_main(main: Callable[[], Awaitable[Any]]) -> Any:
     """Run ``main``; Ctrl-C and SIGTERM end it cleanly (its finally blocks close everything)."""
     try:
-        return asyncio.run(stoppable(main))
+        return runloop.run(stoppable(main))
     except KeyboardInterrupt:
         console.print("stopped")
         return None
@@ -153,7 +176,21 @@ def run_main(main: Callable[[], Awaitable[Any]]) -> Any:
         console.print(f"[red]conversation is full[/red]: {exc}. Is another peer using this NAME?")
         raise typer.Exit(2) from None
     except OSError as exc:  # a busy or unusable listen address, most often
-        console.print(f"[red]{exc}[/red]")
+        if logs.verbosity() >= 1:
+            raise
+        console.print(f"error: {explain_os_error(exc)}", markup=False, highlight=False)
+        raise typer.Exit(1) from None
+    except OverflowError as exc:  # a port beyond 65535 (`serve --port 70000`)
+        console.print(f"error: {exc}. A port is a number from 0 to 65535 (0: any free one).",
+                      markup=False, highlight=False)
+        raise typer.Exit(2) from None
+    except (typer.Exit, typer.Abort, typer.BadParameter, typer.exceptions.TyperException):
+        raise  # usage errors and exits keep their own messages and codes
+    except Exception as exc:  # a bug or an unforeseen failure: one line, details with -v
+        if logs.verbosity() >= 1 or getattr(exc, "passthrough", False):
+            raise
+        console.print(f"error: {type(exc).__name__}: {exc} (run again with -v for the "
+                      "traceback)", markup=False, highlight=False)
         raise typer.Exit(1) from None
 
 
@@ -161,6 +198,13 @@ def make_side(kind: type[Side], name: str, *, events: str | None, **kwargs: Any)
     """Make a side that watches the network and records ``events``; a setting it refuses
     (a --signal that is no WebSocket URL...) is a usage error with its message, not a
     traceback."""
+    logs.add_secret(kwargs.get("token"), kwargs.get("secret"))  # never in any log line
+    urls = kwargs.get("signal_url")
+    for url in [urls] if isinstance(urls, str) else list(urls or []):
+        if not url.lower().startswith(("ws://", "wss://")):
+            raise typer.BadParameter(
+                f"{url!r} is not a relay URL: expected ws://HOST:PORT or wss://HOST:PORT "
+                "(the address `tether serve` prints)", param_hint="--signal")
     try:
         return kind(name, events=EventLog(events), watch_network=True, **kwargs)
     except ValueError as exc:
@@ -168,12 +212,19 @@ def make_side(kind: type[Side], name: str, *, events: str | None, **kwargs: Any)
 
 
 def make_core(loopback: bool, ice_servers: list[str] | None, turn_user: str | None,
-          turn_password: str | None) -> AiortcTubeRegistry:
+          turn_password: str | None, core: str = "aiortc") -> Any:
     servers = ice_servers or []
     if any(url.startswith(("turn:", "turns:")) for url in servers) and not (
             turn_user and turn_password):
         raise typer.BadParameter("a turn:/turns: server needs --turn-user and --turn-password "
                                  "(or TETHER_TURN_PASSWORD)", param_hint="--ice-server")
+    if core == "keeper":
+        return make_keeper_core(loopback, servers, turn_user, turn_password)
+    if core != "aiortc":
+        raise typer.BadParameter(f"unknown core {core!r}: aiortc or keeper", param_hint="--core")
+    from ..cores.aiortc_core import AiortcTubeRegistry
+    from ..cores.gathering import LOOPBACK
+
     try:
         return AiortcTubeRegistry(
             host_addresses=LOOPBACK if loopback else None, ice_servers=servers,
@@ -181,3 +232,27 @@ def make_core(loopback: bool, ice_servers: list[str] | None, turn_user: str | No
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--ice-server") from None
+
+
+CoreName = Annotated[str, typer.Option(
+    "--core", help="WebRTC core: aiortc (default) or keeper (the Rust core, "
+                   "pip install 'tether[keeper]').")]
+
+
+def make_keeper_core(loopback: bool, servers: list[str], turn_user: str | None,
+                     turn_password: str | None) -> Any:
+    """The Rust core (keeper-pam-webrtc-rs): one TURN server at most, no loopback gathering."""
+    if loopback:
+        raise typer.BadParameter("the keeper core never gathers 127.0.0.1; drop --loopback",
+                                 param_hint="--core")
+    turn = [url for url in servers if url.startswith(("turn:", "turns:"))]
+    if len(turn) != len(servers) or len(turn) > 1:
+        raise typer.BadParameter("the keeper core takes one turn:/turns: server and no STUN",
+                                 param_hint="--ice-server")
+    from ..cores.keeper_core import KeeperTubeRegistry
+
+    try:
+        return KeeperTubeRegistry(turn_url=turn[0] if turn else None,
+                                  turn_username=turn_user, turn_password=turn_password)
+    except (ValueError, RuntimeError) as exc:
+        raise typer.BadParameter(str(exc), param_hint="--core") from None

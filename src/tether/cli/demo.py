@@ -12,7 +12,7 @@ from rich.live import Live
 
 from ..display import demo_line
 from . import app
-from .common import Verbose, console, out, run_main, setup_logging
+from .common import CoreName, Verbose, console, out, run_main, setup_logging
 
 
 @app.command()
@@ -23,6 +23,7 @@ def demo(
     break_path: Annotated[bool, typer.Option(
         "--break-path/--no-break-path",
         help="Kill the tube's path halfway and show it heal.")] = True,
+    core: CoreName = "aiortc",
     verbose: Verbose = False,
 ) -> None:
     """Run a whole tunnel in this process and check every byte (nothing to configure).
@@ -31,15 +32,21 @@ def demo(
     restarts ICE onto a new path and the streams go on. Both peers share this one process,
     so throughput is about a third of two tether processes on two cores.
     """
-    from ..demo import DataMismatch, run_demo
+    from ..demo import DataMismatch, ensure_file_limit, run_demo
 
     setup_logging(verbose, default=logging.ERROR)
     if mb <= 0 or streams <= 0:
         raise typer.BadParameter("--mb and --streams must be positive")
+    try:
+        ensure_file_limit(streams)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--streams") from None
+    console.print("both peers run in this one process (and share one core), so throughput "
+                  "here is about a third of two `tether` processes", highlight=False)
 
     async def main() -> Any:
         with Live(console=console, refresh_per_second=8, transient=False) as live:
-            return await run_demo(mb=mb, streams=streams, break_path=break_path,
+            return await run_demo(mb=mb, streams=streams, break_path=break_path, core=core,
                                   on_tick=lambda p: live.update(demo_line(p)))
 
     try:
@@ -52,7 +59,8 @@ def demo(
     console.line()
     console.print(
         f"[green]ok[/green]: tube {result.tube_id} connected in {result.connect_ms:.0f} ms; "
-        f"{result.mb:g} MB over {result.streams} streams in {result.seconds:.2f} s = "
+        f"{result.mb:g} MB over {result.streams} stream{'' if result.streams == 1 else 's'} "
+        f"in {result.seconds:.2f} s = "
         f"[bold]{result.throughput_mb_s:.2f} MB/s[/bold]; "
         f"{result.bytes_verified:,} of {result.bytes_sent:,} bytes verified"
     )

@@ -1,4 +1,4 @@
-"""`tether serve`: the signaling relay."""
+"""`tether serve`: the signaling relay (alone, or one of several sharing a Redis)."""
 
 from __future__ import annotations
 
@@ -10,13 +10,37 @@ import typer
 
 from ..signaling import SignalingServer
 from . import app
-from .common import Verbose, console, run_main, setup_logging
+from ..signaling.limits import RelayLimits
+from ..signaling.metrics import serve_http
+from .common import Verbose, console, parse_address, run_main, setup_logging
+
+
+def _limits(items: list[str]) -> RelayLimits:
+    """RelayLimits with NAME=VALUE overrides (a usage error names a bad one)."""
+    fields = vars(RelayLimits())
+    overrides: dict[str, float] = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        name = name.strip().replace("-", "_")
+        if name not in fields:
+            raise typer.BadParameter(f"unknown limit {name!r}; known: {', '.join(fields)}",
+                                     param_hint="--limit")
+        try:
+            number = type(fields[name])(value)
+        except ValueError:
+            raise typer.BadParameter(f"{item!r}: {name} needs a number", param_hint="--limit"
+                                     ) from None
+        overrides[name] = number
+    try:
+        return RelayLimits(**{**fields, **overrides})
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--limit") from None
 
 
 @app.command()
 def serve(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on (0: any free port).")] = 8765,
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on (0: any free port).")] = 8765,
     token: Annotated[
         str | None,
         typer.Option(
@@ -35,6 +59,22 @@ def serve(
     ] = None,
     key: Annotated[
         str | None, typer.Option("--key", help="TLS private key (PEM) for --cert.")
+    ] = None,
+    redis: Annotated[
+        str | None,
+        typer.Option("--redis", envvar="TETHER_REDIS",
+                     help="Keep conversations in Redis (redis://HOST:PORT/DB) so that several "
+                          "relays serve one set of tunnels; default: in this process."),
+    ] = None,
+    metrics: Annotated[
+        str | None,
+        typer.Option("--metrics", help="Also answer GET /healthz and /metrics on HOST:PORT "
+                                       "(they are always on the relay's own port too)."),
+    ] = None,
+    limit: Annotated[
+        list[str] | None,
+        typer.Option("--limit", help="Override a relay limit, NAME=VALUE (repeatable), e.g. "
+                                     "max_connections=20000; names as in RelayLimits."),
     ] = None,
     verbose: Verbose = False,
 ) -> None:
@@ -65,21 +105,50 @@ def serve(
         except (OSError, ssl.SSLError) as exc:
             raise typer.BadParameter(f"cannot load {cert} / {key}: {exc}",
                                      param_hint="--cert/--key") from None
+    limits = _limits(limit or [])
+    metrics_address = parse_address(metrics, "--metrics") if metrics else None
+    if redis is not None and not redis.startswith(("redis://", "rediss://", "unix://")):
+        raise typer.BadParameter(f"{redis!r} is not a Redis URL; expected redis://HOST:PORT/DB",
+                                 param_hint="--redis")
     if not token:
         token = secrets.token_urlsafe(16)
         console.print(f"no token given; peers must use [bold]--token {token}[/bold] "
                       "(or TETHER_TOKEN)")
 
     async def main() -> None:
-        server = SignalingServer(host=host, port=port, token=token, ssl_context=context)
-        await server.start()
-        scheme = "wss" if context is not None else "ws"
-        shown = f"[{host}]" if ":" in host else host  # an IPv6 address in a URL
-        console.print(f"signaling server on {scheme}://{shown}:{server.port} (Ctrl-C to stop)",
-                      highlight=False)
+        table = None
+        if redis is not None:
+            from ..signaling.redis_table import RedisConversationTable
+
+            table = RedisConversationTable(
+                redis, max_conversations=limits.max_conversations, max_held=limits.max_held,
+                max_held_bytes=limits.max_held_bytes, held_ttl=limits.held_ttl,
+                max_conversations_per_address=limits.max_conversations_per_address,
+            )
+            await table.start()
+        server = SignalingServer(host=host, port=port, token=token, ssl_context=context,
+                                 limits=limits, table=table)
+        side = None
         try:
+            await server.start()
+            if metrics_address is not None:
+                side = await serve_http(*metrics_address, server.metrics.render, server.health)
+            scheme = "wss" if context is not None else "ws"
+            shown = f"[{host}]" if ":" in host else host  # an IPv6 address in a URL
+            store = f", conversations in Redis {table._where()}" if table is not None else ""
+            console.print(f"signaling server on {scheme}://{shown}:{server.port}{store} "
+                          f"(Ctrl-C to stop)", highlight=False)
+            if side is not None:
+                where = side.sockets[0].getsockname()
+                console.print(f"health and metrics on http://{where[0]}:{where[1]}/healthz "
+                              "and /metrics", highlight=False)
             await asyncio.Event().wait()
         finally:
+            if side is not None:
+                side.close()
+                await side.wait_closed()
             await server.close()
+            if table is not None:
+                await table.close()
 
     run_main(main)

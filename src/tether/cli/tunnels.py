@@ -2,38 +2,44 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from typing import Annotated
 
 import typer
-from rich.live import Live
 
 from ..app import ConnectSide, ExposeSide, Side
-from ..display import tube_table
 from ..sealing import new_secret
-from . import app
+from ..tunnel import format_hostport
+from . import app, modes
+from .status import operate, show
 from .common import (
-    CaFile, Events, IceServer, Loopback, Secret, SecretFile, Signal, Token, TurnPassword,
-    TurnUser, Verbose, console, make_core, make_side, need_token, out, parse_address,
+    CaFile, CoreName, Events, IceServer, Loopback, Secret, SecretFile, Token, TurnPassword,
+    TurnUser, Verbose, LogFormat, Metrics, StatusInterval, console, make_core, make_side, need_token, out, parse_address,
     read_secret, run_main, setup_logging,
 )
 
 
-async def _show(side: Side, title: str) -> None:
-    """Keep a live table of the side's tubes until cancelled."""
-    with Live(tube_table(title, side.snapshot()), console=console, refresh_per_second=2) as live:
-        while True:
-            await asyncio.sleep(0.5)
-            status = "" if side.client.connected else " (signaling: reconnecting)"
-            live.update(tube_table(title + status, side.snapshot()))
+async def _show(side: Side, title: str, status_interval: float = 30.0) -> None:
+    """The live table (rate, path, idle since a byte moved) on a terminal, else a periodic
+    status line; until cancelled."""
+    await show(side, title, status_interval)
 
 
 @app.command()
 def expose(
     name: Annotated[str, typer.Argument(help="Tunnel name, shared with the connecting side.")],
-    target: Annotated[str, typer.Option(help="HOST:PORT to forward to, e.g. 127.0.0.1:22.")],
-    signal: Signal,
+    target: modes.OptTarget = None,
+    signal: modes.OptSignal = None,
+    allow: modes.Allow = None,
+    config: modes.ConfigPath = None,
+    keepalive_interval: modes.KeepaliveInterval = None,
+    liveness_interval: modes.LivenessInterval = None,
+    liveness_misses: modes.LivenessMisses = None,
+    restart_base: modes.RestartBase = None,
+    restart_max: modes.RestartMax = None,
+    restart_attempts: modes.RestartAttempts = None,
+    connect_timeout: modes.ConnectTimeout = None,
+    answer_timeout: modes.AnswerTimeout = None,
     token: Token = None,
     loopback: Loopback = False,
     ice_server: IceServer = None,
@@ -43,35 +49,68 @@ def expose(
     secret_file: SecretFile = None,
     ca: CaFile = None,
     events: Events = None,
+    core: CoreName = "aiortc",
     verbose: Verbose = False,
+    log_format: LogFormat = "text",
+    status_interval: StatusInterval = 30.0,
+    metrics: Metrics = None,
 ) -> None:
     """Expose TARGET as tunnel NAME: answer tubes and dial TARGET for each stream.
 
     Only a peer with the tunnel secret can connect; without --secret a strong one is made
     and the exact `tether connect` line to use is printed.
     """
-    setup_logging(verbose)
-    address = parse_address(target, "--target")
+    setup_logging(verbose, log_format=log_format)
+    merged = modes.settings(
+        "expose", name, config_path=config, signal=signal, token=token, ca=ca,
+        secret=read_secret(secret, secret_file), knobs=dict(
+            keepalive_interval=keepalive_interval, liveness_interval=liveness_interval,
+            liveness_misses=liveness_misses, restart_base=restart_base,
+            restart_max=restart_max, restart_attempts=restart_attempts,
+            connect_timeout=connect_timeout, answer_timeout=answer_timeout))
+    signal, token, ca, secret = merged.signal, merged.token, merged.ca, merged.secret
+    target, allow = modes.expose_defaults(merged, target, allow)
+    address = parse_address(target, "--target") if target is not None else None
+    allow_list = modes.parse_allow(allow)
+    if address is None and allow_list is None:
+        raise typer.BadParameter("give --target HOST:PORT, --allow HOST:PORTS,... (targets "
+                                 "the peer names), or both", param_hint="--target")
+    target = target or f"targets allowed by --allow {allow_list}"
     token = need_token(token)
-    secret = read_secret(secret, secret_file)
     if secret is None:
         secret = new_secret()
         console.print("no tunnel secret given; made one. On the connecting machine run:")
-        out.print(f"  TETHER_SECRET={secret} tether connect {name} --signal {signal} "
+        signals = " ".join(f"--signal {url}" for url in signal)
+        out.print(f"  TETHER_SECRET={secret} tether connect {name} {signals} "
                   f"--listen 127.0.0.1:0", highlight=False, soft_wrap=True)
 
-    side = make_side(ExposeSide, name, target=address, signal_url=signal, token=token,
-                 core=make_core(loopback, ice_server, turn_user, turn_password), events=events,
-                 secret=secret, ca_file=ca)
-    console.print(f"exposing {target} as {name!r} via {signal}")
-    run_side(side, lambda: f"expose {name} -> {target}")
+    tube_core = make_core(loopback, ice_server, turn_user, turn_password, core)
+    modes.apply_liveness(tube_core, merged.liveness)
+    side = make_side(ExposeSide, name, target=address, allow=allow_list, signal_url=signal,
+                 token=token, core=tube_core, events=events, secret=secret, ca_file=ca,
+                 policy=merged.policy)
+    console.print(f"exposing {target} as {name!r} via {', '.join(signal)}")
+    run_side(side, lambda: f"expose {name} -> {target}", status_interval=status_interval,
+             metrics=metrics)
 
 
 @app.command()
 def connect(
     name: Annotated[str, typer.Argument(help="Tunnel name, as given to `tether expose`.")],
-    listen: Annotated[str, typer.Option(help="Local HOST:PORT to listen on (port 0: any).")],
-    signal: Signal,
+    listen: modes.OptListen = None,
+    signal: modes.OptSignal = None,
+    socks: modes.Socks = None,
+    socks_users: modes.SocksUsers = None,
+    run: modes.Run = None,
+    config: modes.ConfigPath = None,
+    keepalive_interval: modes.KeepaliveInterval = None,
+    liveness_interval: modes.LivenessInterval = None,
+    liveness_misses: modes.LivenessMisses = None,
+    restart_base: modes.RestartBase = None,
+    restart_max: modes.RestartMax = None,
+    restart_attempts: modes.RestartAttempts = None,
+    connect_timeout: modes.ConnectTimeout = None,
+    answer_timeout: modes.AnswerTimeout = None,
     token: Token = None,
     loopback: Loopback = False,
     ice_server: IceServer = None,
@@ -81,38 +120,75 @@ def connect(
     secret_file: SecretFile = None,
     ca: CaFile = None,
     events: Events = None,
+    core: CoreName = "aiortc",
     verbose: Verbose = False,
+    log_format: LogFormat = "text",
+    status_interval: StatusInterval = 30.0,
+    metrics: Metrics = None,
 ) -> None:
-    """Listen on LISTEN and carry every connection through tunnel NAME."""
-    setup_logging(verbose)
-    address = parse_address(listen, "--listen")
+    """Listen on LISTEN and carry every connection through tunnel NAME.
+
+    With --socks, also (or only) a SOCKS5 server; with --run CMD, run CMD against a free
+    local port and exit with its exit code.
+    """
+    setup_logging(verbose, log_format=log_format)
+    merged = modes.settings(
+        "connect", name, config_path=config, signal=signal, token=token, ca=ca,
+        secret=read_secret(secret, secret_file), knobs=dict(
+            keepalive_interval=keepalive_interval, liveness_interval=liveness_interval,
+            liveness_misses=liveness_misses, restart_base=restart_base,
+            restart_max=restart_max, restart_attempts=restart_attempts,
+            connect_timeout=connect_timeout, answer_timeout=answer_timeout))
+    signal, token, ca, secret = merged.signal, merged.token, merged.ca, merged.secret
+    listen, socks, users = modes.connect_defaults(merged, listen, socks, run)
+    if listen is None and run is not None:
+        listen = "127.0.0.1:0"
+    if listen is None and socks is None:
+        raise typer.BadParameter("give --listen HOST:PORT, --socks HOST:PORT, --run CMD, or "
+                                 "a combination", param_hint="--listen")
+    address = parse_address(listen, "--listen") if listen is not None else None
+    socks_address = parse_address(socks, "--socks") if socks is not None else None
+    users = modes.socks_users(socks_users) if socks_users is not None else users
+    argv = modes.split_command(run) if run is not None else None
     token = need_token(token)
-    secret = read_secret(secret, secret_file)
     if secret is None:
         raise typer.BadParameter("give the tunnel secret that `tether expose` printed "
                                  "(TETHER_SECRET, --secret-file or --secret)",
                                  param_hint="--secret")
 
-    side = make_side(ConnectSide, name, listen=address, signal_url=signal, token=token,
-                 core=make_core(loopback, ice_server, turn_user, turn_password), events=events,
-                 secret=secret, ca_file=ca)
+    tube_core = make_core(loopback, ice_server, turn_user, turn_password, core)
+    modes.apply_liveness(tube_core, merged.liveness)
+    side = make_side(ConnectSide, name, listen=address, socks=socks_address,
+                 socks_users=users, signal_url=signal, token=token, core=tube_core,
+                 events=events, secret=secret, ca_file=ca, policy=merged.policy)
+    if argv is not None:
+        assert isinstance(side, ConnectSide)
+        modes.run_with_command(side, argv)
 
     def title() -> str:
-        host, port = side.listen_address
-        shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        out.print(f"listening on {shown}", highlight=False)
+        shown = "(no local listener)"
+        if side.server is not None:
+            host, port = side.listen_address
+            shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            out.print(f"listening on {shown}", highlight=False)
+        if side.socks is not None:
+            where = format_hostport(*side.socks.address)
+            out.print(f"SOCKS5 on {where}", highlight=False)
+            shown += f", SOCKS5 on {where}"
         return f"connect {name} on {shown}"
 
-    run_side(side, title)
+    run_side(side, title, status_interval=status_interval, metrics=metrics)
 
 
-def run_side(side: Side, title: Callable[[], str]) -> None:
-    """Start ``side``, then show its live table (``title()`` once started) until Ctrl-C."""
+def run_side(side: Side, title: Callable[[], str], *, status_interval: float = 30.0,
+             metrics: str | None = None) -> None:
+    """Start ``side``, then serve its control socket (and ``metrics``) and show it
+    (``title()`` once started) until Ctrl-C, SIGTERM or `tether stop`."""
 
     async def main() -> None:
         try:
             await side.start()
-            await _show(side, title())
+            await operate(side, title, status_interval=status_interval, metrics=metrics)
         finally:
             await side.close()
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import inspect
 import logging
 import secrets
@@ -42,7 +43,8 @@ from aiortc.rtcicetransport import parse_stun_turn_uri
 from aiortc.rtcsctptransport import SCTP_RTO_MIN, USERDATA_MAX_LENGTH
 
 from .. import signals
-from . import gathering
+from . import aiortc_speed, gathering
+from . import sdp as sdp_rules
 from .ice_path import IcePath, candidate_ufrag, parse_candidate
 
 logger = logging.getLogger(__name__)
@@ -53,6 +55,10 @@ KEEPALIVE_MESSAGE = b"tether:keepalive"
 SIGNAL_QUEUE_LIMIT = 1024
 HELD_CANDIDATES_LIMIT = 256
 LIVENESS_KEYS = frozenset({"interval", "misses", "busy_silence", "generation_timeout"})
+# Answering a restart, our checks wait this long at most for the peer's first one.
+ANSWER_CHECKS_WAIT = 1.0
+# A restart generation that times out while the old path answers is checked again this often.
+GENERATION_RETRIES = 2
 # aiortc's initial congestion window: a resumed path starts at least from there.
 SCTP_INITIAL_CWND = 3 * USERDATA_MAX_LENGTH
 
@@ -213,6 +219,8 @@ class _Tube:
     chunks_sent: int = 0
     chunks_resent: int = 0
     chunks_resent_at_once: int = 0
+    sdp_version: int | None = None  # the o= session version we last sent
+    last_answer: str | None = None  # our answer to the current restart offer (a repeat gets it)
 
     @property
     def has_remote_description(self) -> bool:
@@ -260,6 +268,7 @@ class AiortcTubeRegistry:
                              f"known: {sorted(LIVENESS_KEYS)}")
         self._tubes: dict[str, _Tube] = {}
         gathering.install()
+        aiortc_speed.install()
 
     # -- Contract 2 ---------------------------------------------------------------------
 
@@ -302,7 +311,7 @@ class AiortcTubeRegistry:
         )
         self._tubes[tube_id] = tube
         tube.pump = asyncio.create_task(self._pump(tube), name=f"tether-signals-{tube_id}")
-        tube.path = IcePath(
+        tube.path = SessionPath(
             tube_id, pc.sctp.transport.transport,
             on_state=lambda state: self._set_state(tube, state),
             host_addresses=addresses, **self.liveness,
@@ -381,7 +390,7 @@ class AiortcTubeRegistry:
         candidates = await tube.path.start_offer()
         self._set_state(tube, "connecting")  # 'connected' again once the new path works
         ufrag, pwd = tube.path.local_credentials
-        sdp = with_credentials(tube.pc.localDescription.sdp, ufrag, pwd)
+        sdp = self._restart_sdp(tube, offer=True, ufrag=ufrag, pwd=pwd, candidates=candidates)
         logger.info("tube %s: ICE restart offer (ufrag %s)", tube_id, ufrag)
         return encode_sdp(self._send_candidates(tube, sdp, candidates, ufrag))
 
@@ -485,7 +494,8 @@ class AiortcTubeRegistry:
             raise UnknownTubeError(tube_id) from None
 
     def _outgoing_sdp(self, tube: _Tube) -> str:
-        sdp = tube.pc.localDescription.sdp
+        sdp = sdp_rules.with_ice_option(tube.pc.localDescription.sdp, "trickle")
+        tube.sdp_version = sdp_rules.origin_version(sdp)
         if not tube.trickle:
             return sdp
         stripped, candidates = split_candidates(sdp)
@@ -583,15 +593,32 @@ class AiortcTubeRegistry:
             await self._apply_held(tube)
             return None
         if ufrag == path.remote_ufrag(path.current) and path.pending is None:
+            if tube.last_answer is not None:  # the same offer again: the same answer
+                return tube.last_answer
             local_ufrag, local_pwd = path.local_credentials
-            return encode_sdp(with_credentials(tube.pc.localDescription.sdp, local_ufrag, local_pwd))
+            return encode_sdp(self._restart_sdp(tube, offer=False, ufrag=local_ufrag,
+                                                pwd=local_pwd, candidates=[]))
         logger.info("tube %s: answering ICE restart (remote ufrag %s)", tube.tube_id, ufrag)
         self._set_state(tube, "connecting")
         local = await path.accept_offer(ufrag, pwd, candidates)
         await self._apply_held(tube)
         local_ufrag, local_pwd = path.local_credentials
-        answer = with_credentials(tube.pc.localDescription.sdp, local_ufrag, local_pwd)
-        return encode_sdp(self._send_candidates(tube, answer, local, local_ufrag))
+        answer = self._restart_sdp(tube, offer=False, ufrag=local_ufrag, pwd=local_pwd,
+                                   candidates=local)
+        tube.last_answer = encode_sdp(self._send_candidates(tube, answer, local, local_ufrag))
+        return tube.last_answer
+
+    @staticmethod
+    def _restart_sdp(tube: _Tube, *, offer: bool, ufrag: str, pwd: str,
+                     candidates: list[str]) -> str:
+        """A restart description any standard peer accepts (sdp.py), without candidates."""
+        base, _ = split_candidates(tube.pc.localDescription.sdp)
+        previous = tube.sdp_version if tube.sdp_version is not None else -1
+        tube.sdp_version = max(previous, sdp_rules.origin_version(base)) + 1
+        return sdp_rules.restart_description(
+            base, offer=offer, ufrag=ufrag, pwd=pwd, version=tube.sdp_version,
+            candidates=candidates, dtls_role=tube.pc.sctp.transport._role,
+        )
 
     def _set_state(self, tube: _Tube, state: str) -> None:
         if state == tube.state or tube.state == "closed":
@@ -676,6 +703,115 @@ class AiortcTubeRegistry:
                 raise
 
 
+class SessionPath(IcePath):
+    """IcePath with what standard peers (browsers) need from ICE restarts.
+
+    - The session's tie-breaker is kept: RFC 8445 section 9 keeps the roles across a
+      restart, and a role conflict (a browser takes the controlling role when it offers
+      a restart) is settled by the tie-breakers (section 7.3.1.1); aioice drew a new one
+      per generation, so each restart could settle it the other way.
+    - Answering a restart, our checks wait (at most ANSWER_CHECKS_WAIT) for the peer's
+      first check, which proves it has our answer: a check that arrives before it makes
+      Chromium create a peer-reflexive pair it then never checks itself, and, when it
+      controls, never nominates.
+    - While controlling, the nomination is repeated on the liveness probes.
+    - A generation that times out while the old path answers is checked again.
+    """
+
+    async def _new_generation(self) -> Any:
+        gen = await super()._new_generation()
+        gen._tie_breaker = self.current._tie_breaker
+        _repeat_nomination(gen)
+        return gen
+
+    def _hook(self, connection: Any) -> None:
+        super()._hook(connection)
+        _repeat_nomination(connection)
+
+    async def accept_offer(self, ufrag: str, pwd: str, candidates: Sequence[str]) -> list[str]:
+        self._answering = True
+        try:
+            return await super().accept_offer(ufrag, pwd, candidates)
+        finally:
+            self._answering = False
+
+    def _start_checks(self, gen: Any, ufrag: str, pwd: str, candidates: Sequence[str]) -> None:
+        gen._tether_answering = getattr(self, "_answering", False)
+        super()._start_checks(gen, ufrag, pwd, candidates)
+
+    async def _connect(self, gen: Any, candidates: list[str]) -> None:
+        """IcePath's, but answering waits for the peer's first check, and a generation
+        that times out while the old path still answers gets its checks sent again
+        (GENERATION_RETRIES times) instead of being reported 'failed'."""
+        if gen._tether_answering:
+            await _first_check(gen, ANSWER_CHECKS_WAIT)
+        per_try = self.generation_timeout
+        connect = gen.connect
+
+        async def connect_with_retries() -> None:
+            task = asyncio.ensure_future(connect())
+            try:
+                for attempt in range(GENERATION_RETRIES + 1):
+                    done, _ = await asyncio.wait({task}, timeout=per_try)
+                    if done:
+                        return task.result()
+                    if attempt == GENERATION_RETRIES or not self.alive:
+                        break
+                    logger.info("tube %s: ICE generation %d not connected after %g s while "
+                                "the old path answers: checking again", self.name,
+                                self.generation + 1, per_try * (attempt + 1))
+                    _check_again(gen)
+                raise TimeoutError
+            finally:
+                if not task.done():
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+
+        gen.connect = connect_with_retries
+        self.generation_timeout = per_try * (GENERATION_RETRIES + 1) + 1.0  # the outer bound
+        try:
+            await super()._connect(gen, candidates)
+        finally:
+            self.generation_timeout = per_try
+
+
+async def _first_check(gen: Any, limit: float) -> None:
+    """Wait until the peer's first connectivity check reaches ``gen`` (at most ``limit``
+    seconds): proof that the peer has our answer."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limit
+    while not gen._early_checks and loop.time() < deadline:
+        await asyncio.sleep(0.01)
+
+
+def _check_again(gen: Any) -> None:
+    """Send a new connectivity check on every pair of ``gen`` whose check has ended."""
+    for pair in gen._check_list:
+        if pair.task is None or pair.task.done():
+            pair.task = None
+            gen.check_start_task(pair)
+
+
+def _repeat_nomination(gen: Any) -> None:
+    """While controlling, every liveness probe on the nominated pair carries USE-CANDIDATE.
+
+    aioice nominates aggressively, once, in its first successful check. Chromium ignores
+    that flag when the same request made it give up the controlling role (a restart it
+    offered, RFC 8445 section 7.3.1.1), and then keeps sending on its old pair. Repeating
+    the nomination of the same pair is allowed (section 8.1.1 forbids nominating another
+    one), and the first probe goes out as soon as the generation is current."""
+    if getattr(gen, "_tether_nominates", False):
+        return
+    build_request = gen.build_request
+
+    def build(pair: Any, nominate: bool) -> Any:
+        return build_request(pair, nominate=nominate or gen.ice_controlling)
+
+    gen.build_request = build
+    gen._tether_nominates = True
+
+
 def _sctp_busy(tube: _Tube) -> bool:
     """Whether SCTP waits for acknowledgements: a working path then answers within an RTT."""
     sctp = tube.pc.sctp
@@ -684,3 +820,38 @@ def _sctp_busy(tube: _Tube) -> bool:
 
 def _new_tube_id() -> str:
     return secrets.token_urlsafe(12)
+
+
+def path_info(registry: AiortcTubeRegistry, tube_id: str) -> dict[str, Any] | None:
+    """The tube's selected candidate pair and round trips, for status displays.
+
+    ``local``/``remote`` are "host:port (type)"; ``via`` is "relay" when either end is a
+    TURN relay candidate, else "direct"; ``rtt_ms`` is the smoothed STUN round trip of the
+    liveness probes (``sctp_rtt_ms`` SCTP's). None for a tube the registry does not know.
+    """
+    tube = registry._tubes.get(tube_id)
+    if tube is None:
+        return None
+    info: dict[str, Any] = {"local": None, "remote": None, "local_type": None,
+                            "remote_type": None, "via": None, "generation": None,
+                            "rtt_ms": None, "sctp_rtt_ms": None}
+    path = tube.path
+    if path is not None:
+        info["generation"] = path.generation
+        rtt = path.clock.rtt
+        info["rtt_ms"] = round(rtt * 1000.0, 3) if rtt is not None else None
+        pair = path.current._nominated.get(1)
+        if pair is not None:
+            local, remote = pair.local_candidate, pair.remote_candidate
+            info["local"] = _endpoint(local.host, local.port)
+            info["remote"] = _endpoint(remote.host, remote.port)
+            info["local_type"], info["remote_type"] = local.type, remote.type
+            info["via"] = "relay" if "relay" in (local.type, remote.type) else "direct"
+    sctp = tube.pc.sctp
+    srtt = getattr(sctp, "_srtt", None) if sctp is not None else None
+    info["sctp_rtt_ms"] = round(srtt * 1000.0, 3) if srtt is not None else None
+    return info
+
+
+def _endpoint(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -36,6 +36,8 @@ Runs = Annotated[int, typer.Option(min=1, help="Runs of each scenario (min/media
 Keep = Annotated[bool, typer.Option(help="Keep every run's directory, not only failed ones.")]
 GiveUp = Annotated[float, typer.Option(help="Seconds to wait for a recovery.")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Show the lab's logs.")]
+Core = Annotated[str, typer.Option(
+    "--core", help="The peers' WebRTC core: aiortc or keeper (the Rust core).")]
 
 
 def lab(
@@ -45,6 +47,7 @@ def lab(
     keep: Keep = False,
     give_up: GiveUp = 60.0,
     verbose: Verbose = False,
+    core: Core = "aiortc",
 ) -> None:
     """Run real tether processes in network namespaces through faults; score each scenario."""
     err = Console(stderr=True)
@@ -58,7 +61,10 @@ def lab(
     if give_up <= 0:
         err.print("[red]--give-up must be positive[/red]")
         raise typer.Exit(2)
-    options = LabOptions(give_up_s=give_up, keep=keep)
+    if core not in ("aiortc", "keeper"):
+        err.print(f"[red]unknown core {core!r}: aiortc or keeper[/red]")
+        raise typer.Exit(2)
+    options = LabOptions(give_up_s=give_up, keep=keep, core=core)
 
     def progress(result: ScenarioResult) -> None:
         err.print(Text.assemble((f"{result.name}: ", "bold"), _verdict(result.ok), " ",

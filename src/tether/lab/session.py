@@ -57,6 +57,7 @@ class LabOptions:
     start_timeout_s: float = 45.0   # first echo after the processes start
     drain_s: float = 5.0
     keep: bool = False
+    core: str = "aiortc"            # the peers' WebRTC core: aiortc or keeper (the Rust core)
 
 
 class LabSession:
@@ -109,6 +110,8 @@ class LabSession:
         args = ["--signal", self.signal_url, "--token", self.token]
         if self.events_on:
             args += ["--events", str(self.events_file(side))]
+        if self.options.core != "aiortc":
+            args += ["--core", self.options.core]
         if self.turn:
             args += ["--ice-server", f"turn:{self.topo.plan.rb}:{TURN_PORT}"]
             if self.turn_creds:

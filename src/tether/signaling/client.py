@@ -36,14 +36,21 @@ import inspect
 import logging
 import random
 import secrets
+import socket
 import ssl as ssl_module
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
+from websockets.exceptions import (
+    ConnectionClosed,
+    InvalidHandshake,
+    InvalidMessage,
+    InvalidStatus,
+    InvalidURI,
+)
 from websockets.uri import parse_uri
 
 from tether.signals import ERROR, Signal, SignalError, validate_signal
@@ -87,6 +94,8 @@ PREV_RESERVE = 32
 """Bytes kept free in max_message_bytes for the ``prev`` field added when writing."""
 MAX_RETRY_AFTER = 60.0
 """A relay's Retry-After is honoured up to this many seconds."""
+WARN_AFTER_FAILURES = 3
+"""Failed connection attempts in a row (quietly retried) before one WARNING says why."""
 
 
 class SignalingError(Exception):
@@ -145,7 +154,7 @@ class SignalingClient:
 
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str],
         token: str,
         conversation_id: str,
         on_signal: SignalCallback,
@@ -184,26 +193,40 @@ class SignalingClient:
         self._on_signal = on_signal
         self._on_state = on_state
         self._on_peer = on_peer
-        self._url = _with_query(url, conversation=conversation_id, peer=self.peer_id)
-        try:
-            secure = parse_uri(self._url).secure
-        except (InvalidURI, ValueError) as exc:
-            raise ValueError(f"not a WebSocket URL: {url!r} ({exc})") from exc
+        given = [url] if isinstance(url, str) else list(url)
+        if not given:
+            raise ValueError("give at least one signaling relay URL")
+        # Several URLs: relays sharing their conversations (``tether serve --redis``); the
+        # client moves to the next one whenever a connection fails or ends.
+        self._urls: list[str] = []
+        secure_any = False
+        for one in given:
+            full = _with_query(one, conversation=conversation_id, peer=self.peer_id)
+            try:
+                secure_any = parse_uri(full).secure or secure_any
+            except (InvalidURI, ValueError) as exc:
+                raise ValueError(
+                    f"not a WebSocket URL: {one!r} ({exc}); expected ws://HOST:PORT or "
+                    f"wss://HOST:PORT"
+                ) from exc
+            self._urls.append(full)
+        self._url_index = 0
         if ca_file is not None and ssl is not None:
             raise ValueError("give ca_file or ssl, not both")
-        if (ca_file is not None or ssl is not None) and not secure:
+        if (ca_file is not None or ssl is not None) and not secure_any:
             raise ValueError(f"ca_file/ssl given but {url!r} is not a wss:// URL")
         redact.install(token)
         self._token = token
         self.resume = ""
         """The relay's resume credential for this peer id ("" until the first connection)."""
         self._retry_after = 0.0
-        tls: dict[str, Any] = {}
-        if secure:
+        self._tls: ssl_module.SSLContext | None = None
+        if secure_any:
             # Certificates are always verified: the system store, or the given CA file.
-            tls["ssl"] = ssl or ssl_module.create_default_context(cafile=ca_file)
+            self._tls = ssl or ssl_module.create_default_context(cafile=ca_file)
+        self._failures = 0  # connection attempts failed in a row (for the one WARNING)
+        self._warned: set[str] = set()  # misconfiguration reasons already logged once
         self._connect_options: dict[str, Any] = dict(
-            **tls,
             open_timeout=open_timeout,
             ping_interval=ping_interval,
             ping_timeout=ping_timeout,
@@ -235,6 +258,20 @@ class SignalingClient:
         self._changed = asyncio.Event()
 
     # -- public API ---------------------------------------------------------------------
+
+    @property
+    def _url(self) -> str:
+        """The relay URL the next (or current) connection uses."""
+        return self._urls[self._url_index]
+
+    @property
+    def url(self) -> str:
+        """The current relay URL, without the query."""
+        return self._url.split("?", 1)[0]
+
+    def _rotate(self) -> None:
+        if len(self._urls) > 1:
+            self._url_index = (self._url_index + 1) % len(self._urls)
 
     @property
     def connected(self) -> bool:
@@ -493,6 +530,7 @@ class SignalingClient:
                         raise ConversationFullError(close_reason or "conversation full")
                     if self._closing:
                         break
+                    self._rotate()  # that relay may be going away: try the next one
                     if not self._skip.is_set():
                         log.warning(
                             "signaling %s: disconnected (code %s%s); reconnecting",
@@ -547,30 +585,92 @@ class SignalingClient:
             if fatal is not None:
                 raise fatal from None
             self._retry_after = _retry_after(exc)
-            log.warning(
-                "signaling %s: relay refused the connection (HTTP %s: %s); retrying",
-                self._name(),
-                exc.response.status_code,
-                _body(exc),
-            )
+            status = exc.response.status_code
+            if status < 400:
+                self._failed(
+                    f"the server at {self.url} answered plain HTTP ({status} "
+                    f"{exc.response.reason_phrase}), not a WebSocket upgrade: give --signal "
+                    f"the address `tether serve` printed",
+                    misconfigured=True,
+                )
+            else:
+                self._failed(
+                    f"the relay at {self.url} refused the connection (HTTP {status}: "
+                    f"{_body(exc)})"
+                )
         except ssl_module.SSLCertVerificationError as exc:
             if not self._ever_connected:
                 raise CertificateError(
                     f"the signaling relay's TLS certificate did not verify: {exc.verify_message}"
                     " (give the CA that signed it)"
                 ) from None
-            log.warning("signaling %s: TLS certificate did not verify: %s", self._name(), exc)
+            self._failed(f"the TLS certificate of {self.url} did not verify: {exc}")
+        except ssl_module.SSLError as exc:
+            self._failed(
+                f"the relay at {self.url} does not speak TLS ({exc.reason or exc}): use "
+                f"ws:// instead of wss://, or give the relay --cert and --key",
+                misconfigured=True,
+            )
+        except InvalidMessage as exc:
+            if parse_uri(self._url).secure:
+                why = f"did not answer with a WebSocket handshake ({exc})"
+            else:
+                why = (
+                    "did not answer with HTTP: if it serves TLS (tether serve --cert), use "
+                    "wss:// instead of ws://"
+                )
+            self._failed(f"the server at {self.url} {why}", misconfigured=True)
         except (OSError, TimeoutError, InvalidHandshake) as exc:
-            log.info("signaling %s: cannot connect: %s", self._name(), exc or type(exc))
+            if isinstance(exc, ConnectionRefusedError):
+                reason = "connection refused (nothing listens there: is the relay running?)"
+            elif isinstance(exc, socket.gaierror):
+                reason = f"cannot resolve its host name ({exc.strerror})"
+            else:
+                reason = str(exc) or type(exc).__name__
+            if isinstance(exc, (TimeoutError, ConnectionResetError, EOFError)) and parse_uri(
+                self._url
+            ).secure:
+                reason = (
+                    f"{reason} during the TLS handshake: if the relay does not serve TLS, "
+                    f"use ws:// instead of wss://"
+                )
+            self._failed(f"cannot reach the signaling relay at {self.url}: {reason}")
         finally:
             self._connecting = None
+        self._rotate()
         return None
+
+    def _failed(self, reason: str, *, misconfigured: bool = False) -> None:
+        """A failed attempt: quiet at first, then ONE warning with the reason.
+
+        A misconfiguration (plain HTTP, TLS mismatch) is logged once at WARNING right away:
+        retrying will not fix it, but the relay may be fixed while we keep trying.
+        """
+        self._failures += 1
+        if misconfigured:
+            if reason not in self._warned and len(self._warned) < 16:
+                self._warned.add(reason)
+                log.warning("signaling %s: %s; still trying", self._name(), reason)
+                return
+        elif self._failures == WARN_AFTER_FAILURES:
+            log.warning(
+                "signaling %s: %s; still trying (%d attempts failed so far)",
+                self._name(),
+                reason,
+                self._failures,
+            )
+            return
+        log.debug("signaling %s: attempt %d failed: %s", self._name(), self._failures, reason)
 
     async def _open(self) -> ClientConnection:
         headers = {"Authorization": f"Bearer {self._token}"}
         if self.resume:
             headers[RESUME_HEADER] = self.resume
-        return await connect(self._url, additional_headers=headers, **self._connect_options)
+        url = self._url
+        options = self._connect_options
+        if parse_uri(url).secure:
+            options = {**options, "ssl": self._tls}
+        return await connect(url, additional_headers=headers, **options)
 
     def _refusal(self, exc: InvalidStatus) -> SignalingError | None:
         status = exc.response.status_code
@@ -639,8 +739,12 @@ class SignalingClient:
         self._connected = True
         self._ever_connected = True
         log.info(
-            "signaling %s: connected to %s", self._name(), self._url.split("?", 1)[0]
+            "signaling %s: connected to %s%s",
+            self._name(),
+            self.url,
+            f" after {self._failures} failed attempts" if self._failures else "",
         )
+        self._failures = 0
         self._notify()
         try:
             await self._emit(CONNECTED)

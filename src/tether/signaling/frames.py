@@ -80,3 +80,27 @@ def read_frame(text: str | bytes) -> tuple[dict[str, Any] | None, list[Any], lis
         except SignalError as exc:
             errors.append(str(exc)[:300] if single else f"item {index}: {str(exc)[:300]}")
     return None, signals, errors
+
+
+class Encoded(dict):  # type: ignore[type-arg]
+    """A signal (or control message) that carries its compact ASCII JSON encoding.
+
+    The relay passes on most signals exactly as they arrived; keeping the arriving text saves
+    encoding them again. Only made when the text is known to match the dict.
+    """
+
+    __slots__ = ("text",)
+    text: str
+
+
+def with_text(item: dict[str, Any], text: str) -> Encoded:
+    out = Encoded(item)
+    out.text = text
+    return out
+
+
+def text_of(item: dict[str, Any]) -> str:
+    """The encoding of ``item``: its own text if it carries one, else compact ASCII JSON."""
+    if type(item) is Encoded:
+        return item.text
+    return json.dumps(item, separators=(",", ":"))

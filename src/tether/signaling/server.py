@@ -186,8 +186,9 @@ from .conversations import (
     JoinRefused,
     MemoryConversationTable,
 )
-from .frames import load
+from .frames import load, text_of, with_text
 from .limits import BucketTable, RelayLimits, address_key, retry_after
+from .metrics import CONTENT_TYPE, RelayMetrics
 from .redact import RESUME_HEADER
 
 log = logging.getLogger(__name__)
@@ -216,6 +217,8 @@ WS_SIZE_FACTOR = 4
 """websockets' max_size is this many times max_message_bytes (see "Errors and limits")."""
 MAX_ID_LENGTH = 256
 MAX_ERRORS_PER_FRAME = 20
+WRITE_BATCH_BYTES = 64 * 1024
+"""The writer puts at most this much (whole frames) into one socket write."""
 
 
 def error_signal(conversation_id: str, data: str, tube_id: str = "") -> Signal:
@@ -257,7 +260,7 @@ def pack_signals(signals: list[Signal], max_bytes: int) -> list[tuple[str, list[
     run_key: tuple[Any, Any] | None = None
 
     def flush() -> None:
-        encoded = [encode(s) for s in run]
+        encoded = [text_of(s) for s in run]
         for frame, indexes in _packed(encoded, max_bytes):
             out.append((frame, [run[i] for i in indexes]))
 
@@ -317,6 +320,7 @@ class _Endpoint:
         self.replace_grace = replace_grace
         self.gone = False
         """Superseded or evicted: nothing more is queued or written."""
+        self.peer_json = _json_string(peer_id)
         self._queue: deque[_Outgoing] = deque()
         self._queued_bytes = 0
         self._ready = asyncio.Event()
@@ -349,6 +353,8 @@ class _Endpoint:
     # conversations.Peer
 
     def deliver(self, signals: list[Signal], *, bounded: bool = True) -> bool:
+        if len(signals) == 1:
+            return self._put([_Outgoing(text_of(signals[0]), signals)], bounded)
         items = [
             _Outgoing(frame, batch)
             for frame, batch in pack_signals(signals, self.max_frame_bytes)
@@ -362,7 +368,7 @@ class _Endpoint:
         return self._put([_Outgoing(encode(message), None)])
 
     def forward(self, message: dict[str, Any]) -> bool:
-        return self._put([_Outgoing(encode(message), None)])
+        return self._put([_Outgoing(text_of(message), None)])
 
     def take_undelivered(self) -> list[Signal]:
         taken: list[Signal] = []
@@ -429,7 +435,7 @@ class _Endpoint:
             return False
         if not items:
             return True
-        size = sum(len(item.text) for item in items)
+        size = len(items[0].text) if len(items) == 1 else sum(len(i.text) for i in items)
         if (
             bounded
             and self._queue
@@ -445,23 +451,41 @@ class _Endpoint:
         return True
 
     async def _write_loop(self) -> None:
+        """Write queued frames, all that are waiting in one socket write (up to
+        ``WRITE_BATCH_BYTES``): under load that is one system call for many frames instead
+        of one each. Frames go through the connection's sans-I/O protocol (``send_text``),
+        so ping/pong and closing stay websockets' business."""
+        ws = self.ws
+        protocol = ws.protocol
+        queue = self._queue
         try:
             while True:
-                while not self._queue:
+                while not queue:
                     self._ready.clear()
                     await self._ready.wait()
-                item = self._queue.popleft()
-                self._queued_bytes -= len(item.text)
-                try:
-                    async with asyncio.timeout(self.send_timeout):
-                        await self.ws.send(item.text)
-                except TimeoutError:
-                    self.evict(
-                        f"a send did not finish within {self.send_timeout:g}s "
-                        f"(the peer does not read)"
-                    )
+                if protocol.state is not State.OPEN:
                     return
-        except ConnectionClosed:
+                size = 0
+                while queue and size < WRITE_BATCH_BYTES:
+                    item = queue.popleft()
+                    size += len(item.text)
+                    protocol.send_text(item.text.encode())
+                self._queued_bytes -= size
+                chunks = protocol.data_to_send()
+                ws.transport.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+                if ws.paused:  # the socket's buffer is past write_limit: wait, boundedly
+                    try:
+                        async with asyncio.timeout(self.send_timeout):
+                            await ws.drain()
+                    except TimeoutError:
+                        self.evict(
+                            f"a send did not finish within {self.send_timeout:g}s "
+                            f"(the peer does not read)"
+                        )
+                        return
+                elif queue:
+                    await asyncio.sleep(0)  # let the readers run between large batches
+        except (ConnectionClosed, OSError, RuntimeError):
             return
 
 
@@ -510,6 +534,7 @@ class SignalingServer:
         send_queue_bytes: int = 1024 * 1024,
         send_timeout: float | None = 5.0,
         replace_grace: float = 1.0,
+        metrics: RelayMetrics | None = None,
     ) -> None:
         if not isinstance(token, str) or not token:
             raise ValueError("SignalingServer needs a non-empty token")
@@ -576,6 +601,18 @@ class SignalingServer:
         self._server: Server | None = None
         self._expirer: asyncio.Task[None] | None = None
         self._closed = False
+        self.metrics = metrics or RelayMetrics()
+        self.metrics.connections = lambda: self.connection_count
+        self.metrics.conversations = lambda: len(self.table)
+        self.metrics.ready = lambda: 1.0 if self.health()[0] else 0.0
+        if getattr(self.table, "observe_redis", "absent") is None:
+            self.table.observe_redis = self.metrics.redis.observe  # type: ignore[attr-defined]
+        # A networked table times delivery where the signal arrives; else it is the relay call.
+        self._time_relay = not hasattr(self.table, "observe_delivery")
+        if getattr(self.table, "observe_delivery", "absent") is None:
+            self.table.observe_delivery = (  # type: ignore[attr-defined]
+                self.metrics.delivery.observe
+            )
 
     # lifecycle
 
@@ -635,6 +672,27 @@ class SignalingServer:
     def conversation_count(self) -> int:
         return len(self.table)
 
+    def health(self) -> tuple[bool, str]:
+        """(ready, why): what ``GET /healthz`` answers (load balancers send joins only when
+        ready)."""
+        if self._closed:
+            return False, "not ready: shutting down"
+        if self._server is None:
+            return False, "not ready: not listening yet"
+        if not getattr(self.table, "ready", True):
+            problem = getattr(self.table, "problem", "") or "its store is not reachable"
+            return False, f"not ready: {problem}"
+        return True, "ready"
+
+    def _http(self, ws: ServerConnection, path: str) -> Response:
+        """``/healthz`` and ``/metrics``: plain HTTP GETs, answered before authentication."""
+        if path == "/healthz":
+            ok, why = self.health()
+            return ws.respond(200 if ok else 503, why + "\n")
+        response = ws.respond(200, self.metrics.render().decode())
+        response.headers["Content-Type"] = CONTENT_TYPE
+        return response
+
     async def _expire_loop(self) -> None:
         while True:
             await asyncio.sleep(self.limits.expire_interval)
@@ -657,6 +715,7 @@ class SignalingServer:
         wait: float | None = None,
     ) -> Response:
         log.info("refused %s from %s: %d %s", route, _remote(ws), status, reason)
+        self.metrics.error(f"refused_{status}")
         response = ws.respond(status, reason + "\n")
         if status == http.HTTPStatus.UNAUTHORIZED:
             response.headers["WWW-Authenticate"] = 'Bearer realm="tether"'
@@ -668,6 +727,8 @@ class SignalingServer:
         self, ws: ServerConnection, request: Request
     ) -> Response | None:
         parts = urlsplit(request.path)
+        if parts.path in ("/healthz", "/metrics") and "Upgrade" not in request.headers:
+            return self._http(ws, parts.path)
         query = parse_qs(parts.query, keep_blank_values=True)
         names = {
             key: (query.get(key) or [""])[0][:MAX_ID_LENGTH] for key in ("conversation", "peer")
@@ -833,6 +894,7 @@ class SignalingServer:
         """
         if endpoint.gone:
             return False
+        self.metrics.frames += 1
         try:
             return await self._on_frame(endpoint, message)
         except Exception as exc:
@@ -887,8 +949,17 @@ class SignalingServer:
         if problem is not None:
             errors.append(error_signal(conversation_id, f"{problem}; nothing was relayed"))
             return self._reply(endpoint, errors, refused)
-        if isinstance(payload, dict) and CONTROL in payload:
-            return await self._on_control(endpoint, payload)
+        if type(payload) is dict:
+            if CONTROL in payload:
+                return await self._on_control(endpoint, payload)
+            # Relayed as it arrived (not encoded again) when the relay would not change it.
+            reuse = (
+                size == len(message)
+                and payload.get(PEER_FIELD) == endpoint.peer_id
+                and payload.get("conversation_id") == conversation_id
+            )
+        else:
+            reuse = False
 
         good: list[Signal] = []
         index_of: dict[int, str] = {}
@@ -919,10 +990,19 @@ class SignalingServer:
                 )
                 refused.add(item, retry=False)
 
+        if reuse and len(good) == 1:
+            good[0] = with_text(good[0], message)  # type: ignore[arg-type]
         if good:
+            started = time.perf_counter()
             result = await self.table.relay(conversation_id, endpoint, good)
             if result.superseded:
                 return False  # a newer connection of this peer took over
+            metrics = self.metrics
+            if self._time_relay:
+                metrics.delivery.observe(time.perf_counter() - started)
+            metrics.signals += len(good) - len(result.rejected)
+            if result.rejected:
+                metrics.error("rejected_signal", len(result.rejected))
             for signal, reason in result.rejected:
                 label = index_of.get(id(signal), "")
                 errors.append(
@@ -934,6 +1014,7 @@ class SignalingServer:
                 )
                 refused.add(signal, retry=True)
         if errors:
+            self.metrics.error("error_reply", len(errors))
             log.debug(
                 "peer %r conversation %r: %d bad item(s): %s",
                 endpoint.peer_id,
@@ -949,16 +1030,19 @@ class SignalingServer:
             return self._reply(
                 endpoint, [error_signal(endpoint.conversation_id, problem)], _Refused()
             )
+        session, seqs = message[SESSION_FIELD], message["seqs"]
+        forwarded = {CONTROL: ACK, PEER_FIELD: endpoint.peer_id, SESSION_FIELD: session,
+                     "seqs": seqs}
         await self.table.forward(
             endpoint.conversation_id,
             endpoint,
             message[TO_FIELD],
-            {
-                CONTROL: ACK,
-                PEER_FIELD: endpoint.peer_id,
-                SESSION_FIELD: message[SESSION_FIELD],
-                "seqs": message["seqs"],
-            },
+            with_text(
+                forwarded,
+                f'{{"{CONTROL}":"{ACK}","{PEER_FIELD}":{endpoint.peer_json},'
+                f'"{SESSION_FIELD}":{_json_string(session)},'
+                f'"seqs":[{",".join(map(str, seqs))}]}}',
+            ),
         )
         return not endpoint.gone
 
@@ -1034,6 +1118,9 @@ class _Refused:
 
 def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+_json_string = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]
 
 
 def _check_ack(message: dict[str, Any]) -> str | None:

@@ -11,7 +11,9 @@ from .frames import (
     decode,
     encode,
 )
+from . import reasons
 from .limits import LogThrottle, TokenBucket
+from .reasons import Refusal
 from .stream import Stream, StreamState, format_hostport
 from .tunnel import (
     DEFAULT_CONTROL_LIMIT,
@@ -20,6 +22,8 @@ from .tunnel import (
     DEFAULT_OPEN_BURST,
     DEFAULT_OPEN_RATE,
     DEFAULT_WINDOW,
+    DialPolicy,
+    OpenCallback,
     Tunnel,
     parse_hostport,
 )
@@ -35,10 +39,13 @@ __all__ = [
     "MAX_FRAME",
     "MAX_WINDOW",
     "MIN_WINDOW",
+    "DialPolicy",
     "Frame",
     "FrameError",
     "FrameType",
     "LogThrottle",
+    "OpenCallback",
+    "Refusal",
     "Stream",
     "StreamState",
     "TokenBucket",
@@ -47,4 +54,5 @@ __all__ = [
     "encode",
     "format_hostport",
     "parse_hostport",
+    "reasons",
 ]

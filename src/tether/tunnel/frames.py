@@ -11,12 +11,14 @@ header, then a payload whose layout depends on the type::
 
     type        payload
     OPEN     1  window u32 (the opener's receive window), then optionally flags u8 and
-                a UTF-8 target "host:port" (at most MAX_TARGET bytes). Today no flag is
-                defined and the target (reserved for dynamic forwarding) is empty, so an
-                OPEN is 9 bytes; an OPEN with an unknown flag is malformed, so a future
-                feature fails loudly at an older peer instead of being misread.
+                a UTF-8 target "host:port" or "[ipv6]:port" (at most MAX_TARGET bytes).
+                No flag is defined yet. Without a target (9 bytes) the acceptor dials
+                its fixed target; with one, it dials that target if its dial policy
+                (``--allow``) permits. An OPEN with an unknown flag is malformed, so a
+                future feature fails loudly at an older peer instead of being misread.
     OPEN_OK  2  window u32 (the acceptor's receive window)
-    OPEN_FAIL 3 UTF-8 reason
+    OPEN_FAIL 3 UTF-8 reason; it may end with a code in brackets, " [refused]", that
+                says why in a form the opener can map (see tether.tunnel.reasons)
     DATA     4  1 .. MAX_DATA bytes of the stream
     WINDOW   5  credit increment u32, > 0
     FIN      6  empty: the sender's direction of the stream has ended (TCP half-close)

@@ -27,11 +27,12 @@ import enum
 import errno
 import logging
 from collections import deque
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
-from . import frames
+from . import frames, reasons
 from .frames import MAX_DATA
+from .reasons import Refusal
 
 if TYPE_CHECKING:
     from .tunnel import Tunnel
@@ -64,8 +65,14 @@ class Stream:
         reader: asyncio.StreamReader | None = None,
         writer: asyncio.StreamWriter | None = None,
         peer_window: int = 0,
+        target: tuple[str, int] | None = None,
+        on_open: Callable[[str | None], None] | None = None,
     ) -> None:
         self.tunnel = tunnel
+        # Outbound: the target we ask the peer to dial (None: its fixed one). Inbound: the
+        # target the peer named (checked by the tunnel's dial policy before dialing).
+        self.target = target
+        self._on_open = on_open
         self.id = stream_id
         self.outbound = outbound  # True: we sent OPEN (connecting side)
         self.reader = reader
@@ -110,6 +117,7 @@ class Stream:
         return {
             "id": self.id,
             "state": self.state.value,
+            "target": format_hostport(*self.target) if self.target is not None else None,
             "outbound": self.outbound,
             "credit": self.credit,
             "outstanding": self.outstanding,
@@ -194,13 +202,33 @@ class Stream:
 
     # ------------------------------------------------------------------ opening
 
+    def _opened(self, reason: str | None) -> None:
+        """Tell the owner of an outbound stream how its OPEN ended (once)."""
+        callback, self._on_open = self._on_open, None
+        if callback is None:
+            return
+        try:
+            callback(reason)
+        except Exception:
+            self._log(logging.ERROR, "on_open callback failed", exc_info=True)
+
     async def _open(self) -> bool:
         """Connecting side: send OPEN, wait for OPEN_OK or OPEN_FAIL."""
+        try:
+            opened = await self._open_once()
+        finally:
+            if self._on_open is not None:  # failed, reset or cancelled before a reply
+                self._opened(self.reason or "the stream ended before the peer answered")
+        return opened
+
+    async def _open_once(self) -> bool:
         self._reply = asyncio.get_running_loop().create_future()
-        if not self.tunnel._send_control(frames.encode_open(self.id, self.window),
+        target = format_hostport(*self.target) if self.target is not None else ""
+        if not self.tunnel._send_control(frames.encode_open(self.id, self.window, target),
                                          optional=True):
             self.open_failed = True
-            self.reason = "cannot send the OPEN: the data channel is closed or full"
+            self.reason = reasons.tag("cannot send the OPEN: the data channel is closed or "
+                                      "full", reasons.FAILED)
             self.tunnel._open_failures += 1
             self._log(logging.WARNING, "%s; closing the client connection", self.reason)
             return False
@@ -210,7 +238,8 @@ class Stream:
         except TimeoutError:
             self.open_failed = True
             self.tunnel._open_failures += 1
-            self.reset(f"the peer did not answer the stream's OPEN within {timeout:g} s")
+            self.reset(reasons.tag(f"the peer did not answer the stream's OPEN within "
+                                   f"{timeout:g} s", reasons.TIMEOUT))
             return False
         if reply.type is frames.FrameType.OPEN_FAIL:
             self.open_failed = True
@@ -218,6 +247,7 @@ class Stream:
             self.tunnel._open_failures += 1
             self._log(logging.WARNING, "the peer could not open the stream: %s; "
                       "closing the client connection", self.reason)
+            self._opened(self.reason)
             return False
         problem = frames.window_problem(reply.value)
         if problem is not None:
@@ -228,31 +258,42 @@ class Stream:
             return False
         self._set_peer_window(reply.value)
         self._log(logging.DEBUG, "open")
+        self._opened(None)
         return True
 
     async def _dial(self) -> bool:
-        """Exposing side: dial the target, answer OPEN_OK or OPEN_FAIL."""
-        assert self.tunnel.target is not None
-        host, port = self.tunnel.target
-        where = format_hostport(host, port)
-        timeout = self.tunnel.dial_timeout
-        reason = None
-        try:
-            self.reader, self.writer = await asyncio.wait_for(
-                asyncio.open_connection(host, port), timeout)
-        except TimeoutError:
-            reason = f"target {where} did not answer within {timeout:g} s"
-        except OSError as exc:
-            if _is_refused(exc):
-                reason = f"target {where} refused the connection"
-            else:
-                reason = f"target {where} cannot be reached: {_describe(exc)}"
+        """Exposing side: check and dial the target, answer OPEN_OK or OPEN_FAIL."""
+        tunnel = self.tunnel
+        timeout = tunnel.dial_timeout
+        reason = code = None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        if self.target is not None:  # named by the peer: the dial policy decides
+            where = format_hostport(*self.target)
+            assert tunnel.dial_policy is not None
+            try:
+                addresses = await asyncio.wait_for(tunnel.dial_policy(*self.target), timeout)
+            except Refusal as exc:
+                reason, code = f"target {where}: {exc}", exc.code
+                if exc.code == reasons.DENIED:
+                    tunnel._opens_refused_denied += 1
+            except TimeoutError:
+                reason = f"target {where}: checking it took longer than {timeout:g} s"
+                code = reasons.TIMEOUT
+        else:
+            assert tunnel.target is not None
+            where = format_hostport(*tunnel.target)
+            addresses = [tunnel.target]
+        if reason is None:
+            reason, code = await self._connect(where, addresses, deadline, timeout)
         if reason is not None:
+            assert code is not None
             self.open_failed = True
             self.reason = reason
-            self.tunnel._open_failures += 1
+            tunnel._open_failures += 1
             self._log(logging.WARNING, "%s", reason)
-            self.tunnel._send_control(frames.encode_open_fail(self.id, reason), optional=True)
+            tunnel._send_control(frames.encode_open_fail(self.id, reasons.tag(reason, code)),
+                                 optional=True)
             return False
         if not self.tunnel._send_control(frames.encode_open_ok(self.id, self.window),
                                          optional=True):
@@ -264,6 +305,34 @@ class Stream:
             return False
         self._log(logging.DEBUG, "connected to %s", where)
         return True
+
+    async def _connect(self, where: str, addresses: list[tuple[str, int]], deadline: float,
+                       timeout: float) -> tuple[str | None, str | None]:
+        """Dial ``addresses`` in order until one answers; (None, None) or (reason, code)."""
+        loop = asyncio.get_running_loop()
+        last: tuple[str, str] = (f"target {where} has no address to dial", reasons.NO_SUCH_HOST)
+        for host, port in addresses:
+            left = deadline - loop.time()
+            if left <= 0:
+                break
+            try:
+                self.reader, self.writer = await asyncio.wait_for(
+                    asyncio.open_connection(host, port), left)
+                return None, None
+            except TimeoutError:
+                last = (f"target {where} did not answer within {timeout:g} s", reasons.TIMEOUT)
+                break
+            except OSError as exc:
+                if _is_refused(exc):
+                    last = (f"target {where} refused the connection", reasons.REFUSED)
+                else:
+                    last = (f"target {where} cannot be reached: {_describe(exc)}",
+                            reasons.for_os_error(exc))
+        else:
+            return last
+        if last[1] != reasons.TIMEOUT:  # the deadline passed between addresses
+            last = (f"target {where} did not answer within {timeout:g} s", reasons.TIMEOUT)
+        return last
 
     def _set_peer_window(self, window: int) -> None:
         self.peer_window = window

@@ -2,7 +2,9 @@
 
 The connecting side listens on a local port and turns every accepted TCP connection into a
 stream (it allocates the stream ids, 1, 2, 3 ...). The exposing side dials its target for
-every OPEN it receives. Frames are described in :mod:`tether.tunnel.frames`; one stream's
+every OPEN it receives: its fixed ``target``, or the target the OPEN names if its
+``dial_policy`` (tether.allow) permits it; a refusal is an OPEN_FAIL with a coded reason
+(tether.tunnel.reasons) that the opener's ``on_open`` callback receives. Frames are described in :mod:`tether.tunnel.frames`; one stream's
 two loops in :mod:`tether.tunnel.stream`.
 
 Memory is bounded at every hop:
@@ -49,13 +51,14 @@ import asyncio
 import ipaddress
 import logging
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from aiortc import RTCDataChannel
 
 from . import frames
 from .frames import FrameError, FrameType
+from . import reasons
 from .limits import LogThrottle, TokenBucket
 from .stream import Stream, StreamEnded, StreamState, format_hostport
 
@@ -75,6 +78,12 @@ DEFAULT_CONTROL_LIMIT = 256 * 1024
 #: Unparseable messages in a row (no valid frame between) after which the tunnel fails.
 MAX_BAD_FRAMES_IN_A_ROW = 64
 ACTIVITY_INTERVAL = 1.0
+
+#: Decides whether a named target may be dialed: (host, port) -> the addresses to dial, in
+#: order; raises :class:`~tether.tunnel.reasons.Refusal` to refuse (see tether.allow).
+DialPolicy = Callable[[str, int], Awaitable[list[tuple[str, int]]]]
+#: Told how an OPEN of ours ended: None once the peer accepted it, else its reason.
+OpenCallback = Callable[[str | None], None]
 
 
 def parse_hostport(value: str) -> tuple[str, int]:
@@ -149,6 +158,7 @@ class Tunnel:
         control_limit: int = DEFAULT_CONTROL_LIMIT,
         clock: Callable[[], float] = time.monotonic,
         on_fail: Callable[[str], None] | None = None,
+        dial_policy: DialPolicy | None = None,
     ) -> None:
         problem = frames.window_problem(window)
         if problem is not None:
@@ -167,6 +177,7 @@ class Tunnel:
         self.channel = channel
         self.name = name
         self.target = target
+        self.dial_policy = dial_policy
         self.window = window
         self.high_water = high_water
         self.low_water = high_water // 4 if low_water is None else low_water
@@ -215,6 +226,7 @@ class Tunnel:
         self._opens_refused_malformed = 0
         self._windows_refused = 0
         self._control_dropped = 0
+        self._opens_refused_denied = 0
 
     # ------------------------------------------------------------------ public API
 
@@ -227,6 +239,11 @@ class Tunnel:
     def bound(self) -> int:
         """Largest bufferedAmount the channel can reach: DATA, then control frames."""
         return self.high_water + frames.MAX_FRAME + self.control_limit
+
+    @property
+    def accepts_streams(self) -> bool:
+        """The exposing side: it has a fixed target, a dial policy for named ones, or both."""
+        return self.target is not None or self.dial_policy is not None
 
     @property
     def closed(self) -> bool:
@@ -256,6 +273,7 @@ class Tunnel:
             "opens_refused_limit": self._opens_refused_limit,
             "opens_refused_rate": self._opens_refused_rate,
             "opens_refused_malformed": self._opens_refused_malformed,
+            "opens_refused_denied": self._opens_refused_denied,
             "windows_refused": self._windows_refused,
             "control_dropped": self._control_dropped,
             "max_streams": self.max_streams,
@@ -288,7 +306,7 @@ class Tunnel:
             if self.channel.readyState == "closed":
                 self._on_channel_close()
         logger.debug("tube %s: tunnel started (%s side, window %d, high water %d)",
-                     self.name, "exposing" if self.target else "connecting",
+                     self.name, "exposing" if self.accepts_streams else "connecting",
                      self.window, self.high_water)
 
     async def listen(self, host: str, port: int) -> asyncio.Server:
@@ -301,9 +319,17 @@ class Tunnel:
         logger.info("tube %s: listening on %s", self.name, where)
         return server
 
-    async def carry(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Carry one accepted TCP connection as a new stream; return when it has ended."""
-        task = self._open_stream(reader, writer)
+    async def carry(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                    target: tuple[str, int] | None = None,
+                    on_open: OpenCallback | None = None) -> None:
+        """Carry one accepted TCP connection as a new stream; return when it has ended.
+
+        ``target``: ask the peer to dial this (host, port) instead of its fixed target (its
+        dial policy decides). ``on_open(None)`` is called once the peer has opened the
+        stream, before any of its data is written to ``writer``; ``on_open(reason)`` if it
+        could not (the reason may end with a code, see :mod:`tether.tunnel.reasons`).
+        """
+        task = self._open_stream(reader, writer, target, on_open)
         if task is None:
             return
         try:
@@ -349,21 +375,26 @@ class Tunnel:
         self._open_stream(reader, writer)
 
     def _open_stream(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+        target: tuple[str, int] | None = None, on_open: OpenCallback | None = None,
     ) -> asyncio.Task[None] | None:
         peer = writer.get_extra_info("peername")
         if self.closed:
             logger.warning("tube %s: tunnel closed; refusing the connection from %s",
                            self.name, _peer(peer))
+            if on_open is not None:
+                _call(on_open, reasons.tag("the tunnel is closed", reasons.FAILED))
             writer.close()
             return None
-        if self.target is not None:
+        if self.accepts_streams:
             logger.warning("tube %s: carry() on the exposing side", self.name)
         stream_id = self._allocate_id()
-        stream = Stream(self, stream_id, outbound=True, reader=reader, writer=writer)
+        stream = Stream(self, stream_id, outbound=True, reader=reader, writer=writer,
+                        target=target, on_open=on_open)
         self._add(stream)
-        logger.info("tube %s stream %d: carrying the connection from %s",
-                    self.name, stream_id, _peer(peer))
+        logger.info("tube %s stream %d: carrying the connection from %s%s",
+                    self.name, stream_id, _peer(peer),
+                    f" to {format_hostport(*target)}" if target is not None else "")
         return self._spawn(stream.run(), f"stream-{stream_id}")
 
     def _allocate_id(self) -> int:
@@ -580,7 +611,7 @@ class Tunnel:
 
     def _on_open(self, frame: frames.Frame) -> None:
         sid = frame.stream_id
-        if self.target is None:
+        if not self.accepts_streams:
             self._refuse_open(sid, "this side does not accept streams (it is the connecting side)")
             return
         if self.closed:
@@ -592,15 +623,25 @@ class Tunnel:
         if sid in self._streams:
             self._refuse_open(sid, f"stream id {sid} is already in use")
             return
+        target: tuple[str, int] | None = None
         if frame.text:
             try:
-                parse_hostport(frame.text)
+                target = parse_hostport(frame.text)
             except ValueError as exc:
                 self._opens_refused_malformed += 1
-                self._refuse_open(sid, f"malformed OPEN: bad target: {exc}")
+                self._refuse_open(sid, reasons.tag(f"malformed OPEN: bad target: {exc}",
+                                                   reasons.BAD_TARGET))
                 return
-            self._refuse_open(sid, f"dynamic targets are not supported "
-                                   f"(asked for {frame.text!r})")
+            if self.dial_policy is None:
+                self._opens_refused_denied += 1
+                self._refuse_open(sid, reasons.tag(
+                    f"dynamic targets are not supported here (asked for {frame.text!r}; "
+                    f"the exposing side has no allow-list)", reasons.DENIED))
+                return
+        elif self.target is None:
+            self._opens_refused_malformed += 1
+            self._refuse_open(sid, reasons.tag("this side has no fixed target: the OPEN must "
+                                               "name one (host:port)", reasons.BAD_TARGET))
             return
         problem = frames.window_problem(frame.value)
         if problem is not None:
@@ -617,11 +658,13 @@ class Tunnel:
             self._refuse_open(sid, f"OPEN rate limit: at most {self.open_rate:g} OPENs a "
                                    f"second, {self.open_burst} at once (open_rate, open_burst)")
             return
-        stream = Stream(self, sid, outbound=False, peer_window=frame.value)
+        stream = Stream(self, sid, outbound=False, peer_window=frame.value, target=target)
         stream._set_peer_window(frame.value)
         self._add(stream)
-        logger.info("tube %s stream %d: opening, dialing %s",
-                    self.name, sid, format_hostport(*self.target))
+        dialing = target if target is not None else self.target
+        assert dialing is not None
+        logger.info("tube %s stream %d: opening, dialing %s%s", self.name, sid,
+                    format_hostport(*dialing), " (named by the peer)" if target else "")
         self._spawn(stream.run(), f"stream-{sid}")
 
     def _refuse_open(self, sid: int, reason: str) -> None:
@@ -677,6 +720,13 @@ def _frame_name(frame: bytes) -> str:
         return FrameType(frame[0]).name
     except (ValueError, IndexError):
         return "control"
+
+
+def _call(callback: OpenCallback, reason: str | None) -> None:
+    try:
+        callback(reason)
+    except Exception:
+        logger.exception("an on_open callback failed")
 
 
 def _peer(peer: Any) -> str:

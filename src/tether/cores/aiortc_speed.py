@@ -1,0 +1,556 @@
+"""Every speed patch tether makes to aiortc's and aioice's private code, in one place.
+
+aiortc and aioice are pinned exactly (``PINNED``); :func:`install` refuses other versions,
+so a new release is this one file to revisit rather than something patched blindly. Each
+patch is a small named function below whose docstring says what the library does, what
+we do instead, why that is correct, and the upstream change it stands for. ``install()``
+applies them once, at class level (every RTCSctpTransport and aioice Connection in the
+process); :func:`unpatch` gives one SCTP transport aiortc's own code back (tests use it to
+make a patched peer talk to an unpatched one).
+
+Issue 9 measured where a CLI tunnel's CPU went: SACK work alone was 22-28 % on each side
+(aiortc sends one SACK per DATA packet), and the sender rescanned its whole sent queue
+on every SACK. The patches, in order of effect:
+
+1. delayed SACK (:func:`delayed_sack`),
+2. a ``_transmit`` that rescans the sent queue only when something may need resending
+   (:func:`transmit_without_rescan`),
+3. an in-order fast path for received TSNs (:func:`mark_received_fast`),
+4. faster ICE check pacing for the first checks (:func:`paced_connect`),
+5. no empty DTLS BIO read after each received record (:func:`dtls_quiet_receive`),
+6. STUN/DTLS told apart by the first byte, not by a failed parse (:func:`stun_demux`),
+7. one moving T3 deadline instead of a new timer per SACK (:func:`lazy_t3_restart`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Callable, Coroutine
+from importlib import metadata
+from typing import Any
+
+import aioice.ice
+import aiortc.rtcdtlstransport as rtcdtls
+from aioice.ice import CandidatePair, Connection, StunProtocol
+from aiortc.rtcdtlstransport import RTCDtlsTransport
+from aiortc.rtcsctptransport import (
+    SCTP_TSN_MODULO,
+    USERDATA_MAX_LENGTH,
+    DataChunk,
+    InitChunk,
+    RTCSctpTransport,
+    SackChunk,
+    parse_packet,
+)
+
+logger = logging.getLogger(__name__)
+
+PINNED = {"aiortc": "1.16.0", "aioice": "0.13.0"}
+
+# Delayed SACK (RFC 4960 section 6.2): acknowledge every second DATA packet at once,
+# any other one within SACK_DELAY. The RFC allows up to 500 ms (RFC 9260: 200 ms). A
+# sender never waits on it for its retransmission timer (aiortc's RTO is at least 1 s);
+# it only holds one packet of an idle sender's window a little longer, so a few ms is
+# plenty: long enough that a busy stream is always acknowledged by the every-second
+# rule, short enough that a lone request's packet leaves the window soon.
+SACK_DELAY = 0.005
+SACK_EVERY = 2
+
+# ICE check pacing (RFC 8445 section 14.2: Ta may be as low as 5 ms for non-media
+# traffic). aioice starts one check every 20 ms; we start the first FAST_CHECKS checks
+# 5 ms apart, then go back to aioice's 20 ms so a long check list is not a burst.
+FAST_CHECK_INTERVAL = 0.005
+FAST_CHECKS = 8
+CHECK_INTERVAL = 0.02
+
+
+class UnsupportedVersionError(RuntimeError):
+    """aiortc or aioice is not the version these patches were written for."""
+
+
+_originals: dict[str, Callable[..., Any]] = {}
+_installed = False
+
+
+def installed() -> bool:
+    return _installed
+
+
+def check_versions(versions: dict[str, str] | None = None) -> None:
+    """Raise UnsupportedVersionError unless aiortc and aioice are the pinned versions."""
+    found = versions if versions is not None else {
+        name: metadata.version(name) for name in PINNED
+    }
+    wrong = {name: found.get(name) for name, want in PINNED.items() if found.get(name) != want}
+    if wrong:
+        raise UnsupportedVersionError(
+            "tether's speed patches (tether/cores/aiortc_speed.py) were written for "
+            + ", ".join(f"{n}=={v}" for n, v in PINNED.items())
+            + "; found "
+            + ", ".join(f"{n}=={v}" for n, v in wrong.items())
+            + ". Revisit the patches (or pin the versions) before running."
+        )
+
+
+PATCHES_ENV = "TETHER_SPEED_PATCHES"
+
+
+def chosen_patches(value: str | None = None) -> list[str]:
+    """The patches to apply: all of them, unless ``TETHER_SPEED_PATCHES`` says ``none`` or
+    names some (comma-separated), e.g. to measure one against aiortc as shipped."""
+    value = os.environ.get(PATCHES_ENV, "all") if value is None else value
+    value = value.strip().lower()
+    if value in ("", "all"):
+        return list(PATCHES)
+    if value == "none":
+        return []
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    unknown = sorted(set(names) - set(PATCHES))
+    if unknown:
+        raise ValueError(f"{PATCHES_ENV}: unknown patches {unknown}; known: {sorted(PATCHES)}")
+    return names
+
+
+def install() -> None:
+    """Apply the patches once (idempotent); refuse unpinned aiortc/aioice versions."""
+    global _installed
+    if _installed:
+        return
+    check_versions()
+    sctp = RTCSctpTransport
+    for name in ("_handle_data", "_send_sack", "_set_state", "_transmit",
+                 "_receive_sack_chunk", "_t3_expired", "_t3_cancel", "_mark_received"):
+        _originals[name] = getattr(sctp, name)
+    _originals["connect"] = Connection.connect
+    _originals["dtls_recv_next"] = RTCDtlsTransport._recv_next
+    _originals["stun_datagram_received"] = StunProtocol.datagram_received
+    for name in ("_t3_start", "_t3_restart"):
+        _originals[name] = getattr(sctp, name)
+    names = chosen_patches()
+    for name in names:
+        PATCHES[name]()
+    _installed = True
+    logger.debug("aiortc speed patches installed: %s", ", ".join(names) or "none")
+
+
+def unpatch(sctp: RTCSctpTransport) -> None:
+    """Give one SCTP transport aiortc's own methods back (it then behaves as shipped)."""
+    for name, function in _originals.items():
+        if name not in ("connect", "dtls_recv_next", "stun_datagram_received"):
+            setattr(sctp, name, function.__get__(sctp, type(sctp)))
+    dtls = sctp.transport
+    dtls._recv_next = _originals["dtls_recv_next"].__get__(dtls, type(dtls))
+
+
+# -- 1. delayed SACK ----------------------------------------------------------------------
+
+
+def delayed_sack() -> None:
+    """aiortc sends a SACK after every packet that carried DATA (``_handle_data``).
+
+    We send one for every second packet with DATA, and at once when the packet showed a
+    gap or a duplicate, filled a gap, carried any other chunk, or the association is not
+    established (shutting down); a lone packet is acknowledged by a timer within SACK_DELAY. This is
+    RFC 4960 section 6.2 (RFC 9260 section 6.2): "an acknowledgement SHOULD be generated
+    for at least every second packet (not every second DATA chunk) received, and SHOULD
+    be generated within 200 ms of the arrival of any unacknowledged DATA chunk", and
+    section 6.7: gaps and duplicates are reported immediately, so fast retransmit keeps
+    its speed. Halving the SACKs halves the SACK work on both sides (issue 9: 22-28 % of
+    the CPU). Upstream: aiortc's own ``_handle_data`` gets a delayed-ack rule and timer.
+    """
+    RTCSctpTransport._handle_data = _handle_data_delayed_sack  # type: ignore[method-assign]
+    RTCSctpTransport._send_sack = _send_sack_counted  # type: ignore[method-assign]
+    RTCSctpTransport._set_state = _set_state_cancelling  # type: ignore[method-assign]
+
+
+def may_delay_sack(sctp: RTCSctpTransport, only_data: bool) -> bool:
+    """Whether the SACK for the packet just handled may wait (the rule of delayed_sack)."""
+    return (
+        only_data
+        and not sctp._sack_misordered
+        and not sctp._sack_duplicates
+        and sctp._association_state == RTCSctpTransport.State.ESTABLISHED
+        and getattr(sctp, "_tether_unacked", 0) + 1 < SACK_EVERY
+    )
+
+
+async def _handle_data_delayed_sack(self: RTCSctpTransport, data: bytes) -> None:
+    try:
+        _, _, verification_tag, chunks = parse_packet(data)
+    except ValueError:
+        return
+    if any(isinstance(chunk, InitChunk) for chunk in chunks):
+        if len(chunks) != 1:  # RFC 4960 section 3.3.2: INIT is never bundled
+            return
+        expected_tag = 0
+    else:
+        expected_tag = self._local_verification_tag
+    if verification_tag != expected_tag:
+        return
+    # A packet that fills a gap is acknowledged at once too (RFC 4960 section 6.7).
+    only_data = not self._sack_misordered
+    for chunk in chunks:
+        if type(chunk) is not DataChunk:
+            only_data = False
+        await self._receive_chunk(chunk)
+    if not self._sack_needed:
+        return
+    if may_delay_sack(self, only_data):
+        self._tether_unacked = getattr(self, "_tether_unacked", 0) + 1
+        if getattr(self, "_tether_sack_timer", None) is None:
+            self._tether_sack_timer = self._loop.call_later(SACK_DELAY, _sack_timer_fired, self)
+        return
+    await self._send_sack()
+
+
+async def _send_sack_counted(self: RTCSctpTransport) -> None:
+    self._tether_unacked = 0
+    await _originals["_send_sack"](self)
+
+
+def _sack_timer_fired(sctp: RTCSctpTransport) -> None:
+    """The delayed SACK's timer: acknowledge what is still unacknowledged."""
+    sctp._tether_sack_timer = None
+    if sctp._sack_needed and sctp._association_state == RTCSctpTransport.State.ESTABLISHED:
+        _run_now(sctp, sctp._send_sack())
+
+
+def _run_now(sctp: RTCSctpTransport, coro: Coroutine[Any, Any, None]) -> None:
+    """Run ``coro`` from a timer callback: it sends a datagram and normally never suspends,
+    so it runs to its end right here; if it does suspend, a task owned by ``sctp`` (and
+    cancelled when the association closes) finishes it."""
+    try:
+        coro.send(None)
+    except StopIteration:
+        return
+    except ConnectionError as exc:  # the path closed under us: the SACK has nowhere to go
+        logger.debug("delayed SACK not sent: %s", exc)
+        return
+    coro.close()
+    tasks: set[asyncio.Task[None]] = sctp.__dict__.setdefault("_tether_tasks", set())
+    task = asyncio.ensure_future(sctp._send_sack())
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)
+
+
+def _set_state_cancelling(self: RTCSctpTransport, state: Any) -> None:
+    _originals["_set_state"](self, state)
+    if state == RTCSctpTransport.State.CLOSED:
+        timer = getattr(self, "_tether_sack_timer", None)
+        if timer is not None:
+            timer.cancel()
+            self._tether_sack_timer = None
+        for task in list(getattr(self, "_tether_tasks", ())):
+            task.cancel()
+
+
+# -- 2. _transmit without rescanning -------------------------------------------------------
+
+
+def transmit_without_rescan() -> None:
+    """aiortc's ``_transmit`` walks the whole sent queue (up to the 1 MiB receive window,
+    ~900 chunks) looking for chunks marked for retransmission, on every SACK and every
+    send, although chunks are only ever marked by a SACK with gap reports (the strike
+    rule, RFC 4960 section 7.2.4), by T3 expiring (section 6.3.3), or by tether's
+    ``resend_in_flight`` (which cancels T3 after marking).
+
+    We keep a per-transport flag set on exactly those events (a SACK with gaps,
+    ``_t3_expired``, ``_t3_cancel``, :func:`request_rescan`) and walk the queue only when
+    it is set; the flag clears once a walk finds nothing left to resend. What is sent,
+    and in which order, is unchanged: the same retransmissions before new data, the
+    same burst limit (section 6.1 / 7.2.4) and T3 restarts. Upstream: aiortc keeps a
+    count of chunks marked for retransmission and skips the walk at zero.
+    """
+    RTCSctpTransport._transmit = _transmit_flagged  # type: ignore[method-assign]
+    RTCSctpTransport._receive_sack_chunk = _receive_sack_flagging  # type: ignore[method-assign]
+    RTCSctpTransport._t3_expired = _t3_expired_flagging  # type: ignore[method-assign]
+    RTCSctpTransport._t3_cancel = _t3_cancel_flagging  # type: ignore[method-assign]
+
+
+def request_rescan(sctp: RTCSctpTransport) -> None:
+    """Tell the patched ``_transmit`` that chunks were marked for retransmission by hand."""
+    sctp._tether_rescan = True
+
+
+async def _receive_sack_flagging(self: RTCSctpTransport, chunk: SackChunk) -> None:
+    if chunk.gaps:
+        self._tether_rescan = True
+    await _originals["_receive_sack_chunk"](self, chunk)
+
+
+def _t3_expired_flagging(self: RTCSctpTransport) -> None:
+    self._tether_rescan = True
+    _originals["_t3_expired"](self)
+
+
+def _t3_cancel_flagging(self: RTCSctpTransport) -> None:
+    self._tether_rescan = True
+    _originals["_t3_cancel"](self)
+
+
+async def _transmit_flagged(self: RTCSctpTransport) -> None:
+    if self._forward_tsn_chunk is not None:
+        await self._send_chunk(self._forward_tsn_chunk)
+        self._forward_tsn_chunk = None
+        if not self._t3_handle:
+            self._t3_start()
+
+    # Burst limit: 2 packets in fast recovery, else 4 (SCTP_MAX_BURST).
+    burst = (2 if self._fast_recovery_exit is not None else 4) * USERDATA_MAX_LENGTH
+    cwnd = min(self._flight_size + burst, self._cwnd)
+
+    if getattr(self, "_tether_rescan", True):
+        self._tether_rescan = False
+        if not await _retransmit_marked(self, cwnd):
+            self._tether_rescan = True  # stopped by the window: look again next time
+            return
+
+    outbound = self._outbound_queue
+    while outbound and self._flight_size < cwnd:
+        chunk = outbound.popleft()
+        self._sent_queue.append(chunk)
+        self._flight_size_increase(chunk)
+        chunk._sent_count += 1
+        chunk._sent_time = time.time()
+        await self._send_chunk(chunk)
+        if not self._t3_handle:
+            self._t3_start()
+
+
+async def _retransmit_marked(sctp: RTCSctpTransport, cwnd: int) -> bool:
+    """Resend the chunks marked for retransmission, in TSN order; False if the
+    congestion window stopped it before the end of the sent queue."""
+    earliest = True
+    for chunk in sctp._sent_queue:
+        if chunk._retransmit:
+            if sctp._fast_recovery_transmit:
+                sctp._fast_recovery_transmit = False  # one resend regardless of cwnd
+            elif sctp._flight_size >= cwnd:
+                return False
+            sctp._flight_size_increase(chunk)
+            chunk._misses = 0
+            chunk._retransmit = False
+            chunk._sent_count += 1
+            await sctp._send_chunk(chunk)
+            if earliest:
+                sctp._t3_restart()  # the earliest outstanding TSN was resent
+        earliest = False
+    return True
+
+
+# -- 3. in-order fast path for received TSNs --------------------------------------------
+
+
+def mark_received_fast() -> None:
+    """aiortc's ``_mark_received`` sorts the out-of-order set and rebuilds the duplicate
+    list and out-of-order set on every DATA chunk, even when nothing is out of order.
+
+    When the chunk is the next TSN expected and nothing is out of order or duplicated,
+    we only advance the cumulative TSN; every other case goes to aiortc's code. The
+    result is the same state (RFC 4960 section 6.2: the cumulative TSN is the last TSN
+    received in sequence). Upstream: the same early return in ``_mark_received``.
+    """
+    RTCSctpTransport._mark_received = _mark_received_fast  # type: ignore[method-assign]
+
+
+def _mark_received_fast(self: RTCSctpTransport, tsn: int) -> bool:
+    last = self._last_received_tsn
+    if (last is not None and tsn == (last + 1) % SCTP_TSN_MODULO
+            and not self._sack_misordered and not self._sack_duplicates):
+        self._last_received_tsn = tsn
+        return False
+    return _originals["_mark_received"](self, tsn)
+
+
+# -- 4. ICE check pacing ------------------------------------------------------------------
+
+
+def paced_connect() -> None:
+    """aioice's ``Connection.connect`` starts one connectivity check every 20 ms (its Ta).
+
+    We start the first FAST_CHECKS checks FAST_CHECK_INTERVAL (5 ms) apart, then 20 ms
+    apart as aioice does. RFC 8445 section 14.2 lets Ta go down to 5 ms for non-media
+    traffic; a data channel is that. A trickled remote candidate therefore waits at most
+    5 ms for its check instead of 20, which is most of a loopback or LAN connect.
+    Everything else - pairing, unfreezing, early checks, completion, consent - is
+    aioice's own code, called in aioice's order. Upstream: a configurable Ta in aioice.
+    """
+    Connection.connect = _connect_paced  # type: ignore[method-assign]
+
+
+def check_interval(started: int) -> float:
+    """Ta after ``started`` checks have started."""
+    return FAST_CHECK_INTERVAL if started < FAST_CHECKS else CHECK_INTERVAL
+
+
+def _checks_started(conn: Connection) -> int:
+    idle = (CandidatePair.State.FROZEN, CandidatePair.State.WAITING)
+    return sum(1 for pair in conn._check_list if pair.state not in idle)
+
+
+async def _connect_paced(self: Connection) -> None:
+    if not self._local_candidates_end:
+        raise ConnectionError("Local candidates gathering was not performed")
+    if self.remote_username is None or self.remote_password is None:
+        raise ConnectionError("Remote username or password is missing")
+
+    for remote_candidate in self._remote_candidates:
+        self._pair_remote_candidate(remote_candidate)
+    self.sort_check_list()
+    self._unfreeze_initial()
+    for early_check in self._early_checks:
+        self.check_incoming(*early_check)
+    self._early_checks.clear()
+    self._early_checks_done = True
+
+    while self._check_periodic():
+        await asyncio.sleep(check_interval(_checks_started(self)))
+
+    result = await self._check_list_state.get() if self._check_list else aioice.ice.ICE_FAILED
+    for pair in self._check_list:
+        if pair.task:
+            pair.task.cancel()
+    if result != aioice.ice.ICE_COMPLETED:
+        raise ConnectionError("ICE negotiation failed")
+    self._query_consent_task = asyncio.create_task(self.query_consent())
+
+
+# -- 5. DTLS: no empty BIO read per received record --------------------------------------
+
+DTLS_APPLICATION_DATA = 23  # DTLS 1.2 record content type (RFC 6347 section 4.1)
+
+
+def dtls_quiet_receive() -> None:
+    """aiortc's ``RTCDtlsTransport._recv_next`` calls ``_write_ssl`` after every record it
+    decrypts, in case OpenSSL produced a record to send; ``_write_ssl`` then reads the
+    outgoing memory BIO, which after application data is always empty, and pyOpenSSL
+    signals an empty BIO by raising WantReadError: about 20 us per received datagram on
+    this machine, for nothing.
+
+    Once the handshake is done, we skip that read after a DTLS 1.2 application-data
+    record (content type 23) that decrypted: reading application data never makes
+    OpenSSL write (alerts, handshake messages, DTLS 1.3 records and failures still take
+    aiortc's path, which reads the BIO as before). During the handshake aiortc's own
+    method runs unchanged. Upstream: aiortc flushes only after handshake-type records
+    (or checks BIO_ctrl_pending first).
+    """
+    RTCDtlsTransport._recv_next = _recv_next_quiet  # type: ignore[method-assign]
+
+
+async def _recv_next_quiet(self: RTCDtlsTransport) -> None:
+    if not self._RTCDtlsTransport__handshake_done:  # type: ignore[attr-defined]
+        await _originals["dtls_recv_next"](self)
+        return
+    data = await self.transport._recv()
+    self._RTCDtlsTransport__rx_bytes += len(data)  # type: ignore[attr-defined]
+    self._RTCDtlsTransport__rx_packets += 1  # type: ignore[attr-defined]
+    first_byte = data[0]
+    if 19 < first_byte < 64:  # DTLS
+        self._ssl.bio_write(data)
+        plain: bytes | None
+        try:
+            plain = self._ssl.recv(1500)
+        except rtcdtls.SSL.ZeroReturnError:
+            plain = None
+        except rtcdtls.SSL.Error:
+            plain = b""
+        if first_byte != DTLS_APPLICATION_DATA or not plain:
+            await self._write_ssl()
+        if plain is None:
+            raise ConnectionError  # the remote party shut DTLS down
+        if plain and self._data_receiver:
+            await self._data_receiver._handle_data(plain)
+    elif 127 < first_byte < 192 and self._rx_srtp:  # SRTP / SRTCP, as aiortc does
+        arrival_time_ms = rtcdtls.clock.current_ms()
+        try:
+            if rtcdtls.is_rtcp(data):
+                await self._handle_rtcp_data(self._rx_srtp.unprotect_rtcp(data))
+            else:
+                await self._handle_rtp_data(self._rx_srtp.unprotect(data),
+                                            arrival_time_ms=arrival_time_ms)
+        except rtcdtls.pylibsrtp.Error as exc:
+            logger.debug("SRTP unprotect failed: %s", exc)
+
+
+# -- 6. STUN/DTLS demultiplexing by the first byte -----------------------------------------
+
+
+def stun_demux() -> None:
+    """aioice's ``StunProtocol.datagram_received`` tries to parse every datagram as STUN
+    and hands it on as data when that raises ValueError: an exception per DTLS datagram.
+
+    We hand a datagram whose first byte is 20-63 straight on as data: RFC 7983 section 7
+    (RFC 5764 section 5.1.2) assigns that range to DTLS, and a STUN message's first byte
+    is 0-3. Every other datagram goes through aioice's code as before. Upstream: the same
+    check at the top of aioice's ``datagram_received``.
+    """
+    StunProtocol.datagram_received = _datagram_received_demux  # type: ignore[method-assign]
+
+
+def _datagram_received_demux(self: StunProtocol, data: bytes | str, addr: tuple[Any, ...]) -> None:
+    if data and 19 < data[0] < 64:  # type: ignore[operator]
+        self.receiver.data_received(data, self.local_candidate.component)
+        return
+    _originals["stun_datagram_received"](self, data, addr)
+
+
+# -- 7. a lazy T3 timer ------------------------------------------------------------------
+
+
+def lazy_t3_restart() -> None:
+    """aiortc restarts the T3-rtx timer on every SACK that acknowledges new data: cancel
+    the TimerHandle, make a new one (RFC 4960 section 6.3.2 rule R3). The cancelled
+    handles pile up in the loop's heap until their time comes.
+
+    We keep one handle and move a deadline: a restart only records ``now + RTO``; when
+    the handle fires before the deadline it re-arms for the rest, and only a due
+    deadline runs aiortc's ``_t3_expired``. A restart whose deadline is earlier than the
+    armed handle (the RTO shrank) re-arms at once, so T3 never fires later than aiortc's
+    would; ``_t3_cancel`` and ``_t3_handle`` keep their meaning. Upstream: the same
+    deadline timer in aiortc (TCP stacks do the same).
+    """
+    RTCSctpTransport._t3_start = _t3_start_lazy  # type: ignore[method-assign]
+    RTCSctpTransport._t3_restart = _t3_restart_lazy  # type: ignore[method-assign]
+
+
+def _t3_arm(sctp: RTCSctpTransport, delay: float) -> None:
+    sctp._t3_handle = sctp._loop.call_later(delay, _t3_due, sctp)
+
+
+def _t3_start_lazy(self: RTCSctpTransport) -> None:
+    assert self._t3_handle is None
+    self._tether_t3_deadline = self._loop.time() + self._rto
+    _t3_arm(self, self._rto)
+
+
+def _t3_restart_lazy(self: RTCSctpTransport) -> None:
+    deadline = self._loop.time() + self._rto
+    self._tether_t3_deadline = deadline
+    handle = self._t3_handle
+    if handle is None:
+        _t3_arm(self, self._rto)
+    elif deadline < handle.when():
+        handle.cancel()
+        _t3_arm(self, self._rto)
+
+
+def _t3_due(sctp: RTCSctpTransport) -> None:
+    remaining = sctp._tether_t3_deadline - sctp._loop.time()
+    if remaining > 0.001:
+        _t3_arm(sctp, remaining)
+        return
+    sctp._t3_expired()
+
+
+PATCHES: dict[str, Callable[[], None]] = {
+    "delayed_sack": delayed_sack,
+    "transmit_without_rescan": transmit_without_rescan,
+    "mark_received_fast": mark_received_fast,
+    "paced_connect": paced_connect,
+    "dtls_quiet_receive": dtls_quiet_receive,
+    "stun_demux": stun_demux,
+    "lazy_t3_restart": lazy_t3_restart,
+}

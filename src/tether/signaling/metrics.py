@@ -1,0 +1,141 @@
+"""The relay's Prometheus metrics and its ``/healthz`` / ``/metrics`` HTTP answers.
+
+Each :class:`RelayMetrics` has its own registry (several relays in one process, as in tests,
+do not collide). The relay serves both paths on its own port (before authentication: they
+carry no secrets) and, with ``--metrics HOST:PORT``, on a separate small HTTP listener
+(:func:`serve_http`), for scrapers that must not reach the signaling port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import logging
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+
+log = logging.getLogger(__name__)
+
+_LATENCY_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+)
+
+
+class Histogram:
+    """A cumulative-on-export histogram that costs one bisect per observation."""
+
+    __slots__ = ("bounds", "counts", "total", "count")
+
+    def __init__(self, bounds: tuple[float, ...] = _LATENCY_BUCKETS) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.total = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.total += value
+        self.count += 1
+
+    def family(self, name: str, documentation: str) -> HistogramMetricFamily:
+        buckets: list[tuple[str, float]] = []
+        running = 0
+        for bound, n in zip(self.bounds, self.counts):
+            running += n
+            buckets.append((repr(bound), running))
+        buckets.append(("+Inf", self.count))
+        return HistogramMetricFamily(name, documentation, buckets=buckets, sum_value=self.total)
+
+
+class RelayMetrics:
+    """The relay's numbers: plain counters on the hot path (a frame costs a few integer
+    additions, not prometheus_client's locked counters), turned into Prometheus metrics only
+    when scraped. Gauges are read from callables the server sets."""
+
+    def __init__(self) -> None:
+        self.frames = 0
+        self.signals = 0
+        self.errors: dict[str, int] = {}
+        self.delivery = Histogram()
+        self.redis = Histogram()
+        self.connections: Callable[[], float] = lambda: 0
+        self.conversations: Callable[[], float] = lambda: 0
+        self.ready: Callable[[], float] = lambda: 0
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(self)  # type: ignore[arg-type]
+
+    def error(self, kind: str, n: int = 1) -> None:
+        self.errors[kind] = self.errors.get(kind, 0) + n
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily("tether_relay_connections", "Open WebSocket connections",
+                                value=self.connections())
+        yield GaugeMetricFamily(
+            "tether_relay_conversations", "Conversations with a peer connected to this relay",
+            value=self.conversations(),
+        )
+        yield GaugeMetricFamily("tether_relay_ready", "1 when the relay accepts joins",
+                                value=self.ready())
+        yield CounterMetricFamily(
+            "tether_relay_signals_relayed", "Signals taken for relaying (delivered or held)",
+            value=self.signals,
+        )
+        yield CounterMetricFamily("tether_relay_frames", "Text frames received",
+                                  value=self.frames)
+        errors = CounterMetricFamily("tether_relay_errors", "Refusals and errors by kind",
+                                     labels=["kind"])
+        for kind, n in sorted(self.errors.items()):
+            errors.add_metric([kind], n)
+        yield errors
+        yield self.delivery.family(
+            "tether_relay_delivery_seconds",
+            "From a frame's arrival to its signals being queued for the recipient",
+        )
+        yield self.redis.family("tether_relay_redis_seconds", "Redis round trips")
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+async def serve_http(
+    host: str, port: int, metrics: Callable[[], bytes], health: Callable[[], tuple[bool, str]]
+) -> asyncio.Server:
+    """A minimal HTTP/1.1 listener answering ``GET /healthz`` and ``GET /metrics``."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            async with asyncio.timeout(5):
+                request = await reader.readuntil(b"\r\n\r\n")
+            line = request.split(b"\r\n", 1)[0].decode("latin-1").split()
+            path = line[1].split("?", 1)[0] if len(line) >= 2 else ""
+            if len(line) < 2 or line[0] != "GET":
+                status, body, ctype = "405 Method Not Allowed", b"GET only\n", "text/plain"
+            elif path == "/healthz":
+                ok, why = health()
+                status = "200 OK" if ok else "503 Service Unavailable"
+                body, ctype = (why + "\n").encode(), "text/plain; charset=utf-8"
+            elif path == "/metrics":
+                status, body, ctype = "200 OK", metrics(), CONTENT_TYPE
+            else:
+                status, body, ctype = "404 Not Found", b"try /healthz or /metrics\n", "text/plain"
+            writer.write(
+                f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+                f"Connection: close\r\n\r\n".encode() + body
+            )
+            await writer.drain()
+        except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            pass
+        finally:
+            writer.close()
+
+    return await asyncio.start_server(handle, host, port, limit=16 * 1024)

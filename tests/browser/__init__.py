@@ -1,0 +1,1 @@
+"""A headless Chromium peer for tests: the page (peer.html, peer.js) and its driver."""

@@ -1,0 +1,581 @@
+"""tether's speed patches to aiortc/aioice (tether/cores/aiortc_speed.py).
+
+Unit level: one RTCSctpTransport with an injected timer clock and captured outgoing chunks
+proves the delayed-SACK rule (every second packet, at once on gaps, duplicates, bundled
+chunks or outside ESTABLISHED, else within SACK_DELAY) and that ``_transmit`` resends
+exactly what aiortc would, without walking the sent queue when nothing is marked.
+
+Real peers: two cores on loopback move data through the patched SCTP, in order and every
+byte checked, also with datagrams dropped deterministically on both sides, and with one
+peer running aiortc's own SCTP code (``unpatch``) against a patched one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+from collections import deque
+from struct import pack
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from aiortc.rtcsctptransport import (
+    USERDATA_MAX_LENGTH,
+    DataChunk,
+    ForwardTsnChunk,
+    RTCSctpTransport,
+    SackChunk,
+    crc32c,
+    tsn_plus_one,
+)
+
+from tether.cores import aiortc_speed
+from tether.cores.aiortc_core import AiortcTubeRegistry, resend_in_flight
+
+from .tube_pair import connect_tubes, until
+
+aiortc_speed.install()
+
+ESTABLISHED = RTCSctpTransport.State.ESTABLISHED
+PEER_TSN = 1000
+LOCAL_TAG = 0x1234
+
+
+# -- helpers ------------------------------------------------------------------------------
+
+
+class FakeTimers:
+    """An injected clock for call_later: timers run only when the test advances time."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.timers: list[tuple[float, Any, tuple[Any, ...], SimpleNamespace]] = []
+
+    def time(self) -> float:
+        return self.now
+
+    def call_later(self, delay: float, callback: Any, *args: Any) -> SimpleNamespace:
+        handle = SimpleNamespace(cancelled=False)
+        handle.when = lambda at=self.now + delay: at
+        handle.cancel = lambda: setattr(handle, "cancelled", True)
+        self.timers.append((self.now + delay, callback, args, handle))
+        return handle
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+        due = [t for t in self.timers if t[0] <= self.now]
+        self.timers = [t for t in self.timers if t[0] > self.now]
+        for _, callback, args, handle in sorted(due, key=lambda t: t[0]):
+            if not handle.cancelled:
+                callback(*args)
+
+    def pending(self) -> list[float]:
+        return [when for when, _, _, handle in self.timers if not handle.cancelled]
+
+
+def make_sctp() -> tuple[RTCSctpTransport, list[Any], FakeTimers]:
+    """An established association's receiving side whose chunks land in a list."""
+    sctp = RTCSctpTransport(SimpleNamespace(state="new"))
+    timers = FakeTimers()
+    sctp._loop = timers  # type: ignore[assignment]
+    sctp._association_state = ESTABLISHED
+    sctp._local_verification_tag = LOCAL_TAG
+    sctp._remote_port = 5000
+    sctp._last_received_tsn = PEER_TSN - 1
+    sent: list[Any] = []
+
+    async def capture(chunk: Any) -> None:
+        sent.append(chunk)
+
+    sctp._send_chunk = capture  # type: ignore[method-assign]
+    return sctp, sent, timers
+
+
+def data_chunk(tsn: int, payload: bytes = b"x" * 100, stream_id: int = 7) -> DataChunk:
+    chunk = DataChunk(flags=0x03)  # one unfragmented message
+    chunk.tsn = tsn
+    chunk.stream_id = stream_id
+    chunk.stream_seq = (tsn - PEER_TSN) % 65536
+    chunk.protocol = 53  # WebRTC binary
+    chunk.user_data = payload
+    return chunk
+
+
+def packet(*chunks: Any) -> bytes:
+    """An SCTP packet bundling ``chunks`` (aiortc's serialize_packet takes only one)."""
+    header = pack("!HHL", 5000, 5000, LOCAL_TAG)
+    body = b"".join(bytes(c) for c in chunks)
+    return header + pack("<L", crc32c(header + b"\x00" * 4 + body)) + body
+
+
+def sacks(sent: list[Any]) -> list[SackChunk]:
+    return [c for c in sent if isinstance(c, SackChunk)]
+
+
+# -- install -------------------------------------------------------------------------------
+
+
+def test_install_is_idempotent() -> None:
+    before = {name: getattr(RTCSctpTransport, name) for name in (
+        "_handle_data", "_transmit", "_mark_received", "_send_sack")}
+    aiortc_speed.install()
+    aiortc_speed.install()
+    assert aiortc_speed.installed()
+    for name, function in before.items():
+        assert getattr(RTCSctpTransport, name) is function
+    # No wrapper wraps a wrapper: the saved originals are aiortc's own functions.
+    assert aiortc_speed._originals["_send_sack"].__module__ == "aiortc.rtcsctptransport"
+
+
+def test_install_refuses_other_versions() -> None:
+    aiortc_speed.check_versions(dict(aiortc_speed.PINNED))
+    with pytest.raises(aiortc_speed.UnsupportedVersionError, match="aiortc==1.17.0"):
+        aiortc_speed.check_versions({"aiortc": "1.17.0", "aioice": "0.13.0"})
+    with pytest.raises(aiortc_speed.UnsupportedVersionError, match="aioice"):
+        aiortc_speed.check_versions({"aiortc": "1.16.0", "aioice": "0.14.0"})
+    aiortc_speed.check_versions()  # the installed ones are the pinned ones
+
+
+def test_patch_selection() -> None:
+    assert aiortc_speed.chosen_patches("all") == list(aiortc_speed.PATCHES)
+    assert aiortc_speed.chosen_patches("none") == []
+    assert aiortc_speed.chosen_patches("delayed_sack, paced_connect") == [
+        "delayed_sack", "paced_connect"]
+    with pytest.raises(ValueError, match="unknown patches"):
+        aiortc_speed.chosen_patches("delayed_sack,turbo")
+
+
+# -- delayed SACK (unit, injected clock) ------------------------------------------------
+
+
+async def test_sack_every_second_packet() -> None:
+    sctp, sent, timers = make_sctp()
+    await sctp._handle_data(packet(data_chunk(PEER_TSN)))
+    assert sacks(sent) == []
+    assert timers.pending() == [aiortc_speed.SACK_DELAY]
+    await sctp._handle_data(packet(data_chunk(PEER_TSN + 1)))
+    assert [s.cumulative_tsn for s in sacks(sent)] == [PEER_TSN + 1]
+    assert sacks(sent)[0].gaps == []
+    timers.advance(aiortc_speed.SACK_DELAY)  # nothing left to acknowledge
+    assert len(sacks(sent)) == 1
+
+
+async def test_lone_packet_acknowledged_by_timer() -> None:
+    sctp, sent, timers = make_sctp()
+    await sctp._handle_data(packet(data_chunk(PEER_TSN)))
+    timers.advance(aiortc_speed.SACK_DELAY / 2)
+    assert sacks(sent) == []
+    timers.advance(aiortc_speed.SACK_DELAY / 2)
+    assert [s.cumulative_tsn for s in sacks(sent)] == [PEER_TSN]
+    assert timers.pending() == []
+    # RFC 4960 6.2's bound: never later than 200 ms.
+    assert aiortc_speed.SACK_DELAY <= 0.2
+
+
+async def test_gap_is_acknowledged_at_once() -> None:
+    sctp, sent, _ = make_sctp()
+    await sctp._handle_data(packet(data_chunk(PEER_TSN + 1)))  # PEER_TSN is missing
+    [sack] = sacks(sent)
+    assert sack.cumulative_tsn == PEER_TSN - 1
+    assert sack.gaps == [(2, 2)]
+    # The hole fills: again at once, since the packet before it was out of order.
+    await sctp._handle_data(packet(data_chunk(PEER_TSN)))
+    assert sacks(sent)[-1].cumulative_tsn == PEER_TSN + 1
+
+
+async def test_duplicate_is_acknowledged_at_once() -> None:
+    sctp, sent, _ = make_sctp()
+    await sctp._handle_data(packet(data_chunk(PEER_TSN)))
+    await sctp._handle_data(packet(data_chunk(PEER_TSN + 1)))
+    sent.clear()
+    await sctp._handle_data(packet(data_chunk(PEER_TSN + 1)))
+    [sack] = sacks(sent)
+    assert sack.duplicates == [PEER_TSN + 1]
+
+
+async def test_bundled_chunk_is_acknowledged_at_once() -> None:
+    sctp, sent, _ = make_sctp()
+    forward = ForwardTsnChunk()
+    forward.cumulative_tsn = PEER_TSN - 1  # nothing to skip: only the bundling matters
+    await sctp._handle_data(packet(data_chunk(PEER_TSN), forward))
+    assert [s.cumulative_tsn for s in sacks(sent)] == [PEER_TSN]
+
+
+async def test_not_delayed_outside_established() -> None:
+    sctp, sent, _ = make_sctp()
+    sctp._association_state = RTCSctpTransport.State.SHUTDOWN_SENT
+    await sctp._handle_data(packet(data_chunk(PEER_TSN)))
+    assert [s.cumulative_tsn for s in sacks(sent)] == [PEER_TSN]
+
+
+async def test_closing_cancels_the_sack_timer() -> None:
+    sctp, sent, timers = make_sctp()
+    await sctp._handle_data(packet(data_chunk(PEER_TSN)))
+    assert timers.pending()
+    sctp._set_state(RTCSctpTransport.State.CLOSED)
+    assert timers.pending() == []
+    timers.advance(1.0)
+    assert sacks(sent) == []
+
+
+async def test_unpatched_transport_acknowledges_every_packet() -> None:
+    sctp, sent, _ = make_sctp()
+    aiortc_speed.unpatch(sctp)
+    for i in range(4):
+        await sctp._handle_data(packet(data_chunk(PEER_TSN + i)))
+    assert [s.cumulative_tsn for s in sacks(sent)] == [PEER_TSN + i for i in range(4)]
+
+
+async def test_in_order_fast_path_matches_aiortc() -> None:
+    """Random arrival orders with duplicates: the patched and aiortc's own bookkeeping
+    end in the same state after every chunk."""
+    gen = random.Random(9)
+    for _ in range(30):
+        fast, _, _ = make_sctp()
+        plain, _, _ = make_sctp()
+        aiortc_speed.unpatch(plain)
+        tsns = [PEER_TSN + i for i in range(40)]
+        order = tsns + gen.sample(tsns, 10)
+        gen.shuffle(order)
+        for tsn in order:
+            assert fast._mark_received(tsn) == plain._mark_received(tsn)
+            assert fast._last_received_tsn == plain._last_received_tsn
+            assert fast._sack_misordered == plain._sack_misordered
+            assert fast._sack_duplicates == plain._sack_duplicates
+
+
+# -- _transmit without rescanning (unit) ---------------------------------------------------
+
+
+class CountingDeque(deque):  # type: ignore[type-arg]
+    """A deque that counts full walks (``for chunk in queue``)."""
+
+    walks = 0
+
+    def __iter__(self) -> Any:
+        self.walks += 1
+        return super().__iter__()
+
+
+def sender(outstanding: int) -> tuple[RTCSctpTransport, list[Any], CountingDeque]:
+    """An established association with ``outstanding`` chunks in flight."""
+    sctp, sent, _ = make_sctp()
+    sctp._ssthresh = 1 << 20
+    sctp._cwnd = 64 * USERDATA_MAX_LENGTH
+    sctp._sent_queue = CountingDeque()
+    sctp._t3_start = lambda: None  # type: ignore[method-assign]
+    sctp._t3_restart = lambda: None  # type: ignore[method-assign]
+    tsn = sctp._local_tsn
+    for _ in range(outstanding):
+        chunk = data_chunk(tsn, b"y" * USERDATA_MAX_LENGTH)
+        for key, value in dict(_abandoned=False, _acked=False, _book_size=USERDATA_MAX_LENGTH,
+                               _expiry=None, _in_flight=False, _max_retransmits=None,
+                               _misses=0, _retransmit=False, _sent_count=1,
+                               _sent_time=0.0).items():
+            setattr(chunk, key, value)
+        sctp._flight_size_increase(chunk)
+        sctp._sent_queue.append(chunk)
+        tsn = tsn_plus_one(tsn)
+    sctp._local_tsn = tsn
+    sctp._tether_rescan = False
+    return sctp, sent, sctp._sent_queue
+
+
+async def test_transmit_does_not_walk_the_sent_queue() -> None:
+    sctp, sent, queue = sender(20)
+    await sctp._send(0, 53, b"z" * 100)
+    assert queue.walks == 0
+    assert [c.tsn for c in sent] == [queue[-1].tsn]
+
+
+async def test_sack_with_gaps_resends_like_aiortc() -> None:
+    """SACKs reporting a hole while newer chunks arrive: the third strike resends the
+    missing chunk (fast retransmit), and the patched sender sends exactly what aiortc's
+    own code sends, in the same order."""
+    runs = []
+    for patched in (True, False):
+        sctp, sent, queue = sender(12)
+        if not patched:
+            aiortc_speed.unpatch(sctp)
+            sctp._t3_start = lambda: None  # type: ignore[method-assign]
+            sctp._t3_restart = lambda: None  # type: ignore[method-assign]
+        first = queue[0].tsn
+        for end in (3, 5, 7, 9):  # first+1 missing; more of the rest arrives each time
+            sack = SackChunk()
+            sack.cumulative_tsn = first
+            sack.advertised_rwnd = 1 << 20
+            sack.gaps = [(2, end)]
+            sack.duplicates = []
+            await sctp._receive_sack_chunk(sack)
+            await sctp._send(0, 53, b"n" * 2000)
+        runs.append([((c.tsn - first) % 2**32, c._sent_count)
+                     for c in sent if isinstance(c, DataChunk)])
+        resent = [c.tsn for c in sent if isinstance(c, DataChunk) and c._sent_count > 1]
+        assert resent == [tsn_plus_one(first)]
+    assert runs[0] == runs[1]
+
+
+async def test_t3_expiry_resends() -> None:
+    sctp, sent, queue = sender(3)
+    scheduled: list[Any] = []
+    real_ensure_future = asyncio.ensure_future
+    try:
+        asyncio.ensure_future = scheduled.append  # type: ignore[assignment]
+        sctp._t3_expired()
+    finally:
+        asyncio.ensure_future = real_ensure_future  # type: ignore[assignment]
+    [transmit] = scheduled
+    await transmit
+    assert [c.tsn for c in sent] == [queue[0].tsn]  # cwnd fell to one packet
+
+
+async def test_resend_in_flight_resends() -> None:
+    """tether's own path-change resend marks chunks by hand; the patch still sees them."""
+    sctp, sent, queue = sender(4)
+    sctp._t3_handle = SimpleNamespace(cancel=lambda: None)
+    sctp._t3_start = lambda: None  # type: ignore[method-assign]
+    marked = await resend_in_flight(sctp)
+    assert marked == 4
+    assert [c.tsn for c in sent if isinstance(c, DataChunk)] == [c.tsn for c in queue]
+
+
+async def test_marks_without_an_event_need_request_rescan() -> None:
+    sctp, sent, queue = sender(2)
+    queue[0]._retransmit = True
+    sctp._flight_size_decrease(queue[0])
+    await sctp._transmit()
+    assert sent == []  # not walked: nothing told it a chunk was marked
+    aiortc_speed.request_rescan(sctp)
+    await sctp._transmit()
+    assert [c.tsn for c in sent] == [queue[0].tsn]
+
+
+# -- lazy T3 (unit, injected clock) ------------------------------------------------------
+
+
+def t3_sctp() -> tuple[RTCSctpTransport, FakeTimers, list[float]]:
+    sctp, _, timers = make_sctp()
+    expired: list[float] = []
+
+    def count_expiry() -> None:
+        sctp._t3_handle = None
+        expired.append(timers.now)
+
+    sctp._t3_expired = count_expiry  # type: ignore[method-assign]
+    sctp._rto = 1.0
+    return sctp, timers, expired
+
+
+async def test_t3_restart_moves_one_deadline() -> None:
+    sctp, timers, expired = t3_sctp()
+    sctp._t3_start()
+    for _ in range(5):  # five SACKs in the first half second: still one live timer
+        timers.advance(0.1)
+        sctp._t3_restart()
+    assert len(timers.pending()) == 1
+    timers.advance(0.5)  # the first handle's time (1.0): re-arms for the rest
+    assert expired == [] and timers.pending() == [pytest.approx(1.5)]
+    timers.advance(0.5)
+    assert expired == [pytest.approx(1.5)]  # one RTO after the last restart, as in aiortc
+
+
+async def test_t3_restart_with_a_shorter_rto_rearms_at_once() -> None:
+    sctp, timers, expired = t3_sctp()
+    sctp._rto = 3.0
+    sctp._t3_start()
+    sctp._rto = 1.0
+    timers.advance(0.2)
+    sctp._t3_restart()
+    assert timers.pending() == [pytest.approx(1.2)]
+    timers.advance(1.0)
+    assert expired == [pytest.approx(1.2)]
+
+
+async def test_t3_cancel_stops_it() -> None:
+    sctp, timers, expired = t3_sctp()
+    sctp._t3_start()
+    sctp._t3_restart()
+    sctp._t3_cancel()
+    assert sctp._t3_handle is None
+    timers.advance(5.0)
+    assert expired == []
+
+
+# -- STUN/DTLS demultiplexing (unit) -----------------------------------------------------
+
+
+async def test_stun_demux() -> None:
+    from aioice import stun
+    from aioice.ice import StunProtocol
+
+    got: list[tuple[str, Any]] = []
+    receiver = SimpleNamespace(
+        data_received=lambda data, component: got.append(("data", data)),
+        request_received=lambda message, addr, protocol: got.append(("stun", message)),
+    )
+    protocol = StunProtocol(receiver)
+    protocol.local_candidate = SimpleNamespace(component=1)
+    dtls_record = bytes([23, 0xFE, 0xFD]) + b"\x00" * 40
+    protocol.datagram_received(dtls_record, ("127.0.0.1", 9))
+    request = stun.Message(message_method=stun.Method.BINDING, message_class=stun.Class.REQUEST)
+    protocol.datagram_received(bytes(request), ("127.0.0.1", 9))
+    protocol.datagram_received(b"\x05junk", ("127.0.0.1", 9))  # neither: data, as aioice does
+    assert [kind for kind, _ in got] == ["data", "stun", "data"]
+    assert got[0][1] == dtls_record
+    assert StunProtocol.datagram_received is aiortc_speed._datagram_received_demux
+
+
+# -- ICE pacing (pure) -------------------------------------------------------------------
+
+
+def test_check_pacing() -> None:
+    assert aiortc_speed.check_interval(0) == aiortc_speed.FAST_CHECK_INTERVAL == 0.005
+    assert aiortc_speed.check_interval(aiortc_speed.FAST_CHECKS - 1) == 0.005
+    assert aiortc_speed.check_interval(aiortc_speed.FAST_CHECKS) == 0.02
+
+
+# -- real peers ----------------------------------------------------------------------------
+
+
+def drop_every(registry: AiortcTubeRegistry, tube_id: str, nth: int) -> dict[str, int]:
+    """Drop every ``nth`` SCTP datagram this side sends on the nominated path."""
+    conn = registry._tube(tube_id).pc.sctp.transport.transport._connection
+    protocol = conn._nominated[1].protocol
+    send_data = protocol.send_data
+    counts = {"sent": 0, "dropped": 0}
+
+    async def lossy(data: bytes, addr: tuple[str, int]) -> None:
+        counts["sent"] += 1
+        if counts["sent"] % nth == 0:
+            counts["dropped"] += 1
+            return
+        await send_data(data, addr)
+
+    protocol.send_data = lossy
+    return counts
+
+
+async def move(a: AiortcTubeRegistry, b: AiortcTubeRegistry, tube_id: str,
+               size: int, seed: int) -> None:
+    """Send ``size`` bytes a->b and b->a in messages of varying size; check each side
+    receives every byte, in order."""
+
+    def payload(side: int) -> list[bytes]:
+        gen = random.Random(seed * 2 + side)
+        out, left = [], size
+        while left:
+            n = min(left, gen.choice((1, 100, 1200, 5000, 16384, 65536)))
+            out.append(gen.randbytes(n))
+            left -= n
+        return out
+
+    async def one_way(src: AiortcTubeRegistry, dst: AiortcTubeRegistry, side: int) -> None:
+        messages = payload(side)
+        want = hashlib.sha256(b"".join(messages)).hexdigest()
+        got = hashlib.sha256()
+        received = 0
+        done = asyncio.Event()
+        channel_in = dst.channel(tube_id)
+
+        @channel_in.on("message")
+        def on_message(message: bytes) -> None:
+            nonlocal received
+            got.update(message)
+            received += len(message)
+            if received >= size:
+                done.set()
+
+        channel_out = src.channel(tube_id)
+        for message in messages:
+            channel_out.send(message)
+            while channel_out.bufferedAmount > 1 << 20:
+                await asyncio.sleep(0.005)
+        await asyncio.wait_for(done.wait(), 60)
+        assert received == size
+        assert got.hexdigest() == want
+
+    await asyncio.gather(one_way(a, b, 0), one_way(b, a, 1))
+
+
+async def test_patched_peers_deliver_every_byte(fast_cores: Any) -> None:
+    a, b = fast_cores
+    tube_id = await connect_tubes(a, b)
+    sctp = a._tube(tube_id).pc.sctp
+    await move(a, b, tube_id, 3 << 20, seed=1)
+    assert sctp._handle_data.__func__ is aiortc_speed._handle_data_delayed_sack
+
+
+async def test_patched_peers_under_loss(fast_cores: Any) -> None:
+    a, b = fast_cores
+    tube_id = await connect_tubes(a, b)
+    lost_a = drop_every(a, tube_id, 29)
+    lost_b = drop_every(b, tube_id, 31)
+    await move(a, b, tube_id, 2 << 20, seed=2)
+    assert lost_a["dropped"] > 10 and lost_b["dropped"] > 10
+    assert a._tube(tube_id).chunks_resent > 0 and b._tube(tube_id).chunks_resent > 0
+
+
+async def test_patched_and_unpatched_peer_under_loss(fast_cores: Any) -> None:
+    """One peer runs aiortc's own SCTP code: the two still interoperate, with loss."""
+    a, b = fast_cores
+    real_create = b.create_tube
+
+    async def create_unpatched(*args: Any, **kwargs: Any) -> dict[str, str]:
+        result = await real_create(*args, **kwargs)
+        aiortc_speed.unpatch(b._tube(result["tube_id"]).pc.sctp)
+        return result
+
+    b.create_tube = create_unpatched  # type: ignore[method-assign]
+    tube_id = await connect_tubes(a, b)
+    plain = b._tube(tube_id).pc.sctp
+    assert plain._handle_data.__func__ is aiortc_speed._originals["_handle_data"]
+    await until(lambda: bool(plain.transport.transport._connection._nominated), 10)
+    drop_every(a, tube_id, 23)
+    drop_every(b, tube_id, 37)
+    await move(a, b, tube_id, 2 << 20, seed=3)
+    assert a._tube(tube_id).chunks_resent > 0 and b._tube(tube_id).chunks_resent > 0
+
+
+class CountingSSL:
+    """A pyOpenSSL connection that counts reads of an empty outgoing BIO."""
+
+    def __init__(self, ssl: Any) -> None:
+        self._inner = ssl
+        self.empty_reads = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def bio_read(self, size: int) -> bytes:
+        from OpenSSL import SSL
+
+        try:
+            return self._inner.bio_read(size)
+        except SSL.WantReadError:
+            self.empty_reads += 1
+            raise
+
+
+async def test_dtls_receive_skips_empty_bio_reads(fast_cores: Any) -> None:
+    """Receiving application data no longer reads the (empty) outgoing BIO each time;
+    aiortc's own code does, once per datagram."""
+    a, b = fast_cores
+    real_create = b.create_tube
+
+    async def create_unpatched(*args: Any, **kwargs: Any) -> dict[str, str]:
+        result = await real_create(*args, **kwargs)
+        aiortc_speed.unpatch(b._tube(result["tube_id"]).pc.sctp)
+        return result
+
+    b.create_tube = create_unpatched  # type: ignore[method-assign]
+    tube_id = await connect_tubes(a, b)
+    counted = {}
+    for name, side in (("patched", a), ("plain", b)):
+        dtls = side._tube(tube_id).pc.sctp.transport
+        await until(lambda dtls=dtls: dtls._RTCDtlsTransport__handshake_done, 10)
+        counted[name] = dtls._ssl = CountingSSL(dtls._ssl)
+    await move(a, b, tube_id, 1 << 20, seed=4)
+    assert counted["patched"].empty_reads == 0
+    assert counted["plain"].empty_reads > 500  # ~1 MiB in 1.2 KB datagrams
