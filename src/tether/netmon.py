@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from tether import runloop
 from tether.machine import NetworkChangeType
 
 logger = logging.getLogger(__name__)
@@ -125,6 +126,24 @@ def _is_relevant(msg: Any) -> bool:
     return False
 
 
+def _dump_snapshot() -> Snapshot:
+    """Dump the state from a worker thread, on a private selector loop: pyroute2's asyncio
+    socket needs a loop that accepts netlink transports, which uvloop (tether's loop) does
+    not. Only the event socket, a plain fd, lives on the caller's loop. Blocks: run it in
+    a thread."""
+    from pyroute2 import AsyncIPRoute
+
+    async def dump() -> Snapshot:
+        ipr = AsyncIPRoute()
+        try:
+            return await _netlink_snapshot(ipr)
+        finally:
+            ipr.close()
+
+    with asyncio.Runner(loop_factory=asyncio.SelectorEventLoop) as runner:
+        return runner.run(dump())
+
+
 async def _netlink_snapshot(ipr: Any) -> Snapshot:
     """Dump links, addresses and main-table default routes over pyroute2's asyncio socket."""
     names: dict[int, str] = {}
@@ -187,7 +206,6 @@ class NetworkMonitor:
         self._mode = "polling"
         self._snapshot = Snapshot()
         self._sock: socket.socket | None = None
-        self._ipr: Any = None
         self._marshal: Any = None
         self._wake = asyncio.Event()
         self._first_at: float | None = None
@@ -220,7 +238,6 @@ class NetworkMonitor:
 
     async def _start_netlink(self) -> bool:
         try:
-            from pyroute2 import AsyncIPRoute
             from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 
             kind = socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
@@ -228,10 +245,9 @@ class NetworkMonitor:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
             sock.bind((0, _GROUPS))
             self._marshal = MarshalRtnl()
-            self._ipr = AsyncIPRoute()
             # Subscribe before the dump, so nothing between the two is missed.
             asyncio.get_running_loop().add_reader(sock.fileno(), self._on_readable)
-            self._snapshot = await _netlink_snapshot(self._ipr)
+            self._snapshot = await asyncio.to_thread(_dump_snapshot)
             return True
         except Exception as exc:  # no pyroute2, no AF_NETLINK, socket refused, dump failed
             logger.warning("netmon: netlink unavailable (%s); polling every %.1f s",
@@ -274,7 +290,7 @@ class NetworkMonitor:
             at, self._first_at = self._first_at or time.monotonic(), None
             self._wake.clear()
             try:
-                self._update(await _netlink_snapshot(self._ipr), at)
+                self._update(await asyncio.to_thread(_dump_snapshot), at)
             except Exception:
                 logger.exception("netmon: netlink dump failed; will retry on the next event")
 
@@ -337,9 +353,6 @@ class NetworkMonitor:
                 pass
             self._sock.close()
             self._sock = None
-        if self._ipr is not None:
-            self._ipr.close()
-            self._ipr = None
 
     async def close(self) -> None:
         if self._closed:
@@ -370,7 +383,8 @@ async def _watch(args: argparse.Namespace) -> None:
         raise SystemExit(f"netmon: {exc}") from None
     await monitor.start()
     try:
-        ready = {"ready": monitor.mode, "addresses": list(monitor.addresses)}
+        ready = {"ready": monitor.mode, "loop": runloop.loop_name(),
+                 "addresses": list(monitor.addresses)}
         sys.stdout.write(json.dumps(ready) + "\n")
         sys.stdout.flush()
         await stop.wait()
@@ -389,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     if args.verbose:
         logger.setLevel(logging.DEBUG)
-    asyncio.run(_watch(args))
+    runloop.run(_watch(args))  # the loop the CLI runs on (uvloop where it exists)
     return 0
 
 
