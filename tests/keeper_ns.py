@@ -28,9 +28,47 @@ def need_namespaces() -> None:
     pytest.importorskip("keeper_pam_webrtc_rs")
 
 
+WATCH = """
+table inet watch {
+  set out { type ipv4_addr . inet_proto . inet_service; flags dynamic; }
+  set out6 { type ipv6_addr . inet_proto . inet_service; flags dynamic; }
+  chain out {
+    type filter hook output priority 0;
+    fib daddr type local accept
+    ip daddr 224.0.0.0/4 udp dport 5353 counter accept
+    ip6 daddr ff00::/8 udp dport 5353 counter accept
+    meta l4proto { tcp, udp } fib daddr type != local add @out { ip daddr . meta l4proto . th dport }
+    meta l4proto { tcp, udp } fib daddr type != local add @out6 { ip6 daddr . meta l4proto . th dport }
+  }
+}
+"""
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True)
+
+
+def outbound(namespace: str) -> list[str]:
+    """Every (address, protocol, port) the namespace sent TCP/UDP to, off this host
+    (multicast DNS on the local link aside)."""
+    found: list[str] = []
+    for name in ("out", "out6"):
+        listing = subprocess.run(["ip", "netns", "exec", namespace, "nft", "list", "set",
+                                  "inet", "watch", name], capture_output=True, text=True,
+                                 check=True).stdout
+        if "elements" in listing:
+            found.append(listing.split("elements = {", 1)[1].split("}", 1)[0].strip())
+    return found
+
+
 @contextmanager
-def lo_namespace() -> Iterator[tuple[str, str]]:
-    """(name, address): a fresh namespace, removed after, also when the test fails."""
+def lo_namespace(watch: bool = False) -> Iterator[tuple[str, str]]:
+    """(name, address): a fresh namespace, removed after, also when the test fails.
+
+    ``watch``: also a default route into a black hole (a veth pair inside the namespace,
+    with a static neighbour) and an nftables set of every destination off this host, so
+    a packet meant for the internet is routed, counted and goes nowhere (see outbound).
+    """
     name = f"tk-{secrets.token_hex(3)}"
     address = f"10.{secrets.randbelow(200) + 20}.{secrets.randbelow(250)}.{secrets.randbelow(250) + 1}"
     subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True)
@@ -39,6 +77,16 @@ def lo_namespace() -> Iterator[tuple[str, str]]:
                        capture_output=True)
         subprocess.run(["ip", "-n", name, "addr", "add", f"{address}/32", "dev", "lo"],
                        check=True, capture_output=True)
+        if watch:
+            _ip("-n", name, "link", "add", "v0", "type", "veth", "peer", "name", "v1")
+            _ip("-n", name, "link", "set", "v0", "up")
+            _ip("-n", name, "link", "set", "v1", "up")
+            _ip("-n", name, "addr", "add", "192.0.2.1/24", "dev", "v0")
+            _ip("-n", name, "neigh", "add", "192.0.2.2", "lladdr", "02:00:00:00:00:02",
+                "dev", "v0")
+            _ip("-n", name, "route", "add", "default", "via", "192.0.2.2", "dev", "v0")
+            subprocess.run(["ip", "netns", "exec", name, "nft", "-f", "-"], input=WATCH,
+                           text=True, check=True, capture_output=True)
         yield name, address
     finally:
         pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True,

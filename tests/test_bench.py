@@ -26,12 +26,14 @@ def check_shape(result: dict) -> None:
         if value is None:
             assert isinstance(result.get(key + "_why"), str) and result[key + "_why"], key
         else:
-            assert isinstance(value, (int, float)) and value > 0, (key, value)
+            assert isinstance(value, (int, float)), (key, value)
+            # Idle CPU may truly be zero; everything else measured is a positive number.
+            assert value >= 0 if key == "manager_idle_cpu_pct_10k" else value > 0, (key, value)
 
 
 def test_cli_bench_json_shape() -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "tether.cli", "bench", "--only", "tcp,manager", "--runs", "1",
+        [sys.executable, "-m", "tether.cli", "bench", "--quick", "--only", "tcp,manager", "--runs", "1",
          "--json"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -24,6 +24,7 @@ import pytest
 import pytest_asyncio
 
 from tether.cores.aiortc_core import AiortcTubeRegistry, decode_sdp, encode_sdp
+from tether.cores.ice_path import candidate_ufrag
 
 from .browser.chromium import BROWSER_ADDRESS, TETHER_ADDRESS, Chromium, chromium_path
 
@@ -281,3 +282,89 @@ async def test_generation_retried_while_old_path_answers(browser):
     finally:
         await core.close()
         await browser.call("close")
+
+
+class Trickle:
+    """Carries trickled candidates both ways: tether's signals to the page (held there
+    until their description is applied), the page's to tether (held by the core)."""
+
+    def __init__(self, core: AiortcTubeRegistry, browser: Chromium) -> None:
+        self.core, self.browser = core, browser
+        self.tube_id: str | None = None
+        self.ours: list[str] = []
+        self.carried = {"to page": 0, "to tether": 0}
+        self._task: asyncio.Task[None] | None = None
+
+    def on_signal(self, signal: dict[str, Any]) -> None:
+        if signal["kind"] == "icecandidate" and signal["data"]:
+            self.ours.append(signal["data"])
+
+    def start(self, tube_id: str) -> None:
+        self.tube_id = tube_id
+        self._task = asyncio.create_task(self._carry())
+
+    async def _carry(self) -> None:
+        while True:
+            while self.ours:
+                line = self.ours.pop(0)
+                await self.browser.call("addCandidate", line, candidate_ufrag(line))
+                self.carried["to page"] += 1
+            for line in await self.browser.call("takeCandidates"):
+                await self.core.add_ice_candidate(self.tube_id, line)
+                self.carried["to tether"] += 1
+            await asyncio.sleep(0.02)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await self._task
+
+
+@pytest.mark.parametrize("tether_offers", [True, False], ids=["tether-offers", "chromium-offers"])
+async def test_trickled_candidates_connect_and_restart(core, browser, tether_offers):
+    """Candidates trickled both ways (as a web page would get them over signaling): the
+    first connection, then a restart started by each side."""
+    trickle = Trickle(core, browser)
+    started = time.monotonic()
+    if tether_offers:
+        made = await core.create_tube("trickle", signal_callback=trickle.on_signal)
+        tube_id = made["tube_id"]
+        trickle.start(tube_id)
+        answer = await browser.call("answer", decode_sdp(made["offer"]), True)
+        await core.set_remote_description(tube_id, encode_sdp(answer), is_answer=True)
+    else:
+        offer = await browser.call("offer", False, True)
+        made = await core.create_tube("trickle", offer=encode_sdp(offer),
+                                      signal_callback=trickle.on_signal)
+        tube_id = made["tube_id"]
+        trickle.start(tube_id)
+        assert await browser.call("accept", decode_sdp(made["answer"])) == "stable"
+    try:
+        await asyncio.wait_for(core.wait_channel(tube_id), CONNECT_TIMEOUT)
+        await browser.call("opened", int(CONNECT_TIMEOUT * 1000))
+        print(f"\n  trickled connect: {1000 * (time.monotonic() - started):.0f} ms")
+        echo = Echo(core, tube_id)
+        echo.start()
+        for by_tether in (True, False):
+            before = generation(core, tube_id)
+            started = time.monotonic()
+            if by_tether:
+                offer = decode_sdp(await core.restart_ice(tube_id))
+                assert "a=candidate" not in offer
+                answer = await browser.call("answer", offer, True)
+                await core.set_remote_description(tube_id, encode_sdp(answer), is_answer=True)
+            else:
+                offer = await browser.call("offer", True, True)
+                answer = await core.set_remote_description(tube_id, encode_sdp(offer))
+                assert await browser.call("accept", decode_sdp(answer)) == "stable"
+            await until(lambda: generation(core, tube_id) > before
+                        and core.get_connection_state(tube_id) == "connected",
+                        what="the new ICE generation")
+            print(f"  trickled restart by {'tether' if by_tether else 'Chromium'}: "
+                  f"{1000 * (time.monotonic() - started):.0f} ms")
+        await echo.stop()
+        assert_mdns_resolved(core, browser, tube_id)
+        assert trickle.carried["to page"] and trickle.carried["to tether"], trickle.carried
+    finally:
+        await trickle.stop()

@@ -50,7 +50,7 @@ async def test_connect_on_a_busy_port(busy_port: int):
                            "--signal", "ws://127.0.0.1:9")
     assert code == 1
     no_traceback(text)
-    assert f"cannot listen on 127.0.0.1:{busy_port}: the address is already in use" in text
+    assert f"cannot listen on 127.0.0.1:{busy_port}: address already in use" in text
     assert "port 0 for any free one" in text
 
 
@@ -58,7 +58,7 @@ async def test_serve_on_a_busy_port(busy_port: int):
     code, text = await run("serve", "--port", str(busy_port))
     assert code == 1
     no_traceback(text)
-    assert f"cannot listen on 127.0.0.1:{busy_port}: the address is already in use" in text
+    assert f"cannot listen on 127.0.0.1:{busy_port}: address already in use" in text
 
 
 async def test_serve_port_out_of_range():
@@ -112,7 +112,7 @@ async def test_missing_token_and_secret():
     no_traceback(text)
 
 
-async def test_metrics_port_busy(busy_port: int, tmp_path):
+async def test_metrics_port_busy_and_a_wrong_token(busy_port: int, tmp_path):
     # The relay must be reachable for the side to start; a real one on loopback.
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -130,6 +130,10 @@ async def test_metrics_port_busy(busy_port: int, tmp_path):
                 break
             except OSError:
                 await asyncio.sleep(0.2)
+        wrong, said = await run("connect", "db", "--listen", "127.0.0.1:0", "--signal",
+                                f"ws://127.0.0.1:{port}", "--loopback",
+                                env={"TETHER_TOKEN": "not-the-token",
+                                     "TETHER_RUNTIME_DIR": str(tmp_path)})
         code, text = await run("expose", "db", "--target", "127.0.0.1:9", "--signal",
                                f"ws://127.0.0.1:{port}", "--loopback", "--metrics",
                                f"127.0.0.1:{busy_port}",
@@ -139,7 +143,12 @@ async def test_metrics_port_busy(busy_port: int, tmp_path):
         await serve.wait()
     assert code == 1
     no_traceback(text)
-    assert f"cannot listen on 127.0.0.1:{busy_port}: the address is already in use" in text
+    assert f"cannot listen on 127.0.0.1:{busy_port}: address already in use" in text
+    assert wrong == 2
+    no_traceback(said)
+    last = said.strip().splitlines()[-1]
+    assert last.count("refused the token") == 1 and "--token" in last
+    assert "not-the-token" not in said
 
 
 async def test_status_with_nothing_running(tmp_path):

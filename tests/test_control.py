@@ -71,6 +71,7 @@ async def test_status_restart_and_stop_of_two_running_tunnels(tmp_path: Path, ec
                                           "--loopback", env=env)
             procs.append(connect)
             listens[name] = int((await connect.line(r"listening on 127\.0\.0\.1:(\d+)")).group(1))
+            await until(lambda c=connect: "tunnel open" in c.log.read_text(), 60)
 
         # Sockets: a private directory, owner-only sockets, one per side.
         await until(lambda: len(list(runtime.iterdir())) == 4, 30)
@@ -103,6 +104,35 @@ async def test_status_restart_and_stop_of_two_running_tunnels(tmp_path: Path, ec
         [held] = [s for s in tube["streams"] if s["client"] == client]
         assert held["bytes_sent"] == 9 and held["state"] == "open"
         assert tube["idle_seconds"] is not None
+
+        # During a transfer: a rate, and an idle time that stays near zero.
+        flowing = asyncio.Event()
+
+        async def transfer() -> None:
+            r, w = await asyncio.open_connection("127.0.0.1", listens["beta"])
+            chunk = b"y" * 65536
+            try:
+                while True:
+                    w.write(chunk)
+                    await w.drain()
+                    await r.readexactly(len(chunk))
+                    flowing.set()
+            finally:
+                w.close()
+
+        mover = asyncio.create_task(transfer())
+        try:
+            await asyncio.wait_for(flowing.wait(), 30)
+            await asyncio.sleep(2.5)
+            [busy] = [t for t in tubes_of(await status_json(env, "beta"), "beta", "connect")
+                      if t["state"] == "connected"]
+            print(f"\nduring a transfer: up {busy['rate_to_peer'] / 1e6:.2f} MB/s, "
+                  f"idle {busy['idle_seconds']:.2f} s")
+            assert busy["rate_to_peer"] > 0 and busy["rate_from_peer"] > 0
+            assert busy["idle_seconds"] < 2.0
+        finally:
+            mover.cancel()
+            await asyncio.gather(mover, return_exceptions=True)
 
         # The human form names both tunnels and shows the path.
         code, text, _ = await tether("status", env=env)
@@ -327,6 +357,37 @@ def test_side_stats_counts_outages_and_causes():
     assert stats.restarts["manual"] == 1
     stats.tube_closed("t", "bye")
     assert stats.closed[-1]["reason"] == "bye" and "t" not in stats.tracks
+
+
+def test_the_table_and_lines_render():
+    from rich.console import Console
+
+    from tether.display import status_line, status_report, tube_table
+
+    tube = {"tube_id": "t1", "state": "connected", "retrying": False, "rtt_ms": 2.5,
+            "idle_seconds": 0.0, "rate_to_peer": 2.5 * 1024 * 1024, "rate_from_peer": 2048,
+            "bytes_to_peer": 50 * 1024 * 1024, "bytes_from_peer": 1024, "streams_open": 1,
+            "streams_total": 3, "next_restart_in": None,
+            "path": {"via": "relay", "local": "10.0.0.1:5000", "remote": "192.0.2.9:3478"},
+            "restarts": {"started": 2, "succeeded": 2, "failed": 0, "answered": 0,
+                         "by_reason": {"network_change": 2}},
+            "streams": [{"id": 1, "client": "127.0.0.1:5555", "state": "open",
+                         "age_seconds": 12.0, "bytes_sent": 10, "bytes_received": 20}]}
+    status = {"name": "db", "role": "connect", "pid": 7, "uptime_seconds": 60.0,
+              "signaling": {"connected": True}, "listen": "127.0.0.1:5432", "tubes": [tube],
+              "rate_to_peer": tube["rate_to_peer"], "rate_from_peer": 2048,
+              "restarts_by_reason": {"network_change": 2}, "closed_tubes": [],
+              "last_errors": []}
+    console = Console(record=True, width=200)
+    console.print(tube_table("connect db", [tube], caption=status_line(status)))
+    table = console.export_text()
+    assert "relay 10.0.0.1:5000 -> 192.0.2.9:3478" in table and "2.5 MB/s" in table
+    assert "2 kB/s" in table and "0.0 s" in table
+    line = status_line(status)
+    assert "\n" not in line and "up 2.5 MB/s" in line and "2 restarts" in line
+    report = status_report(status)
+    assert "stream 1: 127.0.0.1:5555, open, age 12 s" in report
+    assert "causes: network_change 2" in report
 
 
 if sys.platform != "linux":  # pragma: no cover

@@ -15,7 +15,7 @@ import pytest
 
 from tether import signals
 
-from .keeper_ns import last_json, lo_namespace, need_namespaces, run_in
+from .keeper_ns import last_json, lo_namespace, need_namespaces, outbound, run_in
 
 keeper = pytest.importorskip("tether.cores.keeper_core")
 pytest.importorskip("keeper_pam_webrtc_rs")
@@ -120,3 +120,16 @@ def test_demo_with_the_rust_core_verifies_every_byte() -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     assert result["bytes_verified"] == result["bytes_sent"] == 8 * 1024 * 1024
     assert result["tube_state"] == "connected"
+
+
+def test_no_outbound_connection_without_the_vendor_cloud() -> None:
+    """krelay_server "", ksm_config None and no connectivity probes: in a namespace whose
+    default route leads into a black hole, a whole tunnel makes no TCP/UDP packet to any
+    address off the host (the Rust core's probe of 8.8.8.8:53 is what this catches)."""
+    need_namespaces()
+    with lo_namespace(watch=True) as (namespace, address):
+        result = last_json(run_in(namespace, "-m", "tests.keeper_peers", "keeper", address))
+        sent = outbound(namespace)
+    print(result, sent)
+    assert result["ok"], result
+    assert sent == []

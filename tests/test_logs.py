@@ -46,6 +46,7 @@ async def test_json_and_text_logs_without_secrets_and_a_status_line(tmp_path):
                                       "--status-interval", "1", env=env)
         procs.append(connect)
         listen = int((await connect.line(r"listening on 127\.0\.0\.1:(\d+)")).group(1))
+        await until(lambda: "tunnel open" in connect.log.read_text(), 60)  # a loaded machine
         assert await echo(listen, b"x" * 100_000) == b"x" * 100_000
         await until(lambda: "status: connect db" in connect.log.read_text(), 20)
     finally:

@@ -19,8 +19,9 @@ from websockets.exceptions import InvalidStatus
 from tether.bench.relay import RedisServer
 from tether.signaling import SignalingClient
 
-from .test_cli_tunnel import Process, echo, echo_port, free_port  # noqa: F401 (fixture)
-from .tube_pair import until
+from tether.echo import start_echo_server
+
+from .test_cli_tunnel import Process, echo, free_port
 
 pytestmark = pytest.mark.skipif(
     RedisServer.binary() is None,
@@ -29,6 +30,14 @@ pytestmark = pytest.mark.skipif(
 
 TOKEN = "relay-token-for-redis-tests"
 SECRET = "the-tunnel-secret-only-peers-know"
+
+
+@pytest.fixture
+async def echo_port():
+    server = await start_echo_server("127.0.0.1", 0)
+    yield server.sockets[0].getsockname()[1]
+    server.close()
+    await server.wait_closed()
 
 
 @pytest.fixture

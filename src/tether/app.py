@@ -195,7 +195,7 @@ class Side:
         """Everything `tether status` shows: the side, its signaling, every tube (state,
         path, RTT, rates, bytes, streams, restarts and their causes) and recent endings."""
         self.stats.sample()
-        path_of = getattr(self.core, "_tubes", None) is not None
+        path_of = isinstance(self.core, AiortcTubeRegistry)  # other cores: no path shown
         tubes = [self.stats.tube(h, path_info(self.core, h.tube_id) if path_of else None)
                  for h in list(self.tubes.values())]
         status: dict[str, Any] = {

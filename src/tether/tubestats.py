@@ -196,9 +196,9 @@ class SideStats:
             if track.moved_at is None:
                 track.moved_at = now  # the tunnel just opened: idle counts from here
                 self.tubes_opened += 1
-            stats = tunnel.stats
-            track.sample(now, stats["bytes_to_peer"], stats["bytes_from_peer"])
-            streams = tunnel.streams
+            stats = tunnel.stats  # another core's tunnel may count less: default to 0
+            track.sample(now, stats.get("bytes_to_peer", 0), stats.get("bytes_from_peer", 0))
+            streams = getattr(tunnel, "streams", None) or {}
             seen = track.streams_seen
             for sid, stream in streams.items():
                 known = seen.get(sid)
@@ -240,7 +240,8 @@ class SideStats:
         row["streams"] = []
         if tunnel is not None:
             row.update(tunnel.stats)
-            for sid, stream in list(tunnel.streams.items())[:MAX_STREAMS_SHOWN]:
+            streams = getattr(tunnel, "streams", None) or {}
+            for sid, stream in list(streams.items())[:MAX_STREAMS_SHOWN]:
                 first = track.streams_seen.get(sid)
                 age = now - first[1] if first is not None and first[0] is stream else 0.0
                 row["streams"].append(_stream_row(stream, age))

@@ -1,7 +1,8 @@
 // A WebRTC peer for tether's browser tests: the same two pre-negotiated data channels as
 // tether's aiortc core ("tether" id 0, "tether-control" id 1); every message on "tether"
-// is echoed back. Signaling is done by the test (Runtime.evaluate), with complete SDPs:
-// each call waits for ICE gathering to end, so the candidates travel in the SDP.
+// is echoed back. Signaling is done by the test (Runtime.evaluate): with complete SDPs
+// (each call waits for ICE gathering to end, so the candidates travel in the SDP), or
+// trickled (the calls return at once; candidates go through takeCandidates/addCandidate).
 "use strict";
 
 (function () {
@@ -24,8 +25,15 @@
     });
   }
 
+  function remoteUfrag(pc) {
+    const found = pc.remoteDescription && /a=ice-ufrag:(\S+)/.exec(pc.remoteDescription.sdp);
+    return found ? found[1] : null;
+  }
+
   const peer = {
     pc: null,
+    gathered: [],  // our trickled candidates, until takeCandidates()
+    held: [],  // the test's candidates for a description not applied yet
     tunnel: null,
     control: null,
     echoed: 0,
@@ -39,6 +47,13 @@
       this.pc = pc;
       this.echoed = this.echoedBytes = this.controlMessages = 0;
       this.errors = [];
+      this.gathered = [];
+      this.held = [];
+      pc.addEventListener("icecandidate", (event) => {
+        if (event.candidate && event.candidate.candidate) {
+          this.gathered.push(event.candidate.candidate);
+        }
+      });
       this.tunnel = pc.createDataChannel("tether", { negotiated: true, id: 0 });
       this.control = pc.createDataChannel("tether-control", { negotiated: true, id: 1 });
       this.tunnel.binaryType = "arraybuffer";
@@ -56,27 +71,51 @@
       return true;
     },
 
-    async offer(iceRestart) {
+    async offer(iceRestart, trickle) {
       const pc = this.pc;
       const offer = await pc.createOffer({ iceRestart: !!iceRestart });
       const done = gathered(pc);
       await pc.setLocalDescription(offer);
-      await done;
+      if (!trickle) await done;
       return pc.localDescription.sdp;
     },
 
-    async answer(sdp) {
+    async answer(sdp, trickle) {
       const pc = this.pc;
       await pc.setRemoteDescription({ type: "offer", sdp });
+      await this.flushHeld();
       const done = gathered(pc);
       await pc.setLocalDescription();
-      await done;
+      if (!trickle) await done;
       return pc.localDescription.sdp;
     },
 
     async accept(sdp) {
       await this.pc.setRemoteDescription({ type: "answer", sdp });
+      await this.flushHeld();
       return this.pc.signalingState;
+    },
+
+    takeCandidates() {
+      const out = this.gathered;
+      this.gathered = [];
+      return out;
+    },
+
+    async addCandidate(candidate, ufrag) {
+      // A candidate for a description not applied yet waits for it.
+      if (ufrag !== remoteUfrag(this.pc)) {
+        this.held.push([candidate, ufrag]);
+        return false;
+      }
+      await this.pc.addIceCandidate({ candidate, sdpMid: "0", usernameFragment: ufrag });
+      return true;
+    },
+
+    async flushHeld() {
+      const held = this.held;
+      this.held = [];
+      for (const [candidate, ufrag] of held) await this.addCandidate(candidate, ufrag);
     },
 
     async opened(timeoutMs) {

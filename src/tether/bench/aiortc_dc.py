@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,14 +21,12 @@ from .signaling import stop
 PEER = Path(__file__).with_name("aiortc_peer.py")
 
 
-async def _line(proc: asyncio.subprocess.Process, timeout: float) -> dict[str, Any]:
+async def _line(proc: asyncio.subprocess.Process, timeout: float, log: Path) -> dict[str, Any]:
     assert proc.stdout is not None
     line = await asyncio.wait_for(proc.stdout.readline(), timeout)
     if not line:
-        err = b""
-        if proc.stderr is not None:
-            err = await proc.stderr.read()
-        raise RuntimeError(f"bare aiortc peer ended: {err.decode(errors='replace')[-400:]}")
+        tail = log.read_text(errors="replace")[-400:] if log.exists() else ""
+        raise RuntimeError(f"bare aiortc peer ended ({await proc.wait()}): {tail}")
     return json.loads(line)
 
 
@@ -39,21 +38,28 @@ async def _send(proc: asyncio.subprocess.Process, record: dict[str, Any]) -> Non
 
 async def measure(mb: float, seed: int = 5) -> dict[str, Any]:
     size = int(mb * 1024 * 1024)
-    pipes = {"stdin": asyncio.subprocess.PIPE, "stdout": asyncio.subprocess.PIPE,
-             "stderr": asyncio.subprocess.PIPE}
-    answerer = await asyncio.create_subprocess_exec(sys.executable, "-P", str(PEER), "answer",
-                                                    **pipes)
-    offerer = await asyncio.create_subprocess_exec(sys.executable, "-P", str(PEER), "offer",
-                                                   str(size), str(seed), **pipes)
-    try:
-        offer = await _line(offerer, 60)
-        await _send(answerer, {**offer, "size": size})
-        await _send(offerer, await _line(answerer, 60))
-        result = await _line(offerer, 300)
-        received = await _line(answerer, 60)
-    finally:
-        await stop(offerer)
-        await stop(answerer)
+    with tempfile.TemporaryDirectory(prefix="tether-bench-aiortc-") as tmp:
+        logs = {role: Path(tmp) / f"{role}.log" for role in ("offer", "answer")}
+
+        async def start(*args: str) -> asyncio.subprocess.Process:
+            with open(logs[args[0]], "wb") as log:  # the child keeps its own copy
+                return await asyncio.create_subprocess_exec(
+                    sys.executable, "-P", str(PEER), *args, stdin=asyncio.subprocess.PIPE,
+                    stdout=asyncio.subprocess.PIPE, stderr=log)
+
+        answerer = await start("answer")
+        try:
+            offerer = await start("offer", str(size), str(seed))
+            try:
+                offer = await _line(offerer, 60, logs["offer"])
+                await _send(answerer, {**offer, "size": size})
+                await _send(offerer, await _line(answerer, 60, logs["answer"]))
+                result = await _line(offerer, 300, logs["offer"])
+                received = await _line(answerer, 60, logs["answer"])
+            finally:
+                await stop(offerer)
+        finally:
+            await stop(answerer)
     if not result.get("ok"):
         raise RuntimeError("bare aiortc: the receiver's SHA-256 does not match what was sent")
     return {

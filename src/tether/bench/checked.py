@@ -89,9 +89,14 @@ async def start_source(payload: Payload, host: str = "127.0.0.1", port: int = 0)
     return await asyncio.start_server(source_handler(payload), host, port)
 
 
-async def push(address: tuple[str, int], payload: Payload, timeout: float = 120.0) -> float:
+def allowed(payload: Payload) -> float:
+    """Seconds a transfer may take: a minute, plus 4 s per MiB (down to 0.25 MiB/s)."""
+    return 60.0 + 4.0 * payload.mb
+
+
+async def push(address: tuple[str, int], payload: Payload, timeout: float | None = None) -> float:
     """Send the payload to a sink at ``address``; seconds until its digest came back right."""
-    async with asyncio.timeout(timeout):
+    async with asyncio.timeout(timeout or allowed(payload)):
         reader, writer = await asyncio.open_connection(*address)
         try:
             t0 = time.perf_counter()
@@ -107,11 +112,11 @@ async def push(address: tuple[str, int], payload: Payload, timeout: float = 120.
     return seconds
 
 
-async def pull(address: tuple[str, int], payload: Payload, timeout: float = 120.0) -> float:
+async def pull(address: tuple[str, int], payload: Payload, timeout: float | None = None) -> float:
     """Read everything a source at ``address`` sends; seconds until it was all there, checked."""
     digest = hashlib.sha256()
     got = 0
-    async with asyncio.timeout(timeout):
+    async with asyncio.timeout(timeout or allowed(payload)):
         reader, writer = await asyncio.open_connection(*address)
         try:
             t0 = time.perf_counter()

@@ -45,7 +45,7 @@ def unavailable() -> str | None:
     return None
 
 
-async def measure(mb: float, seed: int = 7, timeout: float = 240.0) -> dict[str, Any]:
+async def measure(mb: float, seed: int = 7, timeout: float | None = None) -> dict[str, Any]:
     from ..lab import netns
 
     why = unavailable()
@@ -66,7 +66,7 @@ async def measure(mb: float, seed: int = 7, timeout: float = 240.0) -> dict[str,
             str(mb), str(seed), stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         try:
-            out, err = await asyncio.wait_for(proc.communicate(), timeout)
+            out, err = await asyncio.wait_for(proc.communicate(), timeout or 120.0 + 4.0 * mb)
         except BaseException:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()

@@ -11,6 +11,8 @@ Figures (``await measure(quick)``):
 - ``relay_signals_per_s``: one signal per frame, each acknowledged by the receiver with one
   ack frame, through one in-memory relay, 8 conversations in parallel.
 - ``relay_p50_ms`` / ``relay_p99_ms``: one conversation paced at 1,000 signals/s.
+- ``relay_cpu_us_per_signal`` / ``relay_signals_per_cpu_s``: the relay process's CPU per
+  signal in that run, and the rate that makes on one whole core.
 - ``relay_batch_signals_per_s``: frames of 10 signals.
 - ``relay_<config>_signals_per_s`` / ``_p50_ms`` / ``_p99_ms`` for ``memory``, ``redis``,
   ``redis2`` (two relays on one Redis, half the pairs split across them): 1,000 conversations
@@ -275,7 +277,7 @@ async def open_peer(port: int, conversation: str, peer: str, ack: bytes | None =
 
 def _signal_frame(conversation: str, per_frame: int, data: str = CANDIDATE) -> bytes:
     signal = {"tube_id": "t1", "conversation_id": conversation, "kind": "icecandidate",
-              "data": data, "session": "s", "seq": 1, "prev": 0}
+              "data": data, "peer": "tx", "session": "s", "seq": 1, "prev": 0}
     text = json.dumps(signal if per_frame == 1 else [signal] * per_frame, separators=(",", ":"))
     return _client_frame(text)
 
@@ -321,10 +323,12 @@ class Pair:
             await self.receiver.changed.wait()
 
 
-async def _throughput(pairs: list[Pair], frames: int, per_frame: int) -> float:
+async def _throughput(pairs: list[Pair], frames: int, per_frame: int,
+                      window: int = 64) -> float:
     started = time.perf_counter()
     async with asyncio.timeout(300):
-        await asyncio.gather(*(p.blast(frames, per_frame) for p in pairs))
+        await asyncio.gather(*(p.blast(frames, per_frame, window, min(16, window))
+                               for p in pairs))
     return len(pairs) * frames * per_frame / (time.perf_counter() - started)
 
 
@@ -343,7 +347,8 @@ async def _paced(pairs: list[Pair], rate: float, seconds: float) -> tuple[float,
         pair = pairs[index % len(pairs)]
         pair.sender.send(_client_frame(json.dumps(
             {"tube_id": "t1", "conversation_id": pair.conversation, "kind": "icecandidate",
-             "data": repr(time.perf_counter()), "session": "s", "seq": index + 1, "prev": 0},
+             "data": repr(time.perf_counter()), "peer": "tx", "session": "s", "seq": index + 1,
+             "prev": 0},
             separators=(",", ":"))))
     deadline = loop.time() + 10
     while sum(len(p.receiver.latencies) for p in pairs) < total and loop.time() < deadline:
@@ -378,7 +383,13 @@ async def _single_relay(quick: bool) -> dict[str, Any]:
         pairs = await _pairs([port], 8, "one")
         frames = 2_000 if quick else 10_000
         await _throughput(pairs, 200, 1)  # warm up
+        _, cpu0 = _proc_stats(relay.pid)
         out["relay_signals_per_s"] = await _throughput(pairs, frames, 1)
+        _, cpu1 = _proc_stats(relay.pid)
+        # The relay's own CPU per signal (its frame and the receiver's ack frame): what the
+        # rate would be with a whole core to itself, on a machine shared with the peers.
+        out["relay_cpu_us_per_signal"] = (cpu1 - cpu0) / (len(pairs) * frames) * 1e6
+        out["relay_signals_per_cpu_s"] = 1e6 / out["relay_cpu_us_per_signal"]
         out["relay_batch_signals_per_s"] = await _throughput(pairs, frames // 5, 10)
         for pair in pairs:
             pair.close()
@@ -396,8 +407,8 @@ async def _config(name: str, ports: list[int], tubes: int, quick: bool) -> dict[
     pairs = await _pairs(ports, tubes, name)
     try:
         frames = 10 if quick else 40
-        await _throughput(pairs[:50], 20, 1)  # warm up
-        rate = await _throughput(pairs, frames, 1)
+        await _throughput(pairs[:50], 20, 1, window=8)  # warm up
+        rate = await _throughput(pairs, frames, 1, window=8)
     finally:
         for pair in pairs:
             pair.close()
@@ -418,6 +429,8 @@ async def _configs(quick: bool) -> dict[str, Any]:
     relay, port = await start_relay(*limits)
     try:
         out.update(await _config("memory", [port], tubes, quick))
+    except Exception as exc:
+        out["relay_memory_error"] = f"{type(exc).__name__}: {exc}"[:300]
     finally:
         await stop(relay)
     if RedisServer.binary() is None:
@@ -431,6 +444,9 @@ async def _configs(quick: bool) -> dict[str, Any]:
         relay, port = await start_relay(*limits, "--redis", redis.url)
         relays.append(relay)
         out.update(await _config("redis", [port], tubes, quick))
+        await stop(relay)  # a fresh pair of relays for the next figure
+        relay, port = await start_relay(*limits, "--redis", redis.url)
+        relays.append(relay)
         relay2, port2 = await start_relay(*limits, "--redis", redis.url)
         relays.append(relay2)
         out.update(await _config("redis2", [port, port2], tubes, quick))

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import aiortc_dc, cli_tunnel, demo, keeper, lab, managers, signaling, tcp
-from .checked import DataMismatch
 from .stats import Collected, summary
 
 logger = logging.getLogger(__name__)
@@ -129,7 +128,9 @@ async def run(figures: Sequence[Figure], *, quick: bool, runs: int | None,
     started = machine()
     t0 = time.perf_counter()
     for figure in figures:
-        why = figure.unavailable() if figure.unavailable is not None else None
+        why = None
+        if figure.unavailable is not None:  # may run commands (the lab's preflight)
+            why = await asyncio.to_thread(figure.unavailable)
         if why:
             collected.fail(figure.keys, f"skipped: {why}")
             skipped.add(figure.name)
@@ -147,21 +148,24 @@ async def run(figures: Sequence[Figure], *, quick: bool, runs: int | None,
                 collected.fail(figure.keys, f"skipped: {exc}")
                 skipped.add(figure.name)
                 result_or_error: dict[str, Any] | str = f"skipped: {exc}"
-            except (DataMismatch, RuntimeError, OSError, TimeoutError, ValueError) as exc:
-                logger.warning("%s, round %d: %s: %s", figure.name, index + 1,
-                               type(exc).__name__, exc)
-                collected.fail(figure.keys, f"failed: {type(exc).__name__}: {exc}"[:400])
-                result_or_error = f"failed: {type(exc).__name__}: {exc}"
-                errors.append(f"{figure.name} round {index + 1}: {result_or_error}"[:400])
+            except Exception as exc:  # one figure failing must not end the sitting
+                if isinstance(exc, TimeoutError) and not str(exc):
+                    problem = f"timed out after {timeout(quick):.0f} s"
+                else:
+                    problem = f"{type(exc).__name__}: {exc}"
+                logger.warning("%s, round %d: %s", figure.name, index + 1, problem)
+                result_or_error = f"failed: {problem}"[:400]
+                collected.fail(figure.keys, result_or_error)
+                errors.append(f"{figure.name} round {index + 1}: {result_or_error}")
             else:
                 collected.add(result)
-                errors.extend(f"{figure.name} round {index + 1}: {v}" for k, v in result.items()
-                              if k.endswith("_note") and v)
+                errors.extend(f"{figure.name} round {index + 1}: {k}: {v}"[:400]
+                              for k, v in result.items()
+                              if k.endswith(("_note", "_error")) and isinstance(v, str) and v)
                 result_or_error = result
             if on_sample is not None:
                 on_sample(figure, index + 1, result_or_error)
-    extra = sorted(k for k in collected.samples if k not in FIGURES)
-    out = summary(collected, extra)
+    out = summary(collected, sorted(collected.samples))
     out["quick"] = quick
     out["rounds"] = rounds
     out["seconds"] = round(time.perf_counter() - t0, 1)

@@ -1,5 +1,6 @@
-"""Signaling figures: the client's signal path end to end, and (until the relay's own
-benchmark, :mod:`tether.bench.relay`, exists) the relay's signals per second and latency.
+"""Signaling figures: the client's signal path end to end, and (when the relay's own
+benchmark, :mod:`tether.bench.relay`, is missing or fails) the relay's signals per second
+and latency.
 
 ``handler_signals_per_s``: a minimal stand-in relay (a plain WebSocket server speaking the
 relay's documented wire protocol) writes frames of 10 signals as fast as the client takes

@@ -25,7 +25,6 @@ from ..tunnel import parse_hostport
 
 if TYPE_CHECKING:  # aiortc and aioice load only when a core is made (fast --help)
     from ..app import Side
-    from ..cores.aiortc_core import AiortcTubeRegistry
 
 # soft_wrap: never wrap at 80 columns when not on a terminal (services, pipes, grep).
 console = Console(stderr=True, soft_wrap=True)
@@ -166,7 +165,9 @@ def run_main(main: Callable[[], Awaitable[Any]]) -> Any:
         console.print("stopped")
         return None
     except AuthenticationError as exc:
-        console.print(f"[red]signaling server refused the token[/red]: {exc}. Check --token.")
+        # The exception already says the relay refused the token: don't say it twice.
+        console.print(f"error: {exc}. Check --token (or TETHER_TOKEN).", markup=False,
+                      highlight=False)
         raise typer.Exit(2) from None
     except CertificateError as exc:
         console.print(f"[red]cannot verify the relay's certificate[/red]: {exc}. "
@@ -203,7 +204,7 @@ def make_side(kind: type[Side], name: str, *, events: str | None, **kwargs: Any)
     for url in [urls] if isinstance(urls, str) else list(urls or []):
         if not url.lower().startswith(("ws://", "wss://")):
             raise typer.BadParameter(
-                f"{url!r} is not a relay URL: expected ws://HOST:PORT or wss://HOST:PORT "
+                f"{url!r} is not a WebSocket URL: expected ws://HOST:PORT or wss://HOST:PORT "
                 "(the address `tether serve` prints)", param_hint="--signal")
     try:
         return kind(name, events=EventLog(events), watch_network=True, **kwargs)

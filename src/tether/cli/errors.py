@@ -31,7 +31,7 @@ def explain_os_error(exc: OSError) -> str:
                 "--listen/--host/--metrics (or use an IP address such as 127.0.0.1).")
     code = exc.errno
     if code == errno.EADDRINUSE:
-        return (f"cannot listen{at}: the address is already in use (another program or "
+        return (f"cannot listen{at}: address already in use (another program or "
                 "another tether listens there).\nPick another port, or port 0 for any free one.")
     if code == errno.EADDRNOTAVAIL:
         return (f"cannot listen{at}: that address is not one of this machine's.\nUse "

@@ -130,6 +130,8 @@ def status(
     """Show running tunnels: tubes, paths, RTT, rates, bytes, streams, restarts, errors."""
 
     def render() -> tuple[str, int]:
+        if watch and not control.find(name):  # keep watching: it may start soon
+            return f"no running tunnel{f' named {name!r}' if name else ''} (waiting)", 1
         found = _endpoints(name)
         answers = asyncio.run(_ask_all(found, "status"))
         tunnels, errors = [], []

@@ -718,6 +718,8 @@ class SessionPath(IcePath):
     - A generation that times out while the old path answers is checked again.
     """
 
+    _answering = False  # set while accept_offer builds the generation that answers
+
     async def _new_generation(self) -> Any:
         gen = await super()._new_generation()
         gen._tie_breaker = self.current._tie_breaker
@@ -736,7 +738,7 @@ class SessionPath(IcePath):
             self._answering = False
 
     def _start_checks(self, gen: Any, ufrag: str, pwd: str, candidates: Sequence[str]) -> None:
-        gen._tether_answering = getattr(self, "_answering", False)
+        gen._tether_answering = self._answering
         super()._start_checks(gen, ufrag, pwd, candidates)
 
     async def _connect(self, gen: Any, candidates: list[str]) -> None:
@@ -806,7 +808,8 @@ def _repeat_nomination(gen: Any) -> None:
     build_request = gen.build_request
 
     def build(pair: Any, nominate: bool) -> Any:
-        return build_request(pair, nominate=nominate or gen.ice_controlling)
+        again = gen.ice_controlling and not gen.remote_is_lite  # lite peers: regular only
+        return build_request(pair, nominate=nominate or again)
 
     gen.build_request = build
     gen._tether_nominates = True

@@ -14,13 +14,22 @@ listener and splices each accepted connection to the current tube's Rust listene
 (:class:`KeeperTunnel`), so a replaced tube never changes the port users connect to.
 
 No vendor cloud: ``krelay_server`` is "" and ``ksm_config`` None (no router, no
-credentials fetch); only ``client_version`` is required. TURN passes through in the
-package's own settings (``turn_url``, ``turn_username``, ``turn_password``,
-``turn_only``). The Rust core's own ICE restarts (which it starts after a disconnect, on
-both sides at once) are folded into the manager's: such an offer is held and handed out
-by the next ``restart_ice``, so one restart at a time, started by tether's manager, still
-holds. ids: the Rust registry is per process, and both tether peers of one process (tests,
-the demo) use the same tube id, so each tube gets its own Rust tube and conversation id.
+credentials fetch); only ``client_version`` is required; and the Rust core's internet
+probes (a TCP connection to 8.8.8.8:53) are switched off with its
+KEEPER_WEBRTC_DISABLE_CONNECTIVITY_CHECK, so a tunnel sends nothing off the two hosts
+(tests/test_core_keeper.py checks it). TURN passes through in the package's own settings
+(``turn_url``, ``turn_username``, ``turn_password``, ``turn_only``).
+
+Restarts: the Rust core's own (it starts one after 30 s 'disconnected', on both sides at
+once) are folded into the manager's: such an offer is held and handed out by the next
+``restart_ice``, so there is one restart at a time, started by tether's manager. The Rust
+core's ICE restart renegotiates credentials only; its ICE agent keeps the old session,
+so it cannot move a tube off a dead path: then ``restart_ice`` gives the tube up and the
+side replaces it (see restart_ice). It sends no signal when a restart completes: 'connected'
+is reported once its ICE agent says so after the exchange.
+
+ids: the Rust registry is per process, and both tether peers of one process (tests, the
+demo) use the same tube id, so each tube gets its own Rust tube and conversation id.
 """
 
 from __future__ import annotations
@@ -44,11 +53,13 @@ logger = logging.getLogger(__name__)
 CLIENT_VERSION = "tether-keeper-adapter"
 SIGNAL_QUEUE_LIMIT = 1024
 READY_POLL = 0.05
+CONFIRM_LIMIT = 60.0  # longer than the manager waits for a restart to complete
 # A Rust-core restart offer older than this is not handed out: the manager's restart wins.
 HELD_OFFER_MAX_AGE = 10.0
 STATES = frozenset({"new", "connecting", "connected", "disconnected", "failed", "closed"})
 SPLICE_CHUNK = 256 * 1024
 HELD_CANDIDATES_LIMIT = 256
+NO_PROBES = "KEEPER_WEBRTC_DISABLE_CONNECTIVITY_CHECK"
 
 SignalCallback = Callable[[signals.Signal], Any]
 
@@ -71,6 +82,9 @@ def load_registry() -> Any:
     except ImportError:
         raise RuntimeError("--core keeper needs keeper-pam-webrtc-rs: "
                            "pip install 'tether[keeper]'") from None
+    # Its network monitor probes the internet (a TCP connection to 8.8.8.8:53, measured in
+    # a namespace with no route out); tether watches the network itself, so no probes.
+    os.environ.setdefault(NO_PROBES, "1")
     level = os.environ.get("TETHER_KEEPER_LOG", "").upper()
     if level:
         with contextlib.suppress(Exception):  # already initialized in this process
@@ -137,7 +151,7 @@ class KeeperTubeRegistry:
         self._rust = registry if registry is not None else load_registry()
         self._executor = ThreadPoolExecutor(max_workers=workers,
                                             thread_name_prefix="tether-keeper")
-        self._tubes: dict[str, _Tube] = {}
+        self._by_id: dict[str, _Tube] = {}
         self._by_rust: dict[str, _Tube] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
@@ -160,13 +174,13 @@ class KeeperTubeRegistry:
         self._loop = asyncio.get_running_loop()
         settings = dict(settings or {})
         tube_id = tube_id or uuid.uuid4().hex
-        if tube_id in self._tubes:
+        if tube_id in self._by_id:
             raise ValueError(f"tube {tube_id!r} already exists")
         rust_settings = self._rust_settings(settings, answering=offer is not None)
         tube = _Tube(tube_id, conversation_id, rust_id=str(uuid.uuid4()),
                      rust_conversation=f"tether-{uuid.uuid4().hex}",
                      signal_callback=signal_callback)
-        self._tubes[tube_id] = tube
+        self._by_id[tube_id] = tube
         self._by_rust[tube.rust_id] = tube
         tube.pump = asyncio.create_task(self._pump(tube), name=f"tether-keeper-{tube_id}")
         try:
@@ -270,7 +284,7 @@ class KeeperTubeRegistry:
     async def close_tube(self, tube_id: str, reason: str | None = None) -> None:
         """Close the tube and forget it. Idempotent: closing an unknown tube, or one the
         Rust core already closed (it closes both ends when one closes), does nothing."""
-        tube = self._tubes.get(tube_id)
+        tube = self._by_id.get(tube_id)
         if tube is None or tube.closing:
             return
         tube.closing = True
@@ -291,12 +305,12 @@ class KeeperTubeRegistry:
 
     @property
     def tube_ids(self) -> list[str]:
-        return list(self._tubes)
+        return list(self._by_id)
 
     async def wait_channel(self, tube_id: str) -> KeeperChannel:
         """Wait until the Rust core's data channel is open ('ready')."""
         while True:
-            tube = self._tubes.get(tube_id)
+            tube = self._by_id.get(tube_id)
             if tube is None or tube.closing:
                 raise ConnectionError(f"tube {tube_id}: closed before its channel opened")
             try:
@@ -316,7 +330,7 @@ class KeeperTubeRegistry:
 
     async def close(self) -> None:
         """Close every tube, then the thread pool."""
-        for tube_id in list(self._tubes):
+        for tube_id in list(self._by_id):
             await self.close_tube(tube_id, reason="registry closed")
         self._closed = True
         await asyncio.to_thread(self._executor.shutdown, wait=True)
@@ -324,7 +338,7 @@ class KeeperTubeRegistry:
     # -- internals -----------------------------------------------------------------------
 
     def _tube(self, tube_id: str) -> _Tube:
-        tube = self._tubes.get(tube_id)
+        tube = self._by_id.get(tube_id)
         if tube is None:
             raise UnknownTubeError(tube_id)
         return tube
@@ -404,7 +418,8 @@ class KeeperTubeRegistry:
                                            name=f"tether-keeper-confirm-{tube.tube_id}")
 
     async def _run_confirm(self, tube: _Tube) -> None:
-        while not tube.closing:
+        deadline = time.monotonic() + CONFIRM_LIMIT
+        while not tube.closing and time.monotonic() < deadline:
             try:
                 state = await self._run(self._rust.get_connection_state, tube.rust_id)
             except RuntimeError:
@@ -448,7 +463,7 @@ class KeeperTubeRegistry:
 
     async def _forget(self, tube: _Tube) -> None:
         """Drop the tube; let its queued signals (the last states) out, then end its pump."""
-        self._tubes.pop(tube.tube_id, None)
+        self._by_id.pop(tube.tube_id, None)
         self._by_rust.pop(tube.rust_id, None)
         if tube.confirm is not None:
             tube.confirm.cancel()

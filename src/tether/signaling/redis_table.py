@@ -38,6 +38,7 @@ import json
 import logging
 import secrets
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -64,6 +65,10 @@ log = logging.getLogger(__name__)
 
 UNAVAILABLE_RETRY_AFTER = 2.0
 PENDING_LIMIT = 1024
+REDIS_CONNECTIONS = 32
+"""Connections to Redis per relay process (scripts in flight at once, plus pub/sub)."""
+PENDING_LEAVES = 10_000
+"""Leaves that could not be recorded while Redis was away, retried when it is back."""
 """Pub/sub messages buffered for a connection whose join is still being answered."""
 
 
@@ -141,13 +146,17 @@ class RedisConversationTable:
         self.node = secrets.token_hex(8)
         self.observe_redis = observe_redis
         self.observe_delivery = observe_delivery
-        self._redis = aioredis.Redis.from_url(
+        # A blocking pool: a burst of relays waits (up to socket_timeout) for one of its
+        # connections rather than failing with "too many connections".
+        pool = aioredis.BlockingConnectionPool.from_url(
             url,
             decode_responses=True,
             socket_timeout=socket_timeout,
             socket_connect_timeout=socket_timeout,
-            max_connections=64,
+            max_connections=REDIS_CONNECTIONS,
+            timeout=socket_timeout,
         )
+        self._redis = aioredis.Redis(connection_pool=pool)
         self._scripts = {
             name: self._redis.register_script(getattr(redis_scripts, name))
             for name in ("JOIN", "LEAVE", "RELAY", "HOLD", "FORWARD", "REAP")
@@ -163,6 +172,7 @@ class RedisConversationTable:
         """Why the table is not ready ("" when it is)."""
         self._closed = False
         self._failed = False
+        self._pending_leaves: deque[tuple[str, str, str]] = deque(maxlen=PENDING_LEAVES)
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -199,6 +209,7 @@ class RedisConversationTable:
         self._conn_of.clear()
         self._conversations.clear()
         await self._redis.aclose()
+        await self._redis.connection_pool.disconnect()
 
     @property
     def ready(self) -> bool:
@@ -284,8 +295,10 @@ class RedisConversationTable:
         try:
             await self._call("LEAVE", conversation_id, peer.peer_id, conn, self.node)
         except StoreUnavailable as exc:
-            # The reaper (or the Redis restart) will clean up after this connection.
-            log.info("relay: could not record that peer %r left: %s", peer.peer_id, exc)
+            # Retried by the heartbeat once Redis answers again (bounded: past that, a stale
+            # entry waits for its peer's reconnect or this relay's restart).
+            log.info("relay: could not record yet that peer %r left: %s", peer.peer_id, exc)
+            self._pending_leaves.append((conversation_id, peer.peer_id, conn))
 
     async def relay(
         self, conversation_id: str, sender: Peer, signals: list[Signal]
@@ -516,6 +529,7 @@ class RedisConversationTable:
                 if self.observe_redis is not None:
                     self.observe_redis(time.perf_counter() - started)
                 if previous is None and self._registered:
+                    self._pending_leaves.clear()  # nothing left to leave
                     self._lost_state("its Redis heartbeat had expired (Redis restarted, or "
                                      "this relay stalled)")
                 self._registered = True
@@ -525,6 +539,11 @@ class RedisConversationTable:
                     self._failed = False
                 self.problem = "" if self._subscribed else "not subscribed yet"
                 beats += 1
+                while self._pending_leaves:
+                    cid, peer_id, conn = self._pending_leaves[0]
+                    await self._scripts["LEAVE"](args=[self.prefix, cid, peer_id, conn,
+                                                       self.node])
+                    self._pending_leaves.popleft()
                 if beats % 3 == 1:
                     await self._reap()
             except asyncio.CancelledError:

@@ -323,18 +323,20 @@ class _Endpoint:
         self.peer_json = _json_string(peer_id)
         self._queue: deque[_Outgoing] = deque()
         self._queued_bytes = 0
-        self._ready = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
+        """Runs only while something is queued (an idle peer costs no task)."""
+        self._started = False
         self._abort_handle: asyncio.TimerHandle | None = None
 
     # lifecycle (the connection handler owns it)
 
     def start(self) -> None:
-        self._writer = asyncio.create_task(
-            self._write_loop(), name=f"relay-writer-{self.conversation_id}-{self.peer_id}"
-        )
+        self._started = True
+        if self._queue and self._writer is None:
+            self._writer = asyncio.create_task(self._write_loop())
 
     async def finish(self) -> None:
+        self._started = False
         writer, self._writer = self._writer, None
         if writer is not None:
             writer.cancel()
@@ -447,7 +449,8 @@ class _Endpoint:
             return False
         self._queue.extend(items)
         self._queued_bytes += size
-        self._ready.set()
+        if self._writer is None and self._started:
+            self._writer = asyncio.create_task(self._write_loop())
         return True
 
     async def _write_loop(self) -> None:
@@ -457,15 +460,12 @@ class _Endpoint:
         so ping/pong and closing stay websockets' business."""
         ws = self.ws
         protocol = ws.protocol
-        queue = self._queue
         try:
-            while True:
-                while not queue:
-                    self._ready.clear()
-                    await self._ready.wait()
+            while self._queue:
                 if protocol.state is not State.OPEN:
                     return
                 size = 0
+                queue = self._queue  # (take_undelivered() replaces it, never mid-batch)
                 while queue and size < WRITE_BATCH_BYTES:
                     item = queue.popleft()
                     size += len(item.text)
@@ -483,10 +483,13 @@ class _Endpoint:
                             f"(the peer does not read)"
                         )
                         return
-                elif queue:
+                elif self._queue:
                     await asyncio.sleep(0)  # let the readers run between large batches
         except (ConnectionClosed, OSError, RuntimeError):
             return
+        finally:
+            if self._writer is asyncio.current_task():
+                self._writer = None
 
 
 class _Route:
@@ -953,13 +956,12 @@ class SignalingServer:
             if CONTROL in payload:
                 return await self._on_control(endpoint, payload)
             # Relayed as it arrived (not encoded again) when the relay would not change it.
-            reuse = (
+            if (
                 size == len(message)
                 and payload.get(PEER_FIELD) == endpoint.peer_id
                 and payload.get("conversation_id") == conversation_id
-            )
-        else:
-            reuse = False
+            ):
+                return await self._on_plain_signal(endpoint, payload, message)
 
         good: list[Signal] = []
         index_of: dict[int, str] = {}
@@ -990,8 +992,6 @@ class SignalingServer:
                 )
                 refused.add(item, retry=False)
 
-        if reuse and len(good) == 1:
-            good[0] = with_text(good[0], message)  # type: ignore[arg-type]
         if good:
             started = time.perf_counter()
             result = await self.table.relay(conversation_id, endpoint, good)
@@ -1022,6 +1022,42 @@ class SignalingServer:
                 len(errors),
                 errors[0]["data"],
             )
+        return self._reply(endpoint, errors, refused)
+
+    async def _on_plain_signal(
+        self, endpoint: _Endpoint, payload: dict[str, Any], message: str
+    ) -> bool:
+        """The common frame, fast: one signal the relay passes on exactly as it arrived
+        (ASCII, already carrying this connection's peer id and conversation)."""
+        conversation_id = endpoint.conversation_id
+        try:
+            validate_signal(payload)
+            problem = self._check_item(endpoint, payload)
+        except SignalError as exc:
+            problem = str(exc)[:300]
+        refused = _Refused()
+        if problem is not None:
+            refused.add(payload, retry=False)
+            tube_id = payload.get("tube_id")
+            tube_id = tube_id[:MAX_ID_LENGTH] if isinstance(tube_id, str) else ""
+            error = error_signal(conversation_id, problem, tube_id)
+            self.metrics.error("error_reply")
+            return self._reply(endpoint, [error], refused)
+        started = time.perf_counter()
+        result = await self.table.relay(conversation_id, endpoint, [with_text(payload, message)])
+        if result.superseded:
+            return False  # a newer connection of this peer took over
+        metrics = self.metrics
+        if self._time_relay:
+            metrics.delivery.observe(time.perf_counter() - started)
+        if not result.rejected:
+            metrics.signals += 1
+            return True
+        metrics.error("rejected_signal")
+        errors = []
+        for signal, reason in result.rejected:
+            errors.append(error_signal(conversation_id, reason, signal["tube_id"]))
+            refused.add(signal, retry=True)
         return self._reply(endpoint, errors, refused)
 
     async def _on_control(self, endpoint: _Endpoint, message: dict[str, Any]) -> bool:
