@@ -98,6 +98,23 @@ async def test_stats_are_real(cores):
     assert 0.0 <= after["packet_loss_rate"] < 1.0
 
 
+async def test_messages_sent_before_the_peer_listens_are_kept_in_order(cores):
+    """The peer's tunnel may send the moment its channel opens; ours listens a moment later."""
+    a, b = cores
+    tube_id = await connect_tubes(a, b)
+    sender = a.channel(tube_id)
+    receiver = await b.wait_channel(tube_id)
+    for i in range(5):
+        sender.send(f"early {i}".encode())
+    await until(lambda: len(b._tubes[tube_id].early) == 5)  # arrived, nobody listening yet
+    got: list[bytes] = []
+    receiver.on("message", got.append)
+    assert got == [f"early {i}".encode() for i in range(5)]
+    sender.send(b"later")
+    await until(lambda: len(got) == 6)
+    assert got[-1] == b"later" and b._tubes[tube_id].early == []
+
+
 async def test_keepalive_reaches_the_peer_as_a_signal(cores):
     a, b = cores
     wire = Wire(a, b)

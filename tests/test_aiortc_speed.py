@@ -623,3 +623,26 @@ async def test_dtls_receive_skips_empty_bio_reads(fast_cores: Any) -> None:
     await move(a, b, tube_id, 1 << 20, seed=4)
     assert counted["patched"].empty_reads == 0
     assert counted["plain"].empty_reads > 500  # ~1 MiB in 1.2 KB datagrams
+
+
+# -- the event loop choice ---------------------------------------------------------------
+
+
+def test_runloop_uses_uvloop_unless_told(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tether import runloop
+
+    async def loop_module() -> str:
+        return type(asyncio.get_running_loop()).__module__
+
+    monkeypatch.delenv(runloop.LOOP_ENV, raising=False)
+    pytest.importorskip("uvloop")
+    assert runloop.loop_name() == "uvloop"
+    assert runloop.run(loop_module()).startswith("uvloop")
+    monkeypatch.setenv(runloop.LOOP_ENV, "asyncio")
+    assert runloop.loop_name() == "asyncio"
+    assert runloop.run(loop_module()).startswith("asyncio")
+    loop = runloop.new_event_loop()
+    try:
+        assert type(loop).__module__.startswith("asyncio")
+    finally:
+        loop.close()

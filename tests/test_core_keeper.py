@@ -96,6 +96,7 @@ async def test_rust_thread_signals_reach_the_loop_in_order_and_mapped() -> None:
         await core.close()
 
 
+@pytest.mark.netns
 def test_two_rust_core_tubes_connect_carry_bytes_and_survive_restarts_from_either_side(
 ) -> None:
     need_namespaces()
@@ -110,6 +111,7 @@ def test_two_rust_core_tubes_connect_carry_bytes_and_survive_restarts_from_eithe
     assert result["tube_kept"]
 
 
+@pytest.mark.netns
 def test_demo_with_the_rust_core_verifies_every_byte() -> None:
     need_namespaces()
     with lo_namespace() as (namespace, _):
@@ -122,6 +124,7 @@ def test_demo_with_the_rust_core_verifies_every_byte() -> None:
     assert result["tube_state"] == "connected"
 
 
+@pytest.mark.netns
 def test_no_outbound_connection_without_the_vendor_cloud() -> None:
     """krelay_server "", ksm_config None and no connectivity probes: in a namespace whose
     default route leads into a black hole, a whole tunnel makes no TCP/UDP packet to any

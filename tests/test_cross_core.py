@@ -8,9 +8,12 @@ namespace with only a 10.x/32 on lo).
 
 from __future__ import annotations
 
+import pytest
+
 from .keeper_ns import last_json, lo_namespace, need_namespaces, run_in
 
 
+@pytest.mark.netns
 def test_aiortc_and_rust_core_connect_open_a_channel_and_survive_restarts() -> None:
     need_namespaces()
     with lo_namespace() as (namespace, address):

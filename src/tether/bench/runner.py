@@ -111,8 +111,11 @@ def select(only: Sequence[str] | None) -> list[Figure]:
 
 
 def machine() -> dict[str, Any]:
+    from .. import runloop
+
     load = os.getloadavg() if hasattr(os, "getloadavg") else (None, None, None)
     return {"python": platform.python_version(), "cpus": os.cpu_count(),
+            "bench_loop": runloop.loop_name(),
             "platform": platform.platform(terse=True), "loadavg_1m": load[0],
             "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
 

@@ -13,6 +13,7 @@ from .. import __version__
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
+    rich_markup_mode=None,  # plain click help: no type tags, no boxes, greppable
     help="tether keeps WebRTC tunnels alive: TCP forwarding over WebRTC data channels.",
 )
 

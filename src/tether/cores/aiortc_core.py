@@ -53,6 +53,9 @@ TUNNEL_CHANNEL_ID = 0
 CONTROL_CHANNEL_ID = 1
 KEEPALIVE_MESSAGE = b"tether:keepalive"
 SIGNAL_QUEUE_LIMIT = 1024
+# Tunnel-channel messages held between the channel opening and the tunnel attaching: the
+# peer's streams are bounded by their windows long before this.
+EARLY_MESSAGE_LIMIT = 4096
 HELD_CANDIDATES_LIMIT = 256
 LIVENESS_KEYS = frozenset({"interval", "misses", "busy_silence", "generation_timeout"})
 # Answering a restart, our checks wait this long at most for the peer's first one.
@@ -156,6 +159,7 @@ async def resend_in_flight(sctp: RTCSctpTransport) -> int:
         chunk._retransmit = True
         sctp._flight_size_decrease(chunk)
         marked += 1
+    aiortc_speed.request_rescan(sctp)  # the patched _transmit must look at the sent queue
     sctp._update_advanced_peer_ack_point()
     sctp._fast_recovery_exit = None
     sctp._fast_recovery_transmit = False
@@ -221,6 +225,8 @@ class _Tube:
     chunks_resent_at_once: int = 0
     sdp_version: int | None = None  # the o= session version we last sent
     last_answer: str | None = None  # our answer to the current restart offer (a repeat gets it)
+    # Tunnel-channel messages that arrive before anyone listens (see _hold_early_messages).
+    early: list[bytes | str] = field(default_factory=list)
 
     @property
     def has_remote_description(self) -> bool:
@@ -310,6 +316,7 @@ class AiortcTubeRegistry:
             host_addresses=addresses,
         )
         self._tubes[tube_id] = tube
+        self._hold_early_messages(tube)
         tube.pump = asyncio.create_task(self._pump(tube), name=f"tether-signals-{tube_id}")
         tube.path = SessionPath(
             tube_id, pc.sctp.transport.transport,
@@ -452,6 +459,41 @@ class AiortcTubeRegistry:
     def channel(self, tube_id: str) -> RTCDataChannel:
         """The tube's tunnel data channel (open once the tube connects)."""
         return self._tube(tube_id).tunnel_channel
+
+    def _hold_early_messages(self, tube: _Tube) -> None:
+        """Keep what the peer sends on the tunnel channel before anyone listens to it.
+
+        The peer's tunnel starts the moment its channel opens and may send at once; ours
+        attaches a loop turn later (``wait_channel`` resumes a task), and pyee drops a
+        message nobody listens to. So the core holds them (bounded) and hands them, in
+        order, to the first "message" listener as it is added: pyee announces a listener
+        (``new_listener``) just before adding it, so nothing can slip in between."""
+        channel = tube.tunnel_channel
+
+        def hold(message: bytes | str) -> None:
+            if len(tube.early) >= EARLY_MESSAGE_LIMIT:
+                logger.error("tube %s: %d messages before the tunnel attached; closing it",
+                             tube.tube_id, len(tube.early))
+                stop()
+                channel.close()  # the app sees it close and replaces the tube
+                return
+            tube.early.append(message)
+
+        def stop() -> None:
+            channel.remove_listener("message", hold)
+            channel.remove_listener("new_listener", on_listener)
+            tube.early.clear()
+
+        def on_listener(event: str, listener: Any) -> None:
+            if event != "message" or listener is hold:
+                return
+            held = list(tube.early)
+            stop()
+            for message in held:
+                listener(message)
+
+        channel.on("message", hold)
+        channel.on("new_listener", on_listener)
 
     async def wait_channel(self, tube_id: str) -> RTCDataChannel:
         """Return the tunnel channel once it is open."""

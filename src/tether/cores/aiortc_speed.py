@@ -54,7 +54,7 @@ logger = logging.getLogger(__name__)
 PINNED = {"aiortc": "1.16.0", "aioice": "0.13.0"}
 
 # Delayed SACK (RFC 4960 section 6.2): acknowledge every second DATA packet at once,
-# any other one within SACK_DELAY. The RFC allows up to 500 ms (RFC 9260: 200 ms). A
+# any other one within SACK_DELAY. The RFC asks for at most 200 ms (500 ms at most). A
 # sender never waits on it for its retransmission timer (aiortc's RTO is at least 1 s);
 # it only holds one packet of an idle sender's window a little longer, so a few ms is
 # plenty: long enough that a busy stream is always acknowledged by the every-second
@@ -118,11 +118,14 @@ def chosen_patches(value: str | None = None) -> list[str]:
 
 
 def install() -> None:
-    """Apply the patches once (idempotent); refuse unpinned aiortc/aioice versions."""
+    """Apply the patches once (idempotent); refuse unpinned aiortc/aioice versions
+    (unless ``TETHER_SPEED_PATCHES=none``: nothing is patched then)."""
     global _installed
     if _installed:
         return
-    check_versions()
+    names = chosen_patches()
+    if names:
+        check_versions()
     sctp = RTCSctpTransport
     for name in ("_handle_data", "_send_sack", "_set_state", "_transmit",
                  "_receive_sack_chunk", "_t3_expired", "_t3_cancel", "_mark_received"):
@@ -132,7 +135,6 @@ def install() -> None:
     _originals["stun_datagram_received"] = StunProtocol.datagram_received
     for name in ("_t3_start", "_t3_restart", "_receive_data_chunk"):
         _originals[name] = getattr(sctp, name)
-    names = chosen_patches()
     for name in names:
         PATCHES[name]()
     _installed = True
@@ -156,12 +158,12 @@ def delayed_sack() -> None:
 
     We send one for every second packet with DATA, and at once when the packet showed a
     gap or a duplicate, filled a gap, carried any other chunk, or the association is not
-    established (shutting down); a lone packet is acknowledged by a timer within SACK_DELAY. This is
-    RFC 4960 section 6.2 (RFC 9260 section 6.2): "an acknowledgement SHOULD be generated
-    for at least every second packet (not every second DATA chunk) received, and SHOULD
-    be generated within 200 ms of the arrival of any unacknowledged DATA chunk", and
-    section 6.7: gaps and duplicates are reported immediately, so fast retransmit keeps
-    its speed. Halving the SACKs halves the SACK work on both sides (issue 9: 22-28 % of
+    established (shutting down); a lone packet is acknowledged by a timer within
+    SACK_DELAY. That is the delayed acknowledgement of RFC 4960 / RFC 9260 section 6.2
+    (a SACK for at least every second packet - not every second DATA chunk - and within
+    200 ms of an unacknowledged DATA chunk's arrival, 500 ms at most) with section 6.7's
+    exceptions (gaps, duplicates and filled gaps are reported at once), so fast
+    retransmit keeps its speed. Halving the SACKs halves the SACK work on both sides (issue 9: 22-28 % of
     the CPU). Upstream: aiortc's own ``_handle_data`` gets a delayed-ack rule and timer.
     """
     RTCSctpTransport._handle_data = _handle_data_delayed_sack  # type: ignore[method-assign]

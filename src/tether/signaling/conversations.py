@@ -3,8 +3,9 @@
 The WebSocket server (``server.py``) does HTTP, authentication and frame parsing; everything
 about membership, held signals, delivery order and presence lives behind the small
 :class:`ConversationTable` interface below. :class:`MemoryConversationTable` keeps it in this
-process. A Redis-backed table (relay instances sharing conversations over pub/sub, see
-DESIGN.md "Coming later") implements the same coroutines; the server does not change.
+process. :class:`~tether.signaling.redis_table.RedisConversationTable` (``tether serve --redis``:
+relay processes sharing conversations through Redis) implements the same coroutines; the
+server does not change.
 
 Rules every implementation keeps:
 

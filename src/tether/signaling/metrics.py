@@ -12,14 +12,10 @@ import asyncio
 import bisect
 import logging
 from collections.abc import Callable, Iterator
+from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
+# prometheus_client is imported when metrics are first rendered: the client side of tether
+# imports this module too (via the wire constants) and should not pay for it.
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +40,9 @@ class Histogram:
         self.total += value
         self.count += 1
 
-    def family(self, name: str, documentation: str) -> HistogramMetricFamily:
+    def family(self, name: str, documentation: str) -> Any:
+        from prometheus_client.core import HistogramMetricFamily
+
         buckets: list[tuple[str, float]] = []
         running = 0
         for bound, n in zip(self.bounds, self.counts):
@@ -68,13 +66,14 @@ class RelayMetrics:
         self.connections: Callable[[], float] = lambda: 0
         self.conversations: Callable[[], float] = lambda: 0
         self.ready: Callable[[], float] = lambda: 0
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(self)  # type: ignore[arg-type]
+        self._registry: Any = None
 
     def error(self, kind: str, n: int = 1) -> None:
         self.errors[kind] = self.errors.get(kind, 0) + n
 
-    def collect(self) -> Iterator[Metric]:
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
         yield GaugeMetricFamily("tether_relay_connections", "Open WebSocket connections",
                                 value=self.connections())
         yield GaugeMetricFamily(
@@ -101,10 +100,17 @@ class RelayMetrics:
         yield self.redis.family("tether_relay_redis_seconds", "Redis round trips")
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        """The Prometheus text format of every metric."""
+        from prometheus_client import CollectorRegistry, generate_latest
+
+        if self._registry is None:
+            self._registry = CollectorRegistry(auto_describe=False)
+            self._registry.register(self)
+        return bytes(generate_latest(self._registry))
 
 
-CONTENT_TYPE = CONTENT_TYPE_LATEST
+CONTENT_TYPE = "text/plain; version=1.0.0; charset=utf-8"
+"""Prometheus' text exposition format (prometheus_client.CONTENT_TYPE_LATEST)."""
 
 
 async def serve_http(

@@ -43,7 +43,7 @@ from collections.abc import Callable
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from tether.signals import Signal
 
@@ -66,6 +66,11 @@ log = logging.getLogger(__name__)
 UNAVAILABLE_RETRY_AFTER = 2.0
 PENDING_LIMIT = 1024
 REDIS_CONNECTIONS = 32
+BATCHED = frozenset({"RELAY", "FORWARD"})
+"""Scripts sent in pipelined batches (the per-signal ones)."""
+BATCH_MAX = 512
+POOL_WAIT = 10.0
+"""Seconds a script may wait for a free connection (under load) before it counts as down."""
 """Connections to Redis per relay process (scripts in flight at once, plus pub/sub)."""
 PENDING_LEAVES = 10_000
 """Leaves that could not be recorded while Redis was away, retried when it is back."""
@@ -154,7 +159,7 @@ class RedisConversationTable:
             socket_timeout=socket_timeout,
             socket_connect_timeout=socket_timeout,
             max_connections=REDIS_CONNECTIONS,
-            timeout=socket_timeout,
+            timeout=POOL_WAIT,
         )
         self._redis = aioredis.Redis(connection_pool=pool)
         self._scripts = {
@@ -173,6 +178,8 @@ class RedisConversationTable:
         self._closed = False
         self._failed = False
         self._pending_leaves: deque[tuple[str, str, str]] = deque(maxlen=PENDING_LEAVES)
+        self._batch: list[tuple[str, tuple[Any, ...], asyncio.Future[Any]]] = []
+        self._batch_ready = asyncio.Event()
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -181,6 +188,7 @@ class RedisConversationTable:
         if self._tasks:
             return
         self._tasks = [
+            asyncio.create_task(self._batch_loop(), name="relay-redis-batches"),
             asyncio.create_task(self._heartbeat_loop(), name="relay-redis-heartbeat"),
             asyncio.create_task(self._subscriber_loop(), name="relay-redis-subscriber"),
         ]
@@ -377,6 +385,13 @@ class RedisConversationTable:
         return result
 
     async def _call(self, script: str, *args: Any) -> Any:
+        if script in BATCHED:
+            # Hot path: every relay/forward made while a batch is on its way goes out in the
+            # next one, as one pipeline (one round trip for many signals).
+            future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            self._batch.append((script, args, future))
+            self._batch_ready.set()
+            return await future
         started = time.perf_counter()
         try:
             reply = await self._scripts[script](args=[self.prefix, *args])
@@ -386,6 +401,51 @@ class RedisConversationTable:
         if self.observe_redis is not None:
             self.observe_redis(time.perf_counter() - started)
         return reply
+
+    async def _batch_loop(self) -> None:
+        while True:
+            await self._batch_ready.wait()
+            self._batch_ready.clear()
+            while self._batch:
+                batch, self._batch = self._batch[:BATCH_MAX], self._batch[BATCH_MAX:]
+                await self._send_batch(batch)
+
+    async def _send_batch(self, batch: list[tuple[str, tuple[Any, ...], asyncio.Future[Any]]]
+                          ) -> None:
+        started = time.perf_counter()
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for script, args, _ in batch:
+                    pipe.evalsha(self._scripts[script].sha, 0, self.prefix, *args)
+                replies = await pipe.execute(raise_on_error=False)
+        except (RedisError, OSError) as exc:
+            self._note_failure(exc)
+            problem = StoreUnavailable(self._describe(exc))
+            for _, _, future in batch:
+                if not future.done():
+                    future.set_exception(problem)
+            return
+        except BaseException:
+            for _, _, future in batch:
+                if not future.done():
+                    future.cancel()
+            raise
+        if self.observe_redis is not None:
+            self.observe_redis(time.perf_counter() - started)
+        for (script, args, future), reply in zip(batch, replies):
+            if isinstance(reply, NoScriptError):  # Redis restarted: load it, run it again
+                try:
+                    reply = await self._scripts[script](args=[self.prefix, *args])
+                except (RedisError, OSError) as exc:
+                    reply = StoreUnavailable(self._describe(exc))
+            elif isinstance(reply, Exception):
+                reply = StoreUnavailable(self._describe(reply))
+            if future.done():
+                continue
+            if isinstance(reply, Exception):
+                future.set_exception(reply)
+            else:
+                future.set_result(reply)
 
     def _check_ready(self) -> None:
         if not self.ready:

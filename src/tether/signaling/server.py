@@ -143,9 +143,15 @@ Close codes used by the relay: 1001 when the relay shuts down (clients reconnect
 a newer connection with the same peer id replaced this one, 4409 / 4503 when a join loses a
 race for the last slot after the handshake was accepted (same meaning as HTTP 409 / 503).
 
+Health and metrics
+------------------
+``GET /healthz`` (200 ``ready`` / 503 ``not ready: why``) and ``GET /metrics`` (Prometheus
+text) are answered on the relay's port without a token (:mod:`tether.signaling.metrics`).
+
 Delivery
 --------
-The relay keeps no durable state; a restart forgets everything. The client keeps every signal
+The relay keeps no durable state; a restart forgets everything (with ``--redis`` the
+conversations live in Redis and outlive any one relay process, see ``redis_table.py``). The client keeps every signal
 the other peer's client has not acknowledged and sends all of them again, in order, after
 each reconnect, when told the peer joined, and (backstop) when acknowledgements stop coming
 for a while although the peer is present; the receiving client delivers each (peer, session)
@@ -219,6 +225,8 @@ MAX_ID_LENGTH = 256
 MAX_ERRORS_PER_FRAME = 20
 WRITE_BATCH_BYTES = 64 * 1024
 """The writer puts at most this much (whole frames) into one socket write."""
+WRITER_IDLE_EXIT = 2.0
+"""Seconds a connection's writer task waits for more frames before it ends."""
 
 
 def error_signal(conversation_id: str, data: str, tube_id: str = "") -> Signal:
@@ -324,7 +332,8 @@ class _Endpoint:
         self._queue: deque[_Outgoing] = deque()
         self._queued_bytes = 0
         self._writer: asyncio.Task[None] | None = None
-        """Runs only while something is queued (an idle peer costs no task)."""
+        """Runs only while frames come (an idle peer costs no task)."""
+        self._ready = asyncio.Event()
         self._started = False
         self._abort_handle: asyncio.TimerHandle | None = None
 
@@ -449,8 +458,11 @@ class _Endpoint:
             return False
         self._queue.extend(items)
         self._queued_bytes += size
-        if self._writer is None and self._started:
-            self._writer = asyncio.create_task(self._write_loop())
+        if self._writer is None:
+            if self._started:
+                self._writer = asyncio.create_task(self._write_loop())
+        else:
+            self._ready.set()
         return True
 
     async def _write_loop(self) -> None:
@@ -461,7 +473,17 @@ class _Endpoint:
         ws = self.ws
         protocol = ws.protocol
         try:
-            while self._queue:
+            while True:
+                if not self._queue:
+                    # Stay a little for the next frame (a task per frame costs more than a
+                    # timer); an idle connection keeps no writer task.
+                    self._ready.clear()
+                    try:
+                        async with asyncio.timeout(WRITER_IDLE_EXIT):
+                            await self._ready.wait()
+                    except TimeoutError:
+                        return
+                    continue
                 if protocol.state is not State.OPEN:
                     return
                 size = 0
