@@ -43,7 +43,6 @@ from .connection_manager import (
     TunnelConnectionManager,
 )
 from .allow import AllowList
-from .cores.aiortc_core import AiortcTubeRegistry, path_info
 from .events import EventLog
 from .router import CLOSE_REASON, UNKNOWN_TUBE, SignalRouter
 from .sealing import UNAUTHENTIC, UNSEALED, SealError, Sealer
@@ -116,7 +115,11 @@ class Side:
         self.sealer = Sealer(secret, name, self.role) if secret is not None else None
         # Signals refused by the sealer, by reason (wrong secret, replayed, unsealed...).
         self.refused: dict[str, int] = {}
-        self.core = core if core is not None else AiortcTubeRegistry(host_addresses=host_addresses)
+        if core is None:
+            from .cores.aiortc_core import AiortcTubeRegistry  # aiortc costs ~0.3 s to import
+
+            core = AiortcTubeRegistry(host_addresses=host_addresses)
+        self.core = core
         self.policy = policy if policy is not None else default_policy()
         self.window = window
         self.events = events if events is not None else EventLog(None)
@@ -195,8 +198,8 @@ class Side:
         """Everything `tether status` shows: the side, its signaling, every tube (state,
         path, RTT, rates, bytes, streams, restarts and their causes) and recent endings."""
         self.stats.sample()
-        path_of = isinstance(self.core, AiortcTubeRegistry)  # other cores: no path shown
-        tubes = [self.stats.tube(h, path_info(self.core, h.tube_id) if path_of else None)
+        path_of = getattr(self.core, "path_info", None)  # a core that can tell the path
+        tubes = [self.stats.tube(h, path_of(h.tube_id) if path_of is not None else None)
                  for h in list(self.tubes.values())]
         status: dict[str, Any] = {
             "name": self.name, "role": self.role, "started_at": self.started_at,

@@ -19,18 +19,20 @@ from rich.table import Table
 from ..cli import app
 from ..cli.common import Verbose, console, out, run_main, setup_logging
 
-UNITS = [("cpu_ms_per_mb", "ms/MiB"), ("_mb_s", "MiB/s"), ("_ms", "ms"), ("_per_s", "/s"),
-         ("_pct_10k", "% CPU"), ("_per_tube", "bytes"), ("_vs_", "x"), ("_us", "us")]
+def _unit(key: str) -> str:
+    if "cpu_ms_per_mb" in key:
+        return "ms/MiB"
+    for suffix, unit in (("_mb_s", "MiB/s"), ("_per_s", "/s"), ("_ms", "ms"), ("_us", "us")):
+        if key.endswith(suffix):
+            return unit
+    for part, unit in (("_us_per_", "us"), ("_pct", "% CPU"), ("bytes", "bytes"),
+                       ("_per_tube", "bytes"), ("_vs_", "x")):
+        if part in key:
+            return unit
+    return ""
 
 
 NOT_SELECTED = "not measured in this run"
-
-
-def _unit(key: str) -> str:
-    for needle, unit in UNITS:
-        if needle in key:
-            return unit
-    return ""
 
 
 def _fmt(value: float | None) -> str:

@@ -456,6 +456,10 @@ class AiortcTubeRegistry:
     def tube_ids(self) -> list[str]:
         return list(self._tubes)
 
+    def path_info(self, tube_id: str) -> dict[str, Any] | None:
+        """The tube's selected pair and round trips, for status (see :func:`path_info`)."""
+        return path_info(self, tube_id)
+
     def channel(self, tube_id: str) -> RTCDataChannel:
         """The tube's tunnel data channel (open once the tube connects)."""
         return self._tube(tube_id).tunnel_channel

@@ -52,9 +52,10 @@ import ipaddress
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from aiortc import RTCDataChannel
+if TYPE_CHECKING:  # aiortc is heavy to import; the tunnel only needs a channel's methods
+    from aiortc import RTCDataChannel
 
 from . import frames
 from .frames import FrameError, FrameType
