@@ -22,6 +22,7 @@ from tether.sealing import (
     STALE,
     UNAUTHENTIC,
     UNSEALED,
+    VERSION,
     VERSION_UNKNOWN,
     SealError,
     Sealer,
@@ -75,7 +76,7 @@ def test_round_trip_every_kind_both_directions(kind):
         wire = sender.seal(signal)
         assert validate_signal(wire) is wire
         assert parse_frame(json.dumps(wire)) == ([wire], [])
-        assert wire["tube_id"] == "tube-7" and wire["kind"] == kind and wire["sealed"] == 1
+        assert wire["tube_id"] == "tube-7" and wire["kind"] == kind and wire["sealed"] == VERSION == 2
         assert wire["conversation_id"] == sender.conversation_id
         assert "mid" not in wire and "n" not in wire and f"payload of {kind}" not in json.dumps(wire)
         assert receiver.open(wire) == signal
@@ -156,7 +157,7 @@ def test_every_field_change_is_refused_and_the_original_still_opens():
     wire = connect.seal(sig(kind="offer"))
     refused(expose, {**wire, "tube_id": "tube-2"}, UNAUTHENTIC)
     refused(expose, {**wire, "kind": "answer"}, UNAUTHENTIC)
-    refused(expose, {**wire, "conversation_id": "t1-other"}, UNAUTHENTIC)
+    refused(expose, {**wire, "conversation_id": "t2-other"}, UNAUTHENTIC)
     refused(expose, {**wire, "conversation_id": NAME}, UNAUTHENTIC)
     alphabet = string.ascii_uppercase + string.ascii_lowercase + string.digits + "+/="
     data = wire["data"]
@@ -192,7 +193,8 @@ def test_unsealed_malformed_and_unknown_versions_have_clear_errors():
     connect, expose = pair()
     wire = connect.seal(sig())
     assert "unsealed signal" in str(refused(expose, sig(), UNSEALED))
-    refused(expose, {**wire, "sealed": 2}, VERSION_UNKNOWN)
+    refused(expose, {**wire, "sealed": 1}, VERSION_UNKNOWN)  # ChaCha20-Poly1305, retired
+    refused(expose, {**wire, "sealed": 3}, VERSION_UNKNOWN)
     refused(expose, {**wire, "sealed": True}, VERSION_UNKNOWN)
     refused(expose, {**wire, "sealed": "1"}, VERSION_UNKNOWN)
     refused(expose, [wire], MALFORMED)

@@ -5,7 +5,7 @@ forge and change signals in flight. Unsealed, that means swapping the DTLS finge
 an SDP (a man in the middle of every tunnelled byte), injecting signals and squatting a
 tunnel name. With sealing the two peers share ``secret``; from it and the tunnel name HKDF
 derives the conversation id the relay sees (the name stays private and unguessable) and one
-ChaCha20-Poly1305 key per direction, so a signal cannot be read, changed, forged, reflected
+AES-256-GCM key per direction, so a signal cannot be read, changed, forged, reflected
 back to its sender or moved to another tunnel. The relay still sees ``tube_id``, ``kind``,
 sizes and timing, and can still drop signals (that is denial of service, not compromise).
 
@@ -19,6 +19,11 @@ and read by the signaling client, unauthenticated) is encrypted into ``data``::
 
 The plaintext is the other keys as JSON followed by ``data`` as raw UTF-8 (JSON-escaping a
 4 KB SDP would cost more than the encryption).
+
+AES-256-GCM (not ChaCha20-Poly1305, version 1) because WebCrypto has it: a web page
+(src/tether/web/tether-peer.js) derives and seals byte for byte the same way. Version 2 has
+its own HKDF label, so its conversation ids differ from version 1's and the two never meet
+on a relay; a version-1 signal is refused as an unknown version, never misread.
 
 Replay: each :class:`Sealer` has a random sender session and counts its signals; a receiver
 accepts a (session, counter) once and only increasing, remembers ``max_sessions`` sessions
@@ -42,13 +47,14 @@ from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from tether.signals import KINDS, SignalError, validate_signal
 
-VERSION = 1
-LABEL = b"tether-seal-v1"
+VERSION = 2
+LABEL = b"tether-seal-v2"
+CONVERSATION_PREFIX = "t2-"
 SEALED_FIELD = "sealed"
 TRANSPORT_KEYS = frozenset({"peer", "session", "seq", "prev"})
 """Added by the signaling client after sealing; copied through, never sealed."""
@@ -121,7 +127,7 @@ def _check_secret(secret: Any) -> bytes:
 def conversation_id(secret: str, name: str) -> str:
     """The id the relay sees for tunnel ``name``: unlinkable to the name without the secret."""
     digest = _derive(_check_secret(secret), b"conversation", _encode(name, "the tunnel name"))
-    return "t1-" + base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
+    return CONVERSATION_PREFIX + base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
 
 
 class Sealer:
@@ -146,8 +152,8 @@ class Sealer:
         raw_secret, raw_name = _check_secret(secret), _encode(name, "the tunnel name")
         self.conversation_id = conversation_id(secret, name)
         peer = ROLES[1 - ROLES.index(role)]
-        self._seal_key = ChaCha20Poly1305(_derive(raw_secret, f"{role}>{peer}".encode(), raw_name))
-        self._open_key = ChaCha20Poly1305(_derive(raw_secret, f"{peer}>{role}".encode(), raw_name))
+        self._seal_key = AESGCM(_derive(raw_secret, f"{role}>{peer}".encode(), raw_name))
+        self._open_key = AESGCM(_derive(raw_secret, f"{peer}>{role}".encode(), raw_name))
         self._clock = clock
         cid = self.conversation_id.encode("ascii")
         self._ad_prefix = LABEL + bytes([len(cid)]) + cid

@@ -80,10 +80,10 @@ def bench(
         "--json", help="End with one JSON object (every figure, null + reason if missing).")
     ] = False,
     only: Annotated[list[str] | None, typer.Option(
-        "--only", help="Figures to measure (repeat or comma-separate): tcp, aiortc, cli, "
+        "--only", metavar="FIGURES", help="Figures to measure (repeat or comma-separate): tcp, aiortc, cli, "
                        "demo, keeper, loss, ip_change, handler, relay, manager.")] = None,
     runs: Annotated[int | None, typer.Option(
-        "--runs", min=1, help="Rounds (default 3; with --quick the slow figures run once).")
+        "--runs", min=1, metavar="N", help="Rounds (default 3; with --quick the slow figures run once).")
     ] = None,
     verbose: Verbose = False,
 ) -> None:

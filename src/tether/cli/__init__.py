@@ -1,16 +1,30 @@
-"""The command line: tether serve | expose | connect | demo | lab.
+"""The command line: tether serve | expose | connect | up | status | restart | stop | demo |
+lab | bench.
 
 One module per command family; ``common`` holds what they share."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from typer.core import TyperGroup
 
 from .. import __version__
 
+# --help lists the commands in the order a user meets them.
+COMMAND_ORDER = ("serve", "expose", "connect", "up", "status", "restart", "stop", "demo",
+                 "lab", "bench", "version")
+
+
+class _Commands(TyperGroup):
+    def list_commands(self, ctx: Any) -> list[str]:
+        rank = {name: i for i, name in enumerate(COMMAND_ORDER)}
+        return sorted(super().list_commands(ctx), key=lambda name: rank.get(name, len(rank)))
+
+
 app = typer.Typer(
+    cls=_Commands,
     add_completion=False,
     no_args_is_help=True,
     rich_markup_mode=None,  # plain click help: no type tags, no boxes, greppable
@@ -40,7 +54,7 @@ def version() -> None:
 
 
 from . import common  # noqa: E402  (the commands register themselves on ``app``)
-from . import serve, tunnels, demo  # noqa: E402,F401  (this order is --help's)
+from . import serve, tunnels, demo  # noqa: E402,F401
 from . import up  # noqa: E402,F401  (tether up: the tunnels of a config file)
 from . import status  # noqa: E402,F401  (tether status | restart | stop)
 from ..lab.command import lab as lab_command  # noqa: E402

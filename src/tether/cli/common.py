@@ -50,7 +50,8 @@ Metrics = Annotated[str | None, typer.Option(
     help="Serve Prometheus metrics on http://HOST:PORT/metrics.")]
 Token = Annotated[
     str | None,
-    typer.Option("--token", envvar="TETHER_TOKEN", help="Shared secret for the signaling server."),
+    typer.Option("--token", envvar="TETHER_TOKEN", metavar="TOKEN",
+                 help="The relay's token (required: this or TETHER_TOKEN)."),
 ]
 Signal = Annotated[
     list[str],
@@ -63,35 +64,35 @@ Loopback = Annotated[
 ]
 IceServer = Annotated[
     list[str] | None,
-    typer.Option("--ice-server", help="STUN/TURN URL (repeatable): stun:HOST:PORT, "
+    typer.Option("--ice-server", metavar="URL", help="STUN/TURN URL (repeatable): stun:HOST:PORT, "
                                       "turn:HOST:PORT, turns:HOST:PORT; none by default."),
 ]
 TurnUser = Annotated[
-    str | None, typer.Option("--turn-user", help="User name for the turn:/turns: servers.")
+    str | None, typer.Option("--turn-user", metavar="USER", help="User name for the turn:/turns: servers.")
 ]
 TurnPassword = Annotated[
     str | None,
-    typer.Option("--turn-password", envvar="TETHER_TURN_PASSWORD",
+    typer.Option("--turn-password", envvar="TETHER_TURN_PASSWORD", metavar="PASSWORD",
                  help="Password for the turn:/turns: servers (or TETHER_TURN_PASSWORD)."),
 ]
 Secret = Annotated[
     str | None,
-    typer.Option("--secret", envvar="TETHER_SECRET", show_default=False,
+    typer.Option("--secret", envvar="TETHER_SECRET", show_default=False, metavar="SECRET",
                  help="The tunnel secret both peers share; the relay never sees it. Prefer "
                       "TETHER_SECRET or --secret-file: --secret shows in `ps`."),
 ]
 SecretFile = Annotated[
     str | None,
-    typer.Option("--secret-file", help="Read the tunnel secret from this file."),
+    typer.Option("--secret-file", metavar="FILE", help="Read the tunnel secret from this file."),
 ]
 CaFile = Annotated[
     str | None,
-    typer.Option("--ca", help="CA certificate file to verify a wss:// relay with "
+    typer.Option("--ca", metavar="FILE", help="CA certificate file to verify a wss:// relay with "
                               "(default: the system's store)."),
 ]
 Events = Annotated[
     str | None,
-    typer.Option("--events", help="Append what happens (states, network changes, tubes) "
+    typer.Option("--events", metavar="FILE", help="Append what happens (states, network changes, tubes) "
                                   "to this file as JSON lines."),
 ]
 
@@ -236,7 +237,7 @@ def make_core(loopback: bool, ice_servers: list[str] | None, turn_user: str | No
 
 
 CoreName = Annotated[str, typer.Option(
-    "--core", help="WebRTC core: aiortc (default) or keeper (the Rust core, "
+    "--core", metavar="aiortc|keeper", help="WebRTC core: aiortc (default) or keeper (the Rust core, "
                    "pip install 'tether[keeper]').")]
 
 

@@ -135,7 +135,7 @@ def serve(
                 side = await serve_http(*metrics_address, server.metrics.render, server.health)
             scheme = "wss" if context is not None else "ws"
             shown = f"[{host}]" if ":" in host else host  # an IPv6 address in a URL
-            store = f", conversations in Redis {table._where()}" if table is not None else ""
+            store = f", conversations in Redis {table.where}" if table is not None else ""
             console.print(f"signaling server on {scheme}://{shown}:{server.port}{store} "
                           f"(Ctrl-C to stop)", highlight=False)
             if side is not None:

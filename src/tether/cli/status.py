@@ -30,7 +30,7 @@ from .common import console, out, parse_address
 
 logger = logging.getLogger("tether.status")
 
-Name = Annotated[str | None, typer.Argument(help="Tunnel name (default: every running tunnel).",
+Name = Annotated[str | None, typer.Argument(metavar="[NAME]", help="Tunnel name (default: every running tunnel).",
                                             show_default=False)]
 
 
@@ -176,14 +176,14 @@ def _command(name: str, cmd: str, done: Callable[[control.Endpoint, dict[str, An
 
 
 @app.command()
-def restart(name: Annotated[str, typer.Argument(help="Tunnel name.")]) -> None:
+def restart(name: Annotated[str, typer.Argument(metavar="NAME", help="Tunnel name.")]) -> None:
     """Restart ICE now on every tube of tunnel NAME (a manual restart)."""
     _command(name, "restart", lambda e, a: f"{e.role} {e.name}: restarting "
              f"{len(a.get('restarted', []))} tube(s)")
 
 
 @app.command()
-def stop(name: Annotated[str, typer.Argument(help="Tunnel name.")]) -> None:
+def stop(name: Annotated[str, typer.Argument(metavar="NAME", help="Tunnel name.")]) -> None:
     """Stop tunnel NAME gracefully (as SIGTERM does: the peer is told)."""
     _command(name, "stop", lambda e, a: f"{e.role} {e.name}: stopping")
 

@@ -27,7 +27,7 @@ async def _show(side: Side, title: str, status_interval: float = 30.0) -> None:
 
 @app.command()
 def expose(
-    name: Annotated[str, typer.Argument(help="Tunnel name, shared with the connecting side.")],
+    name: Annotated[str, typer.Argument(metavar="NAME", help="Tunnel name, shared with the connecting side.")],
     target: modes.OptTarget = None,
     signal: modes.OptSignal = None,
     allow: modes.Allow = None,
@@ -96,7 +96,7 @@ def expose(
 
 @app.command()
 def connect(
-    name: Annotated[str, typer.Argument(help="Tunnel name, as given to `tether expose`.")],
+    name: Annotated[str, typer.Argument(metavar="NAME", help="Tunnel name, as given to `tether expose`.")],
     listen: modes.OptListen = None,
     signal: modes.OptSignal = None,
     socks: modes.Socks = None,

@@ -15,6 +15,10 @@ path comes back or a new one is nominated, the core resends at once what SCTP ha
 otherwise wait at least its 1 s retransmission timeout. STUN and TURN servers come from
 ``ice_servers``; TURN URLs get ``turn_username``/``turn_password``, and ``relay_only`` keeps
 only relayed candidates (every restart generation gathers from the same TURN server).
+
+Restart descriptions follow sdp.py's rules (a=setup per role, a growing o= version, the
+current default address, a=ice-options:trickle), and SessionPath adds what browsers need
+from ICE restarts (docs/browser.md), so a browser's RTCPeerConnection can be the peer.
 """
 
 from __future__ import annotations
@@ -58,8 +62,10 @@ SIGNAL_QUEUE_LIMIT = 1024
 EARLY_MESSAGE_LIMIT = 4096
 HELD_CANDIDATES_LIMIT = 256
 LIVENESS_KEYS = frozenset({"interval", "misses", "busy_silence", "generation_timeout"})
-# Answering a restart, our checks wait this long at most for the peer's first one.
-ANSWER_CHECKS_WAIT = 1.0
+# Answering a restart, our checks wait this long at most for the peer's first one: enough
+# for our answer to reach a browser over signaling, short enough that behind a NAT (whose
+# filter drops the peer's checks until ours go out) a restart is not held up for long.
+ANSWER_CHECKS_WAIT = 0.3
 # A restart generation that times out while the old path answers is checked again this often.
 GENERATION_RETRIES = 2
 # aiortc's initial congestion window: a resumed path starts at least from there.
@@ -97,18 +103,6 @@ def sdp_credentials(sdp: str) -> tuple[str, str]:
     if not ufrag or not pwd:
         raise ValueError("SDP has no ICE credentials (a=ice-ufrag / a=ice-pwd)")
     return ufrag, pwd
-
-
-def with_credentials(sdp: str, ufrag: str, pwd: str) -> str:
-    """``sdp`` with its ICE credentials replaced and its candidates removed."""
-    lines = []
-    for line in split_candidates(sdp)[0].splitlines():
-        if line.startswith("a=ice-ufrag:"):
-            line = f"a=ice-ufrag:{ufrag}"
-        elif line.startswith("a=ice-pwd:"):
-            line = f"a=ice-pwd:{pwd}"
-        lines.append(line)
-    return "\r\n".join(lines) + "\r\n"
 
 
 def ice_configuration(

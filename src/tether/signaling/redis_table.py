@@ -49,6 +49,7 @@ from tether.signals import Signal
 
 from . import redis_scripts
 from .frames import text_of
+from .redis_subscriber import subscribe
 from .conversations import (
     ABSENT,
     JOINED,
@@ -149,6 +150,7 @@ class RedisConversationTable:
         self.heartbeat = heartbeat
         self.clock = clock
         self.node = secrets.token_hex(8)
+        self.socket_timeout = socket_timeout
         self.observe_redis = observe_redis
         self.observe_delivery = observe_delivery
         # A blocking pool: a burst of relays waits (up to socket_timeout) for one of its
@@ -625,7 +627,19 @@ class RedisConversationTable:
     async def _subscriber_loop(self) -> None:
         channel = self._key("ch:" + self.node)
         delay = 0.1
+        kwargs = self._redis.connection_pool.connection_kwargs
+        lean = self.url.startswith("redis://") and "host" in kwargs
         while True:
+            if lean:
+                try:
+                    await self._lean_subscription(channel, kwargs)
+                except asyncio.CancelledError:
+                    raise
+                except (OSError, TimeoutError) as exc:
+                    self._note_failure(exc)
+                await asyncio.sleep(delay)
+                delay = min(2.0, delay * 2)
+                continue
             pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(channel)
@@ -657,6 +671,23 @@ class RedisConversationTable:
             await asyncio.sleep(delay)
             delay = min(2.0, delay * 2)
 
+    async def _lean_subscription(self, channel: str, kwargs: dict[str, Any]) -> None:
+        """Subscribe with :mod:`redis_subscriber` and stay until the connection ends."""
+        protocol = await subscribe(
+            kwargs["host"], int(kwargs.get("port") or 6379), channel, self._on_message,
+            username=kwargs.get("username"), password=kwargs.get("password"),
+            timeout=self.socket_timeout,
+        )
+        self._subscribed = True
+        try:
+            why = await protocol.lost
+        finally:
+            self._subscribed = False
+            if protocol.transport is not None:
+                protocol.transport.abort()
+        log.warning("relay: lost the Redis subscription: %s", why)
+        raise ConnectionError(why)
+
     def _lost_state(self, why: str) -> None:
         """Redis forgot this relay: drop every connection so its client joins again."""
         locals_ = list(self._local.values())
@@ -678,6 +709,11 @@ class RedisConversationTable:
     def _describe(exc: BaseException) -> str:
         text = str(exc).strip() or type(exc).__name__
         return text[:200]
+
+    @property
+    def where(self) -> str:
+        """HOST:PORT/DB (or the socket path) of the Redis in use, for messages."""
+        return self._where()
 
     def _where(self) -> str:
         pool = self._redis.connection_pool.connection_kwargs

@@ -482,7 +482,8 @@ class _Endpoint:
                         async with asyncio.timeout(WRITER_IDLE_EXIT):
                             await self._ready.wait()
                     except TimeoutError:
-                        return
+                        if not self._queue:
+                            return
                     continue
                 if protocol.state is not State.OPEN:
                     return
