@@ -22,6 +22,7 @@ from tether.signaling import SignalingClient
 from tether.echo import start_echo_server
 
 from .test_cli_tunnel import Process, echo, free_port
+from .tube_pair import until
 
 pytestmark = pytest.mark.skipif(
     RedisServer.binary() is None,
@@ -249,6 +250,9 @@ async def test_limits_hold_across_relays(tmp_path, redis):
                                  reconnect_base=0.05, reconnect_max=0.2)
         clients.append(client)
         await client.start()
+        # Connected means the handshake is done; the join is recorded when the relay's
+        # first message (presence) arrives.
+        await until(lambda: client.peer_present is not None, 20)
         return client
 
     try:

@@ -449,3 +449,29 @@ def test_micro_benchmark_seal_and_open_of_a_4kb_signal():
         f"{len(json.dumps(signal))}"
     )
     assert seal_us + open_us < 5000  # a sanity bound only; the figure is printed
+
+
+# -- a known answer (version 2), shared with src/tether/web/tether-peer.js ---------------------
+
+
+def test_known_answer_matches_webcrypto():
+    """Fixed inputs, the bytes WebCrypto (tether-peer.js) produced for them: the derivation,
+    the header, the associated data and AES-256-GCM must never drift from the page's."""
+    expected_cid = "t2-y3UEVCYJA_-Qd8oUIidzxMBqwnknSgEzRFOWhS0xnXI"
+    expected_blob = (
+        "AgABAgMEBQYHCAkKCwwNDg8AAAAAAAAAAQAGCiQYHkAAZGVmZ2hpamtsbW5vSrcto99t6Qrgmi9vNKs97L2X"
+        "g7YQ7P9CxP0QeXHTzP0D3dlPVoyx3HdHs/I+oNjrRDfMDakWIr1F7JY0QWcdaSgr0MTH"
+    )
+    sealer = Sealer(SECRET, NAME, "connect")
+    assert sealer.conversation_id == conversation_id(SECRET, NAME) == expected_cid
+    signal = make_signal("tube-1", NAME, "offer", "v=0\r\n", restart_id=3)
+    session, nonce, stamp = bytes(range(16)), bytes(range(100, 112)), 1_700_000_000_000_000
+    header = sealing._HEADER.pack(VERSION, session, 1, stamp)
+    meta = json.dumps({"conversation_id": NAME, "restart_id": 3}, separators=(",", ":")).encode()
+    plaintext = sealing._META_LEN.pack(len(meta)) + meta + b"v=0\r\n"
+    ciphertext = sealer._seal_key.encrypt(nonce, plaintext, sealer._ad(header, "tube-1", "offer"))
+    assert base64.b64encode(header + nonce + ciphertext).decode() == expected_blob
+    expose = Sealer(SECRET, NAME, "expose", clock=lambda: stamp / 1e6)
+    wire = {"tube_id": "tube-1", "kind": "offer", "conversation_id": expected_cid,
+            "data": expected_blob, "sealed": 2}
+    assert expose.open(wire) == signal

@@ -699,15 +699,20 @@ class RedisConversationTable:
             local.peer.evict("the relay's conversation store lost its state; join again")
 
     def _note_failure(self, exc: BaseException) -> None:
-        self._failed = True
+        """One WARNING when Redis becomes unreachable (and one when it is back), not one
+        per failed call."""
         problem = self._describe(exc)
-        if problem != self.problem:
-            log.warning("relay: Redis at %s: %s", self._where(), problem)
+        if not self._failed:
+            log.warning("relay: Redis at %s: %s; refusing joins until it is back",
+                        self._where(), problem)
+        else:
+            log.debug("relay: Redis at %s: %s", self._where(), problem)
+        self._failed = True
         self.problem = problem
 
     @staticmethod
     def _describe(exc: BaseException) -> str:
-        text = str(exc).strip() or type(exc).__name__
+        text = str(exc).strip().rstrip(".") or type(exc).__name__
         return text[:200]
 
     @property

@@ -1,0 +1,1 @@
+../src/tether/web/tether-peer.js
