@@ -19,6 +19,7 @@ from tether import sealing
 from tether.sealing import (
     MALFORMED,
     REPLAYED,
+    SAME_ROLE,
     STALE,
     UNAUTHENTIC,
     UNSEALED,
@@ -134,8 +135,10 @@ def test_constructor_refuses_bad_arguments():
 def test_reflection_to_the_sender_is_refused():
     connect, expose = pair()
     connect2, expose2 = pair()
-    refused(connect2, connect.seal(sig()), UNAUTHENTIC)  # same role, same secret and name
-    refused(expose2, expose.seal(sig()), UNAUTHENTIC)
+    # Same role, same secret and name: refused, and said apart from a wrong secret.
+    refused(connect2, connect.seal(sig()), SAME_ROLE)
+    refused(expose2, expose.seal(sig()), SAME_ROLE)
+    refused(connect, connect.seal(sig()), SAME_ROLE)  # our own signal, sent back
 
 
 def test_wrong_secret_and_other_tunnel_are_refused():

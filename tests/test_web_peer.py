@@ -31,22 +31,15 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import pytest
 import pytest_asyncio
 
 from tether import sealing
 from tether.signaling import SignalingServer
-from tether.signaling import redact
-from tether.signaling.redact import RESUME_HEADER
 from tether.signals import make_signal
 from tether.web import (
-    credentials_from_subprotocols,
-    http_response,
-    select_subprotocol,
-    token_subprotocol,
-    web_response,
+    credentials_from_subprotocols, select_subprotocol, token_subprotocol, web_response,
 )
 
 from .browser.chromium import TETHER_ADDRESS, CdpError, Chromium, chromium_path
@@ -69,29 +62,6 @@ MESSAGES = 1000
 CONNECT_TIMEOUT = 60.0
 TETHER = Path(sys.executable).with_name("tether")
 WEB_DIR = Path(__file__).resolve().parents[1] / "src" / "tether" / "web"
-
-
-class WebRelay(SignalingServer):
-    """The relay with ``--web``: what tether.web asks SignalingServer to do."""
-
-    def __init__(self, host: str, port: int, token: str) -> None:
-        super().__init__(host, port, token)
-        self._ws_options["select_subprotocol"] = select_subprotocol
-        redact.install(token_subprotocol(token))  # the header websockets logs at DEBUG
-
-    async def _process_request(self, ws, request):
-        if "Upgrade" not in request.headers:
-            response = http_response(ws, urlsplit(request.path).path)
-            if response is not None:
-                return response
-        if not request.headers.get_all("Authorization"):
-            token, resume = credentials_from_subprotocols(
-                request.headers.get_all("Sec-WebSocket-Protocol"))
-            if token is not None:
-                request.headers["Authorization"] = f"Bearer {token}"
-            if resume is not None and not request.headers.get_all(RESUME_HEADER):
-                request.headers[RESUME_HEADER] = resume
-        return await super()._process_request(ws, request)
 
 
 async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -119,7 +89,7 @@ async def until(predicate, timeout: float, what: str) -> float:
 async def web():
     """Namespaces, relay, echo server, `tether expose`, and Chromium on the demo page."""
     with namespaces() as (browser_ns, tether_ns), inside(tether_ns):
-        relay = WebRelay(TETHER_ADDRESS, 0, TOKEN)
+        relay = SignalingServer(TETHER_ADDRESS, 0, TOKEN, web=True)  # `tether serve --web`
         await relay.start()
         echo = await asyncio.start_server(_echo, "127.0.0.1", 0)
         echo_port = echo.sockets[0].getsockname()[1]

@@ -45,7 +45,7 @@ from .connection_manager import (
 from .allow import AllowList
 from .events import EventLog
 from .router import CLOSE_REASON, UNKNOWN_TUBE, SignalRouter
-from .sealing import UNAUTHENTIC, UNSEALED, SealError, Sealer
+from .sealing import SAME_ROLE, UNAUTHENTIC, UNSEALED, SealError, Sealer
 from .signaling import SignalingClient
 from .socks import SocksServer
 from .signaling.client import SignalingError
@@ -275,6 +275,9 @@ class Side:
             self.refused[exc.reason] = count
             if exc.reason == UNAUTHENTIC:
                 message = f"a peer with the wrong secret tried to join tunnel {self.name!r}"
+            elif exc.reason == SAME_ROLE:
+                message = (f"another `tether {self.role} {self.name}` is on this tunnel; "
+                           f"a tunnel joins one expose and one connect: stop one of them")
             elif exc.reason == UNSEALED:
                 message = (f"a peer without the tunnel secret sent a signal to tunnel "
                            f"{self.name!r}")

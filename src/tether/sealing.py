@@ -78,6 +78,9 @@ UNSEALED = "unsealed"
 MALFORMED = "malformed"
 VERSION_UNKNOWN = "version"
 UNAUTHENTIC = "unauthentic"
+SAME_ROLE = "same_role"
+"""Sealed with this tunnel's secret by another peer of our own role (two `connect`s on one
+name), or our own signal reflected back; refused all the same, but worth saying apart."""
 REPLAYED = "replayed"
 STALE = "stale"
 
@@ -239,7 +242,13 @@ class Sealer:
         try:
             plaintext = self._open_key.decrypt(nonce, ciphertext, self._ad(header, tube_id, kind))
         except InvalidTag:
-            raise SealError(_UNAUTHENTIC_MSG, UNAUTHENTIC) from None
+            # Only on failure: does it open with our own direction's key?
+            try:
+                self._seal_key.decrypt(nonce, ciphertext, self._ad(header, tube_id, kind))
+            except InvalidTag:
+                raise SealError(_UNAUTHENTIC_MSG, UNAUTHENTIC) from None
+            raise SealError("sealed by a peer of our own role (or our own signal sent back)",
+                            SAME_ROLE) from None
         _, session, counter, stamp = _HEADER.unpack(header)
         try:
             (size,) = _META_LEN.unpack_from(plaintext)

@@ -39,43 +39,49 @@ def _limits(items: list[str]) -> RelayLimits:
 
 @app.command()
 def serve(
-    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on (0: any free port).")] = 8765,
+    host: Annotated[str, typer.Option(metavar="HOST", help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(
+        min=0, max=65535, metavar="PORT", help="Port to listen on (0: any free port).")] = 8765,
     token: Annotated[
         str | None,
         typer.Option(
-            "--token", envvar="TETHER_TOKEN",
+            "--token", envvar="TETHER_TOKEN", metavar="TOKEN",
             help="Shared secret (or set TETHER_TOKEN). On the command line it shows in `ps`: "
                  "prefer --token-file or TETHER_TOKEN.",
         ),
     ] = None,
     token_file: Annotated[
         str | None,
-        typer.Option("--token-file", help="Read the shared secret from this file (first line)."),
+        typer.Option("--token-file", metavar="FILE", help="Read the shared secret from this file (first line)."),
     ] = None,
     cert: Annotated[
         str | None,
-        typer.Option("--cert", help="TLS certificate chain (PEM): serve wss:// (needs --key)."),
+        typer.Option("--cert", metavar="FILE", help="TLS certificate chain (PEM): serve wss:// (needs --key)."),
     ] = None,
     key: Annotated[
-        str | None, typer.Option("--key", help="TLS private key (PEM) for --cert.")
+        str | None, typer.Option("--key", metavar="FILE", help="TLS private key (PEM) for --cert.")
     ] = None,
     redis: Annotated[
         str | None,
-        typer.Option("--redis", envvar="TETHER_REDIS",
+        typer.Option("--redis", envvar="TETHER_REDIS", metavar="URL",
                      help="Keep conversations in Redis (redis://HOST:PORT/DB) so that several "
                           "relays serve one set of tunnels; default: in this process."),
     ] = None,
     metrics: Annotated[
         str | None,
-        typer.Option("--metrics", help="Also answer GET /healthz and /metrics on HOST:PORT "
+        typer.Option("--metrics", metavar="HOST:PORT", help="Also answer GET /healthz and /metrics on HOST:PORT "
                                        "(they are always on the relay's own port too)."),
     ] = None,
     limit: Annotated[
         list[str] | None,
-        typer.Option("--limit", help="Override a relay limit, NAME=VALUE (repeatable), e.g. "
+        typer.Option("--limit", metavar="NAME=VALUE", help="Override a relay limit, NAME=VALUE (repeatable), e.g. "
                                      "max_connections=20000; names as in RelayLimits."),
     ] = None,
+    web: Annotated[
+        bool,
+        typer.Option("--web", help="Also serve the browser peer's demo page at /web/ (a web "
+                                   "page as the connecting side; needs https or localhost)."),
+    ] = False,
     verbose: Verbose = False,
 ) -> None:
     """Run the signaling relay that peers meet through."""
@@ -127,7 +133,7 @@ def serve(
             )
             await table.start()
         server = SignalingServer(host=host, port=port, token=token, ssl_context=context,
-                                 limits=limits, table=table)
+                                 limits=limits, table=table, web=web)
         side = None
         try:
             await server.start()
@@ -138,6 +144,10 @@ def serve(
             store = f", conversations in Redis {table.where}" if table is not None else ""
             console.print(f"signaling server on {scheme}://{shown}:{server.port}{store} "
                           f"(Ctrl-C to stop)", highlight=False)
+            if web:
+                page = "https" if context is not None else "http"
+                console.print(f"demo page on {page}://{shown}:{server.port}/web/",
+                              highlight=False)
             if side is not None:
                 where = side.sockets[0].getsockname()
                 console.print(f"health and metrics on http://{where[0]}:{where[1]}/healthz "

@@ -182,6 +182,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 
+from tether import web as web_page
 from tether.signals import ERROR, Signal, SignalError, validate_signal
 
 from . import redact
@@ -561,6 +562,7 @@ class SignalingServer:
         send_timeout: float | None = 5.0,
         replace_grace: float = 1.0,
         metrics: RelayMetrics | None = None,
+        web: bool = False,
     ) -> None:
         if not isinstance(token, str) or not token:
             raise ValueError("SignalingServer needs a non-empty token")
@@ -598,7 +600,9 @@ class SignalingServer:
             clock=clock,
         )
         self._token = token.encode()
-        redact.install(token)
+        # A browser offers the token as a subprotocol (tether.web): keep that form out of logs.
+        redact.install(token, web_page.token_subprotocol(token))
+        self.web = web
         self._failed_auth = BucketTable(
             limits.failed_auth_rate, limits.failed_auth_burst, clock, limits.tracked_addresses
         )
@@ -623,6 +627,8 @@ class SignalingServer:
             write_limit=write_limit,
             max_queue=max_queue,
             max_size=WS_SIZE_FACTOR * max_message_bytes,
+            # Browsers: answer "tether.v1" when offered (a page's offer with no answer fails).
+            select_subprotocol=web_page.select_subprotocol,
         )
         self._server: Server | None = None
         self._expirer: asyncio.Task[None] | None = None
@@ -755,6 +761,10 @@ class SignalingServer:
         parts = urlsplit(request.path)
         if parts.path in ("/healthz", "/metrics") and "Upgrade" not in request.headers:
             return self._http(ws, parts.path)
+        if self.web and "Upgrade" not in request.headers:
+            page = web_page.http_response(ws, parts.path)  # the demo page under /web/
+            if page is not None:
+                return page
         query = parse_qs(parts.query, keep_blank_values=True)
         names = {
             key: (query.get(key) or [""])[0][:MAX_ID_LENGTH] for key in ("conversation", "peer")
@@ -770,6 +780,11 @@ class SignalingServer:
                 ws, 429, "too many failed authentication attempts from your address", route, wait
             )
         authorization = request.headers.get_all("Authorization")
+        # A browser cannot set headers: its token (and resume credential) come as subprotocols.
+        offered_token, offered_resume = web_page.credentials_from_subprotocols(
+            request.headers.get_all("Sec-WebSocket-Protocol"))
+        if not authorization and offered_token is not None:
+            authorization = [f"Bearer {offered_token}"]
         problem = None
         if len(authorization) != 1:
             problem = "missing token: send the header 'Authorization: Bearer <token>'"
@@ -806,7 +821,8 @@ class SignalingServer:
                     route,
                 )
             values[key] = value
-        resumes = request.headers.get_all(RESUME_HEADER)
+        resumes = request.headers.get_all(RESUME_HEADER) or (
+            [offered_resume] if offered_resume is not None else [])
         resume = resumes[0].strip() if len(resumes) == 1 else ""
         if len(resume) > MAX_ID_LENGTH:
             resume = ""
