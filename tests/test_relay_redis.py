@@ -307,3 +307,112 @@ def test_serve_rejects_a_bad_redis_url(tmp_path):
     )
     assert done.returncode == 2
     assert "redis://HOST:PORT/DB" in done.stderr
+
+
+class SequencedEcho:
+    """A numbered byte stream through the tunnel, checked byte for byte as it echoes back.
+
+    Byte ``i`` of the stream is ``i * 7 % 251``, so any loss, duplicate or reordering is
+    caught at the first wrong byte."""
+
+    CHUNK = 4096
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.sent = 0
+        self.received = 0
+        self.stop = asyncio.Event()
+        self._pattern = bytes(n * 7 % 251 for n in range(251 * self.CHUNK))
+
+    def _slice(self, start: int, length: int) -> bytes:
+        start %= 251
+        return self._pattern[start:start + length]
+
+    async def write(self) -> None:
+        while not self.stop.is_set():
+            self.writer.write(self._slice(self.sent, self.CHUNK))
+            self.sent += self.CHUNK
+            await self.writer.drain()
+            await asyncio.sleep(0.02)
+        self.writer.write_eof()
+
+    async def read(self) -> None:
+        while data := await self.reader.read(65536):
+            expected = self._slice(self.received, len(data))
+            if data != expected:
+                at = next(i for i, (x, y) in enumerate(zip(data, expected)) if x != y)
+                raise AssertionError(f"echo differs at byte {self.received + at}")
+            self.received += len(data)
+
+
+async def test_a_relay_killed_mid_restart_of_a_tube_loses_nothing(tmp_path, redis, echo_port):
+    from .test_control import status_json, tether, tubes_of
+
+    a = await Relay.start(tmp_path, "relay-a", redis)
+    b = await Relay.start(tmp_path, "relay-b", redis)
+    # Each side on its own "host": its own runtime dir, so `tether restart` reaches one side.
+    env_x = {"TETHER_TOKEN": TOKEN, "TETHER_SECRET": SECRET,
+             "TETHER_RUNTIME_DIR": str(tmp_path / "run-expose")}
+    env_c = {**env_x, "TETHER_RUNTIME_DIR": str(tmp_path / "run-connect")}
+    procs: list[Process] = []
+    tasks: list[asyncio.Task] = []
+    writer = None
+    try:
+        procs.append(await Process.start(
+            "expose", tmp_path, "expose", "db", "--target", f"127.0.0.1:{echo_port}",
+            "--signal", a.url, "--signal", b.url, "--loopback", env=env_x))
+        connect_ = await Process.start(
+            "connect", tmp_path, "connect", "db", "--listen", "127.0.0.1:0",
+            "--signal", b.url, "--signal", a.url, "--loopback", env=env_c)
+        procs.append(connect_)
+        listen = int((await connect_.line(r"listening on 127\.0\.0\.1:(\d+)", 60)).group(1))
+        reader, writer = await asyncio.open_connection("127.0.0.1", listen)
+        stream = SequencedEcho(reader, writer)
+        tasks = [asyncio.create_task(stream.write()), asyncio.create_task(stream.read())]
+        await until(lambda: stream.received >= 64 * 1024 or any(t.done() for t in tasks), 90)
+        assert not any(t.done() for t in tasks), "the echo stream ended before the restart"
+
+        # On loopback a restart takes tens of ms, faster than a kill can be aimed: freeze
+        # relay A (the expose side's) first, so the restart's signals are surely in flight
+        # through it, then kill it with no goodbye while the restart waits on them.
+        a.process.process.send_signal(signal.SIGSTOP)
+        code, text, err = await tether("restart", "db", env=env_c, timeout=60)
+        assert code == 0, err
+        assert "connect db: restarting 1 tube" in text
+        await asyncio.sleep(0.5)
+        assert await a.stop(signal.SIGKILL) != 0
+
+        async def restarted() -> dict | None:
+            for tube in tubes_of(await status_json(env_c, "db"), "db", "connect"):
+                r = tube["restarts"]
+                assert not r["failed"], f"the restart failed: {tube}"
+                if r["succeeded"] >= 1 or (r["started"] >= 1 and tube["state"] == "connected"
+                                           and r["by_reason"].get("manual")):
+                    return tube
+            return None
+
+        async with asyncio.timeout(120):
+            while (tube := await restarted()) is None:
+                assert not any(t.done() for t in tasks), "the echo stream ended mid-restart"
+                await asyncio.sleep(0.5)
+        # The echo goes on after the restart, through relay B alone.
+        mark = stream.received
+        await until(lambda: stream.received >= mark + 64 * 1024
+                    or any(t.done() for t in tasks), 90)
+        stream.stop.set()
+        async with asyncio.timeout(90):
+            await asyncio.gather(*tasks)
+        assert stream.received == stream.sent  # every byte, in order (checked as it came)
+        print(f"\nrestart {tube['restarts']}, {stream.sent} bytes echoed in order")
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if writer is not None:
+            writer.close()
+        for proc in reversed(procs):
+            await proc.stop()
+        await a.stop()
+        await b.stop()
+    logs = "".join(p.log.read_text() for p in [*procs, a.process, b.process])
+    assert TOKEN not in logs and SECRET not in logs

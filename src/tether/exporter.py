@@ -2,12 +2,11 @@
 
 Each side gets its own CollectorRegistry (never the global one, so two sides in one process
 do not clash) with one collector that reads ``side.status()`` at scrape time. The HTTP
-server is a small asyncio one, not prometheus_client's thread: the side's objects live on
-the event loop and no thread may touch them. Requests are bounded (head size, time,
-concurrent connections).
+server is :mod:`tether.metrics_http`'s, on the event loop.
 
 Metrics (labels ``tunnel``, ``role``, and ``tube`` where per tube):
-``tether_tube_state`` (1 for the tube's current state, label ``state``), ``tether_tube_rtt_seconds``,
+``tether_tube_state`` (1 for the tube's current state, label ``state``),
+``tether_tube_rtt_seconds``,
 ``tether_tube_bytes_sent_total`` / ``_received_total``, ``tether_tube_streams``,
 ``tether_tube_streams_opened_total``, ``tether_restarts_total`` (label ``reason``),
 ``tether_recovery_seconds`` (histogram: outage to connected again), ``tether_signaling_connected``,
@@ -16,11 +15,9 @@ Metrics (labels ``tunnel``, ``role``, and ``tube`` where per tube):
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -29,10 +26,10 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     Metric,
 )
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
 from .connection_manager import ConnectionState
+from .metrics_http import MetricsHTTPServer
 from .tubestats import REASONS
 
 if TYPE_CHECKING:
@@ -40,9 +37,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-MAX_HEAD = 8192
-REQUEST_TIMEOUT = 10.0
-MAX_CONNECTIONS = 16
 STATES = [s.value for s in ConnectionState]
 
 
@@ -101,77 +95,10 @@ class SideCollector(Collector):
         yield recovery
 
 
-class MetricsServer:
-    """GET /metrics over plain HTTP/1.0-style responses, on the event loop."""
+class MetricsServer(MetricsHTTPServer):
+    """One side's metrics on ``--metrics HOST:PORT``, from its own registry."""
 
     def __init__(self, side: Side, host: str, port: int) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(SideCollector(side))
-        self.host, self.port = host, port
-        self._server: asyncio.Server | None = None
-        self._connections: set[asyncio.Task[Any]] = set()
-
-    @property
-    def address(self) -> tuple[str, int]:
-        assert self._server is not None
-        host, port = self._server.sockets[0].getsockname()[:2]
-        return host, port
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, self.host, self.port,
-                                                  limit=MAX_HEAD)
-        host, port = self.address
-        shown = f"[{host}]" if ":" in host else host
-        logger.info("metrics on http://%s:%d/metrics", shown, port)
-
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for task in list(self._connections):
-            task.cancel()
-        await asyncio.gather(*self._connections, return_exceptions=True)
-        if self._server is not None:
-            await self._server.wait_closed()
-            self._server = None
-
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        if len(self._connections) >= MAX_CONNECTIONS:
-            writer.close()
-            return
-        self._connections.add(task)
-        try:
-            async with asyncio.timeout(REQUEST_TIMEOUT):
-                head = await reader.readuntil(b"\r\n\r\n")
-                parts = head.split(b"\r\n", 1)[0].split()
-                if len(parts) != 3 or parts[0] not in (b"GET", b"HEAD"):
-                    await _respond(writer, 405, b"only GET\n", "text/plain")
-                elif parts[1].split(b"?", 1)[0] not in (b"/metrics", b"/"):
-                    await _respond(writer, 404, b"try /metrics\n", "text/plain")
-                else:
-                    body = self.render()
-                    await _respond(writer, 200, b"" if parts[0] == b"HEAD" else body,
-                                   CONTENT_TYPE_LATEST, length=len(body))
-        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
-                ConnectionError):
-            pass
-        except asyncio.CancelledError:
-            pass
-        finally:
-            self._connections.discard(task)
-            writer.close()
-
-
-async def _respond(writer: asyncio.StreamWriter, code: int, body: bytes, content_type: str,
-                   length: int | None = None) -> None:
-    reason = {200: "OK", 404: "Not Found", 405: "Method Not Allowed"}[code]
-    head = (f"HTTP/1.1 {code} {reason}\r\nContent-Type: {content_type}\r\n"
-            f"Content-Length: {len(body) if length is None else length}\r\n"
-            "Connection: close\r\n\r\n").encode()
-    writer.write(head + body)
-    with contextlib.suppress(ConnectionError):
-        await writer.drain()
+        super().__init__(host, port, lambda: generate_latest(self.registry))

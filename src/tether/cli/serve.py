@@ -11,7 +11,7 @@ import typer
 from ..signaling import SignalingServer
 from . import app
 from ..signaling.limits import RelayLimits
-from ..signaling.metrics import serve_http
+from ..metrics_http import MetricsHTTPServer
 from .common import Verbose, console, parse_address, run_main, setup_logging
 
 
@@ -52,11 +52,13 @@ def serve(
     ] = None,
     token_file: Annotated[
         str | None,
-        typer.Option("--token-file", metavar="FILE", help="Read the shared secret from this file (first line)."),
+        typer.Option("--token-file", metavar="FILE",
+                     help="Read the shared secret from this file (first line)."),
     ] = None,
     cert: Annotated[
         str | None,
-        typer.Option("--cert", metavar="FILE", help="TLS certificate chain (PEM): serve wss:// (needs --key)."),
+        typer.Option("--cert", metavar="FILE",
+                     help="TLS certificate chain (PEM): serve wss:// (needs --key)."),
     ] = None,
     key: Annotated[
         str | None, typer.Option("--key", metavar="FILE", help="TLS private key (PEM) for --cert.")
@@ -69,13 +71,15 @@ def serve(
     ] = None,
     metrics: Annotated[
         str | None,
-        typer.Option("--metrics", metavar="HOST:PORT", help="Also answer GET /healthz and /metrics on HOST:PORT "
-                                       "(they are always on the relay's own port too)."),
+        typer.Option("--metrics", metavar="HOST:PORT",
+                     help="Also answer GET /healthz and /metrics on HOST:PORT (they are "
+                          "always on the relay's own port too)."),
     ] = None,
     limit: Annotated[
         list[str] | None,
-        typer.Option("--limit", metavar="NAME=VALUE", help="Override a relay limit, NAME=VALUE (repeatable), e.g. "
-                                     "max_connections=20000; names as in RelayLimits."),
+        typer.Option("--limit", metavar="NAME=VALUE",
+                     help="Override a relay limit, NAME=VALUE (repeatable), e.g. "
+                          "max_connections=20000; names as in RelayLimits."),
     ] = None,
     web: Annotated[
         bool,
@@ -138,7 +142,8 @@ def serve(
         try:
             await server.start()
             if metrics_address is not None:
-                side = await serve_http(*metrics_address, server.metrics.render, server.health)
+                side = MetricsHTTPServer(*metrics_address, server.metrics.render, server.health)
+                await side.start()
             scheme = "wss" if context is not None else "ws"
             shown = f"[{host}]" if ":" in host else host  # an IPv6 address in a URL
             store = f", conversations in Redis {table.where}" if table is not None else ""
@@ -149,14 +154,13 @@ def serve(
                 console.print(f"demo page on {page}://{shown}:{server.port}/web/",
                               highlight=False)
             if side is not None:
-                where = side.sockets[0].getsockname()
+                where = side.address
                 console.print(f"health and metrics on http://{where[0]}:{where[1]}/healthz "
                               "and /metrics", highlight=False)
             await asyncio.Event().wait()
         finally:
             if side is not None:
-                side.close()
-                await side.wait_closed()
+                await side.close()
             await server.close()
             if table is not None:
                 await table.close()

@@ -3,16 +3,16 @@
 Each :class:`RelayMetrics` has its own registry (several relays in one process, as in tests,
 do not collide). The relay serves both paths on its own port (before authentication: they
 carry no secrets) and, with ``--metrics HOST:PORT``, on a separate small HTTP listener
-(:func:`serve_http`), for scrapers that must not reach the signaling port.
+(:mod:`tether.metrics_http`), for scrapers that must not reach the signaling port.
 """
 
 from __future__ import annotations
 
-import asyncio
 import bisect
 import logging
 from collections.abc import Callable, Iterator
 from typing import Any
+
 
 # prometheus_client is imported when metrics are first rendered: the client side of tether
 # imports this module too (via the wire constants) and should not pay for it.
@@ -108,40 +108,3 @@ class RelayMetrics:
             self._registry.register(self)
         return bytes(generate_latest(self._registry))
 
-
-CONTENT_TYPE = "text/plain; version=1.0.0; charset=utf-8"
-"""Prometheus' text exposition format (prometheus_client.CONTENT_TYPE_LATEST)."""
-
-
-async def serve_http(
-    host: str, port: int, metrics: Callable[[], bytes], health: Callable[[], tuple[bool, str]]
-) -> asyncio.Server:
-    """A minimal HTTP/1.1 listener answering ``GET /healthz`` and ``GET /metrics``."""
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            async with asyncio.timeout(5):
-                request = await reader.readuntil(b"\r\n\r\n")
-            line = request.split(b"\r\n", 1)[0].decode("latin-1").split()
-            path = line[1].split("?", 1)[0] if len(line) >= 2 else ""
-            if len(line) < 2 or line[0] != "GET":
-                status, body, ctype = "405 Method Not Allowed", b"GET only\n", "text/plain"
-            elif path == "/healthz":
-                ok, why = health()
-                status = "200 OK" if ok else "503 Service Unavailable"
-                body, ctype = (why + "\n").encode(), "text/plain; charset=utf-8"
-            elif path == "/metrics":
-                status, body, ctype = "200 OK", metrics(), CONTENT_TYPE
-            else:
-                status, body, ctype = "404 Not Found", b"try /healthz or /metrics\n", "text/plain"
-            writer.write(
-                f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
-                f"Connection: close\r\n\r\n".encode() + body
-            )
-            await writer.drain()
-        except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-            pass
-        finally:
-            writer.close()
-
-    return await asyncio.start_server(handle, host, port, limit=16 * 1024)

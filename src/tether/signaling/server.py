@@ -195,7 +195,8 @@ from .conversations import (
 )
 from .frames import load, text_of, with_text
 from .limits import BucketTable, RelayLimits, address_key, retry_after
-from .metrics import CONTENT_TYPE, RelayMetrics
+from ..metrics_http import CONTENT_TYPE
+from .metrics import RelayMetrics
 from .redact import RESUME_HEADER
 
 log = logging.getLogger(__name__)
