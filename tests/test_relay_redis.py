@@ -395,6 +395,9 @@ async def test_a_relay_killed_mid_restart_of_a_tube_loses_nothing(tmp_path, redi
             while (tube := await restarted()) is None:
                 assert not any(t.done() for t in tasks), "the echo stream ended mid-restart"
                 await asyncio.sleep(0.5)
+        # Premise check: the restart could not finish while relay A was frozen, so it took
+        # at least the freeze (0.5 s) and its last signals went through relay B.
+        assert max(tube["restarts"]["recoveries_seconds"] or [0.0]) >= 0.4, tube
         # The echo goes on after the restart, through relay B alone.
         mark = stream.received
         await until(lambda: stream.received >= mark + 64 * 1024

@@ -18,8 +18,10 @@ Figures (``await measure(quick)``):
   ``redis2`` (two relays on one Redis, half the pairs split across them): 1,000 conversations
   (one sender and one receiver each) at full speed, then paced at 1,000 signals/s in total
   for the latency; ``relay_redis2_vs_redis``.
-- ``relay_idle_peer_bytes`` / ``relay_idle_cpu_pct``: the relay's RSS per idle connected peer
-  and its CPU while they idle, at 100, 1,000 and 10,000 peers (``relay_idle`` has each point).
+- ``relay_idle_peer_bytes`` / ``relay_idle_cpu_pct``: the relay's RSS growth per idle connected
+  peer and its CPU while they idle, at 100, 1,000 and 10,000 peers (``relay_idle`` has each
+  point, with the marginal slope). RSS from /proc of the relay process, peers in this one;
+  baseline after 20 warm-up peers, read once every peer is idle (see ``_idle``).
 
 Rerun: ``python -m tether.bench.relay [--quick]`` prints the JSON.
 """
@@ -460,24 +462,43 @@ async def _configs(quick: bool) -> dict[str, Any]:
     return out
 
 
+IDLE_WARMUP_PEERS = 20
+"""Connected (and kept) before the baseline: the first connections also load code and fill
+caches once per process, which is no peer's cost."""
+IDLE_SETTLE_S = 4.0
+"""Wait after the joins before reading RSS: longer than the relay writer's idle exit (2 s),
+so each peer is idle (no writer task or queue left from its join's presence frame)."""
+
+
 async def _idle(quick: bool) -> dict[str, Any]:
+    """RSS growth of a real ``tether serve`` per idle connected peer (WebSocket connection).
+
+    ``bytes_per_peer`` = (VmRSS now - VmRSS with ``IDLE_WARMUP_PEERS`` peers) / peers added
+    since: everything the process holds more (Python objects, allocator slack, websockets'
+    and our buffers), read from /proc, peers in this other process. ``marginal_bytes_per_peer``
+    is the slope from the previous point."""
     points = [100, 1000] if quick else [100, 1000, 10_000]
     relay, port = await start_relay(*[a for limit in BIG_LIMITS for a in ("--limit", limit)])
     series: list[dict[str, Any]] = []
     pairs: list[Pair] = []
     try:
-        await asyncio.sleep(0.5)
+        pairs.extend(await _pairs([port], IDLE_WARMUP_PEERS // 2, "warm", concurrency=10))
+        await asyncio.sleep(IDLE_SETTLE_S)
         base_rss, _ = _proc_stats(relay.pid)
+        last_rss, last_peers = base_rss, 0
         for peers in points:
-            more = await _pairs([port], peers // 2 - len(pairs), f"idle{peers}", concurrency=100)
+            more = await _pairs([port], peers // 2 - (len(pairs) - IDLE_WARMUP_PEERS // 2),
+                                f"idle{peers}", concurrency=100)
             pairs.extend(more)
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(IDLE_SETTLE_S)
             rss, cpu0 = _proc_stats(relay.pid)
             await asyncio.sleep(3.0)
             _, cpu1 = _proc_stats(relay.pid)
             series.append({"peers": peers, "rss_bytes": rss,
                            "bytes_per_peer": (rss - base_rss) / peers,
+                           "marginal_bytes_per_peer": (rss - last_rss) / (peers - last_peers),
                            "cpu_pct": (cpu1 - cpu0) / 3.0 * 100})
+            last_rss, last_peers = rss, peers
     finally:
         for pair in pairs:
             pair.close()

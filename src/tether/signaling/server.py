@@ -170,6 +170,7 @@ import json
 import logging
 import ssl
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -300,8 +301,17 @@ class _Endpoint:
     """A connected peer: implements ``conversations.Peer`` over a ServerConnection.
 
     Everything sent to the peer goes through one bounded queue drained by this
-    connection's own writer task, so a stuck socket only ever stalls itself.
+    connection's own writer task, so a stuck socket only ever stalls itself. An idle peer
+    holds no queue, event or task (they exist only while frames wait): thousands of idle
+    peers are what a relay mostly serves, and each empty deque alone costs ~760 bytes.
     """
+
+    __slots__ = (
+        "ws", "conversation_id", "peer_id", "address", "resume", "credential",
+        "max_frame_bytes", "queue_frames", "queue_bytes", "send_timeout", "replace_grace",
+        "gone", "peer_json", "_queue", "_queued_bytes", "_writer", "_ready", "_started",
+        "_abort_handle",
+    )
 
     def __init__(
         self,
@@ -331,11 +341,13 @@ class _Endpoint:
         self.gone = False
         """Superseded or evicted: nothing more is queued or written."""
         self.peer_json = _json_string(peer_id)
-        self._queue: deque[_Outgoing] = deque()
+        self._queue: deque[_Outgoing] | None = None
+        """Frames for the writer; None while there are none (created on the first frame)."""
         self._queued_bytes = 0
         self._writer: asyncio.Task[None] | None = None
         """Runs only while frames come (an idle peer costs no task)."""
-        self._ready = asyncio.Event()
+        self._ready: asyncio.Event | None = None
+        """Wakes the writer; exists only while the writer does."""
         self._started = False
         self._abort_handle: asyncio.TimerHandle | None = None
 
@@ -344,7 +356,7 @@ class _Endpoint:
     def start(self) -> None:
         self._started = True
         if self._queue and self._writer is None:
-            self._writer = asyncio.create_task(self._write_loop())
+            self._start_writer()
 
     async def finish(self) -> None:
         self._started = False
@@ -354,6 +366,7 @@ class _Endpoint:
             await asyncio.wait({writer})
             if not writer.cancelled() and writer.exception() is not None:
                 log.error("relay writer failed", exc_info=writer.exception())
+        self._ready = None
         if self._abort_handle is not None:
             self._abort_handle.cancel()
             self._abort_handle = None
@@ -361,7 +374,7 @@ class _Endpoint:
     @property
     def queued(self) -> int:
         """Frames waiting for the writer (for tests and status)."""
-        return len(self._queue)
+        return len(self._queue) if self._queue else 0
 
     # conversations.Peer
 
@@ -385,11 +398,14 @@ class _Endpoint:
 
     def take_undelivered(self) -> list[Signal]:
         taken: list[Signal] = []
+        if not self._queue:
+            return taken
         for item in self._queue:
             if item.signals:
                 taken.extend(item.signals)
-        self._queue = deque(item for item in self._queue if not item.signals)
-        self._queued_bytes = sum(len(item.text) for item in self._queue)
+        kept = [item for item in self._queue if not item.signals]
+        self._queue = deque(kept) if kept else None
+        self._queued_bytes = sum(len(item.text) for item in kept)
         return taken
 
     def supersede(self) -> None:
@@ -437,7 +453,7 @@ class _Endpoint:
 
     def _stop(self, reason: str) -> None:
         self.gone = True
-        self._queue.clear()
+        self._queue = None
         self._queued_bytes = 0
         writer = self._writer
         if writer is not None and writer is not asyncio.current_task():
@@ -458,14 +474,21 @@ class _Endpoint:
             )
         ):
             return False
-        self._queue.extend(items)
+        if self._queue is None:
+            self._queue = deque(items)
+        else:
+            self._queue.extend(items)
         self._queued_bytes += size
         if self._writer is None:
             if self._started:
-                self._writer = asyncio.create_task(self._write_loop())
-        else:
+                self._start_writer()
+        elif self._ready is not None:
             self._ready.set()
         return True
+
+    def _start_writer(self) -> None:
+        self._ready = asyncio.Event()
+        self._writer = asyncio.create_task(self._write_loop())
 
     async def _write_loop(self) -> None:
         """Write queued frames, all that are waiting in one socket write (up to
@@ -478,19 +501,23 @@ class _Endpoint:
             while True:
                 if not self._queue:
                     # Stay a little for the next frame (a task per frame costs more than a
-                    # timer); an idle connection keeps no writer task.
-                    self._ready.clear()
+                    # timer); an idle connection keeps no writer task, event or queue.
+                    ready = self._ready
+                    assert ready is not None
+                    ready.clear()
                     try:
                         async with asyncio.timeout(WRITER_IDLE_EXIT):
-                            await self._ready.wait()
+                            await ready.wait()
                     except TimeoutError:
                         if not self._queue:
+                            self._queue = None
                             return
                     continue
                 if protocol.state is not State.OPEN:
                     return
                 size = 0
                 queue = self._queue  # (take_undelivered() replaces it, never mid-batch)
+                assert queue is not None
                 while queue and size < WRITE_BATCH_BYTES:
                     item = queue.popleft()
                     size += len(item.text)
@@ -515,6 +542,7 @@ class _Endpoint:
         finally:
             if self._writer is asyncio.current_task():
                 self._writer = None
+                self._ready = None
 
 
 class _Route:
@@ -612,6 +640,11 @@ class SignalingServer:
         )
         self._all_joins = BucketTable(limits.total_join_rate, limits.total_join_burst, clock, 1)
         self._connections: dict[str, int] = {}  # address -> open WebSocket connections
+        # Accepted handshake -> its route, until the handler takes it. Not an attribute of
+        # the connection: a new attribute un-shares its __dict__'s keys (~1.6 KB per peer).
+        self._routes: weakref.WeakKeyDictionary[ServerConnection, _Route] = (
+            weakref.WeakKeyDictionary()
+        )
         self.connection_count = 0
         self._endpoint_options = dict(
             max_frame_bytes=max_message_bytes,
@@ -854,9 +887,7 @@ class SignalingServer:
         if refusal is not None:
             return self._refuse(ws, refusal.status, refusal.reason, route, refusal.retry_after)
         self._count_connection(ws, address)
-        ws.tether_route = _Route(  # type: ignore[attr-defined]
-            values["conversation"], values["peer"], address, resume
-        )
+        self._routes[ws] = _Route(values["conversation"], values["peer"], address, resume)
         return None
 
     def _count_connection(self, ws: ServerConnection, address: str) -> None:
@@ -877,7 +908,8 @@ class SignalingServer:
     # connection
 
     async def _handle(self, ws: ServerConnection) -> None:
-        route: _Route = ws.tether_route  # type: ignore[attr-defined]
+        route = self._routes.pop(ws)
+        _forget_handshake_headers(ws)
         endpoint = _Endpoint(
             ws,
             route.conversation_id,
@@ -1238,6 +1270,19 @@ def _split(payload: Any) -> list[tuple[str, Any, str | None]]:
         else:
             out.append((label, item, None))
     return out
+
+
+def _forget_handshake_headers(ws: ServerConnection) -> None:
+    """Empty the opening handshake's headers, kept by websockets for the connection's life.
+
+    Once the route is read nothing looks at them again, and they are ~3.5 KB of an idle
+    peer's cost (a dict, a list and two strings per header). Cleared in place: the
+    protocol's parser also keeps the request. Path, method and status stay.
+    """
+    if ws.request is not None:
+        ws.request.headers.clear()
+    if ws.response is not None:
+        ws.response.headers.clear()
 
 
 def _address_of(ws: ServerConnection) -> str:
