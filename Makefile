@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-DEBIAN_PACKAGES := iproute2 nftables conntrack coturn redis-server chromium
+DEBIAN_PACKAGES := iproute2 nftables conntrack coturn redis-server chromium curl
 
 .PHONY: demo test venv debian bench clean
 

@@ -6,6 +6,7 @@ import pytest
 
 from tether.cores.aiortc_core import AiortcTubeRegistry
 from tether.cores.gathering import LOOPBACK
+from tether.echo import start_echo_server
 
 from .tube_pair import FAST_LIVENESS
 
@@ -28,3 +29,12 @@ async def fast_cores():
     yield a, b
     await a.close()
     await b.close()
+
+
+@pytest.fixture
+async def echo_port():
+    """A TCP echo server on loopback (a tunnel's target); its port."""
+    server = await start_echo_server("127.0.0.1", 0)
+    yield server.sockets[0].getsockname()[1]
+    server.close()
+    await server.wait_closed()

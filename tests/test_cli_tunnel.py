@@ -14,9 +14,7 @@ import socket
 import sys
 from pathlib import Path
 
-import pytest
 
-from tether.echo import start_echo_server
 
 from .certs import certificate
 from .tube_pair import until
@@ -96,14 +94,6 @@ async def echo(port: int, payload: bytes, timeout: float = 20.0) -> bytes:
         writer.close()
         with contextlib.suppress(ConnectionError):
             await writer.wait_closed()
-
-
-@pytest.fixture
-async def echo_port():
-    server = await start_echo_server("127.0.0.1", 0)
-    yield server.sockets[0].getsockname()[1]
-    server.close()
-    await server.wait_closed()
 
 
 async def test_a_sealed_tunnel_over_a_tls_relay_with_an_intruder(tmp_path, echo_port):

@@ -180,16 +180,6 @@ async def test_status_restart_and_stop_of_two_running_tunnels(tmp_path: Path, ec
     assert TOKEN not in logs and SECRET not in logs
 
 
-@pytest.fixture
-async def echo_port():
-    from tether.echo import start_echo_server
-
-    server = await start_echo_server("127.0.0.1", 0)
-    yield server.sockets[0].getsockname()[1]
-    server.close()
-    await server.wait_closed()
-
-
 # -- the protocol, on a real Unix socket in this process ------------------------------------
 
 

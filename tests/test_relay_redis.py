@@ -19,8 +19,6 @@ from websockets.exceptions import InvalidStatus
 from tether.bench.relay import RedisServer
 from tether.signaling import SignalingClient
 
-from tether.echo import start_echo_server
-
 from .test_cli_tunnel import Process, echo, free_port
 from .tube_pair import until
 
@@ -31,14 +29,6 @@ pytestmark = pytest.mark.skipif(
 
 TOKEN = "relay-token-for-redis-tests"
 SECRET = "the-tunnel-secret-only-peers-know"
-
-
-@pytest.fixture
-async def echo_port():
-    server = await start_echo_server("127.0.0.1", 0)
-    yield server.sockets[0].getsockname()[1]
-    server.close()
-    await server.wait_closed()
 
 
 @pytest.fixture
