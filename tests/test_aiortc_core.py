@@ -8,7 +8,6 @@ import base64
 import pytest
 
 from tether.cores.aiortc_core import (
-    AiortcTubeRegistry,
     UnknownTubeError,
     decode_sdp,
     split_candidates,

@@ -64,11 +64,13 @@ Loopback = Annotated[
 ]
 IceServer = Annotated[
     list[str] | None,
-    typer.Option("--ice-server", metavar="URL", help="STUN/TURN URL (repeatable): stun:HOST:PORT, "
-                                      "turn:HOST:PORT, turns:HOST:PORT; none by default."),
+    typer.Option("--ice-server", metavar="URL",
+                 help="STUN/TURN URL (repeatable): stun:HOST:PORT, turn:HOST:PORT, "
+                      "turns:HOST:PORT; none by default."),
 ]
 TurnUser = Annotated[
-    str | None, typer.Option("--turn-user", metavar="USER", help="User name for the turn:/turns: servers.")
+    str | None,
+    typer.Option("--turn-user", metavar="USER", help="User name for the turn:/turns: servers."),
 ]
 TurnPassword = Annotated[
     str | None,
@@ -92,8 +94,9 @@ CaFile = Annotated[
 ]
 Events = Annotated[
     str | None,
-    typer.Option("--events", metavar="FILE", help="Append what happens (states, network changes, tubes) "
-                                  "to this file as JSON lines."),
+    typer.Option("--events", metavar="FILE",
+                 help="Append what happens (states, network changes, tubes) "
+                      "to this file as JSON lines."),
 ]
 
 
@@ -237,8 +240,9 @@ def make_core(loopback: bool, ice_servers: list[str] | None, turn_user: str | No
 
 
 CoreName = Annotated[str, typer.Option(
-    "--core", metavar="aiortc|keeper", help="WebRTC core: aiortc (default) or keeper (the Rust core, "
-                   "pip install 'tether[keeper]').")]
+    "--core", metavar="aiortc|keeper",
+    help="WebRTC core: aiortc (default) or keeper (the Rust core, "
+         "pip install 'tether[keeper]').")]
 
 
 def make_keeper_core(loopback: bool, servers: list[str], turn_user: str | None,

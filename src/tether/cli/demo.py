@@ -17,7 +17,8 @@ from .common import CoreName, Verbose, console, out, run_main, setup_logging
 
 @app.command()
 def demo(
-    mb: Annotated[float, typer.Option(metavar="MB", help="Megabytes to push through the tunnel.")] = 32,
+    mb: Annotated[float, typer.Option(
+        metavar="MB", help="Megabytes to push through the tunnel.")] = 32,
     streams: Annotated[int, typer.Option(metavar="N", help="Concurrent TCP connections.")] = 4,
     as_json: Annotated[bool, typer.Option("--json", help="End with one JSON line.")] = False,
     break_path: Annotated[bool, typer.Option(

@@ -30,7 +30,8 @@ from .common import console, out, parse_address
 
 logger = logging.getLogger("tether.status")
 
-Name = Annotated[str | None, typer.Argument(metavar="[NAME]", help="Tunnel name (default: every running tunnel).",
+Name = Annotated[str | None, typer.Argument(
+    metavar="[NAME]", help="Tunnel name (default: every running tunnel).",
                                             show_default=False)]
 
 

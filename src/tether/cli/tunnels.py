@@ -11,23 +11,18 @@ from ..app import ConnectSide, ExposeSide, Side
 from ..sealing import new_secret
 from ..tunnel import format_hostport
 from . import app, modes
-from .status import operate, show
+from .status import operate
 from .common import (
-    CaFile, CoreName, Events, IceServer, Loopback, Secret, SecretFile, Token, TurnPassword,
-    TurnUser, Verbose, LogFormat, Metrics, StatusInterval, console, make_core, make_side, need_token, out, parse_address,
-    read_secret, run_main, setup_logging,
+    CaFile, CoreName, Events, IceServer, LogFormat, Loopback, Metrics, Secret, SecretFile,
+    StatusInterval, Token, TurnPassword, TurnUser, Verbose, console, make_core, make_side,
+    need_token, out, parse_address, read_secret, run_main, setup_logging,
 )
-
-
-async def _show(side: Side, title: str, status_interval: float = 30.0) -> None:
-    """The live table (rate, path, idle since a byte moved) on a terminal, else a periodic
-    status line; until cancelled."""
-    await show(side, title, status_interval)
 
 
 @app.command()
 def expose(
-    name: Annotated[str, typer.Argument(metavar="NAME", help="Tunnel name, shared with the connecting side.")],
+    name: Annotated[str, typer.Argument(
+        metavar="NAME", help="Tunnel name, shared with the connecting side.")],
     target: modes.OptTarget = None,
     signal: modes.OptSignal = None,
     allow: modes.Allow = None,
@@ -96,7 +91,8 @@ def expose(
 
 @app.command()
 def connect(
-    name: Annotated[str, typer.Argument(metavar="NAME", help="Tunnel name, as given to `tether expose`.")],
+    name: Annotated[str, typer.Argument(
+        metavar="NAME", help="Tunnel name, as given to `tether expose`.")],
     listen: modes.OptListen = None,
     signal: modes.OptSignal = None,
     socks: modes.Socks = None,

@@ -31,8 +31,10 @@ logger = logging.getLogger(__name__)
 
 AsJson = Annotated[bool, typer.Option("--json", help="End with one JSON line of results.")]
 Only = Annotated[str | None, typer.Option(
-    metavar="NAMES", help=f"Comma-separated scenario names (default: all): {', '.join(SCENARIOS)}.")]
-Runs = Annotated[int, typer.Option(min=1, metavar="N", help="Runs of each scenario (min/median/max).")]
+    metavar="NAMES",
+    help=f"Comma-separated scenario names (default: all): {', '.join(SCENARIOS)}.")]
+Runs = Annotated[int, typer.Option(
+    min=1, metavar="N", help="Runs of each scenario (min/median/max).")]
 Keep = Annotated[bool, typer.Option(help="Keep every run's directory, not only failed ones.")]
 GiveUp = Annotated[float, typer.Option(metavar="SECONDS", help="Seconds to wait for a recovery.")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Show the lab's logs.")]
