@@ -687,16 +687,7 @@ class ConnectSide(Side):
         assert task is not None
         self._streams.add(task)
         try:
-            try:
-                handle = await self.wait_ready(self.stream_wait)
-            except TimeoutError:
-                logger.error("no tube to %r after %.0f s; closing the client connection "
-                             "(is `tether expose %s` running?)", self.name, self.stream_wait,
-                             self.name)
-                writer.close()
-                return
-            assert handle.tunnel is not None
-            await handle.tunnel.carry(reader, writer)
+            await self.carry(reader, writer)
         except asyncio.CancelledError:
             # Shutting down. This task is the root of the connection, owned by close();
             # ending quietly spares asyncio's stream callback from reporting the cancel.
