@@ -1,4 +1,4 @@
-"""The signal envelope (DESIGN.md Contract 3), shared by cores, managers and signaling.
+"""The signal envelope (docs/architecture.md, "Signals"), shared by cores, managers and signaling.
 
 A signal is a JSON object ``{"tube_id", "conversation_id", "kind", "data", ...}``. Extra
 keys are kept as they are, so the envelope can grow (an authentication field later)

@@ -6,7 +6,7 @@ wraps that function once; the wrapper reads a context variable set around gather
 each tube chooses its own addresses and nothing else in the process changes.
 
 aioice also shrinks every UDP socket's receive buffer to 256 KiB, which drops datagrams
-under load (DESIGN.md: 2-3 % retransmits); a 4 MiB buffer removed the loss.
+under load (measured: 2-3 % retransmits); a 4 MiB buffer removed the loss.
 
 And aioice's mDNS resolver drops every answer dnspython cannot parse, which includes
 Chromium's (see mdns.py), so a browser's ``.local`` host candidates never resolved. The

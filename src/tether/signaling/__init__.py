@@ -1,4 +1,4 @@
-"""WebSocket signaling: the relay server and the reconnecting client (DESIGN.md Contract 3).
+"""WebSocket signaling: the relay server and the reconnecting client (docs/architecture.md, "Signals").
 
 The wire protocol is documented in :mod:`tether.signaling.server`.
 """

@@ -1,7 +1,7 @@
 """The signaling relay: a WebSocket server that passes signals between the two peers of a
-conversation (DESIGN.md Contract 3), holds them while the other peer is away, forwards the
-receiving client's acknowledgements back to the sender and tells each peer when the other
-one comes and goes. It never waits on one connection while serving another.
+conversation (docs/architecture.md, "Signals"), holds them while the other peer is away,
+forwards the receiving client's acknowledgements back to the sender and tells each peer when
+the other one comes and goes. It never waits on one connection while serving another.
 
 Wire protocol
 =============
