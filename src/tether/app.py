@@ -622,7 +622,10 @@ class ConnectSide(Side):
             writer.close()
             return
         assert handle.tunnel is not None
-        await handle.tunnel.carry(reader, writer, target, on_open)
+        if target is None and on_open is None:  # a plain listener's client: any core's tunnel
+            await handle.tunnel.carry(reader, writer)
+        else:  # a SOCKS client names its target (tether's own tunnel)
+            await handle.tunnel.carry(reader, writer, target, on_open)
 
     async def _keep_a_tube(self) -> None:
         """Offer a tube; when it ends, offer another (at once if the peer closed it)."""
