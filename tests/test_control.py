@@ -230,7 +230,7 @@ async def test_connections_are_bounded(tmp_path: Path):
     try:
         for _ in range(control.MAX_CONNECTIONS):
             idle.append(await asyncio.open_unix_connection(str(path)))
-        await until(lambda: len(server._connections) == control.MAX_CONNECTIONS, 5)
+        await until(lambda: server._listener.connections == control.MAX_CONNECTIONS, 5)
         answers = await ask_raw(path, b"")  # refused before it says anything
         assert answers == [{"ok": False, "error": "too many control connections"}]
     finally:

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .listener import Listener
+
 logger = logging.getLogger(__name__)
 
 MAX_REQUEST = 4096
@@ -135,8 +137,7 @@ class ControlServer:
         self.handlers = handlers
         self.directory = directory
         self.path: Path | None = None
-        self._server: asyncio.Server | None = None
-        self._connections: set[asyncio.Task[Any]] = set()
+        self._listener = Listener(self._serve, MAX_CONNECTIONS, refuse=self._refuse)
         self._busy = 0
 
     async def start(self) -> Path:
@@ -148,8 +149,7 @@ class ControlServer:
             _remove_stale(path)
         old_umask = os.umask(0o177)  # the socket is born 0600: no window for others
         try:
-            self._server = await asyncio.start_unix_server(
-                self._serve, str(path), limit=MAX_REQUEST)
+            await self._listener.start_unix(str(path), limit=MAX_REQUEST)
         finally:
             os.umask(old_umask)
         os.chmod(path, 0o600)
@@ -158,27 +158,17 @@ class ControlServer:
         return path
 
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for task in list(self._connections):
-            task.cancel()
-        await asyncio.gather(*self._connections, return_exceptions=True)
-        if self._server is not None:
-            await self._server.wait_closed()
-            self._server = None
+        await self._listener.close()
         if self.path is not None:
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
             self.path = None
 
+    async def _refuse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await self._reply(writer, {"ok": False, "error": "too many control connections"})
+        writer.close()
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        if len(self._connections) >= MAX_CONNECTIONS:
-            await self._reply(writer, {"ok": False, "error": "too many control connections"})
-            writer.close()
-            return
-        self._connections.add(task)
         try:
             for _ in range(MAX_REQUESTS_PER_CONNECTION):
                 try:
@@ -195,7 +185,6 @@ class ControlServer:
         except asyncio.CancelledError:
             pass  # closing: the connection ends with the server
         finally:
-            self._connections.discard(task)
             writer.close()
 
     async def _answer(self, line: bytes) -> dict[str, Any]:

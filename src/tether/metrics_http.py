@@ -13,7 +13,8 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
-from typing import Any
+
+from .listener import Listener
 
 logger = logging.getLogger(__name__)
 
@@ -36,39 +37,22 @@ class MetricsHTTPServer:
         self.host, self.port = host, port
         self.render = render
         self.health = health
-        self._server: asyncio.Server | None = None
-        self._connections: set[asyncio.Task[Any]] = set()
+        self._listener = Listener(self._serve, MAX_CONNECTIONS)
 
     @property
     def address(self) -> tuple[str, int]:
-        assert self._server is not None, "not started"
-        host, port = self._server.sockets[0].getsockname()[:2]
-        return host, port
+        return self._listener.address
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, self.host, self.port,
-                                                  limit=MAX_HEAD)
+        await self._listener.start_tcp(self.host, self.port, limit=MAX_HEAD)
         host, port = self.address
         shown = f"[{host}]" if ":" in host else host
         logger.info("metrics on http://%s:%d/metrics", shown, port)
 
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for task in list(self._connections):
-            task.cancel()
-        await asyncio.gather(*self._connections, return_exceptions=True)
-        if self._server is not None:
-            await self._server.wait_closed()
-            self._server = None
+        await self._listener.close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        if len(self._connections) >= MAX_CONNECTIONS:
-            writer.close()
-            return
-        self._connections.add(task)
         try:
             async with asyncio.timeout(REQUEST_TIMEOUT):
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -95,5 +79,4 @@ class MetricsHTTPServer:
                 ConnectionError, asyncio.CancelledError):
             pass
         finally:
-            self._connections.discard(task)
             writer.close()

@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .listener import Listener
 from .tunnel import reasons
 from .tunnel.stream import format_hostport
 
@@ -227,31 +228,22 @@ class SocksServer:
         self.users = dict(users) if users is not None else None
         self.handshake_timeout = handshake_timeout
         self.max_clients = max_clients
-        self.server: asyncio.Server | None = None
-        self._clients: set[asyncio.Task[Any]] = set()
+        self._listener = Listener(self._on_client, max_clients, refuse=self._refuse)
         self.stats = {"clients": 0, "refused_busy": 0, "bad_handshakes": 0,
                       "auth_failures": 0, "connected": 0, "open_failures": 0}
 
     @property
     def address(self) -> tuple[str, int]:
-        assert self.server is not None, "start() first"
-        host, port = self.server.sockets[0].getsockname()[:2]
-        return host, port
+        return self._listener.address
 
     async def start(self) -> None:
-        self.server = await asyncio.start_server(self._on_client, self.host, self.port)
+        await self._listener.start_tcp(self.host, self.port)
         logger.info("SOCKS5 on %s (%s)", format_hostport(*self.address),
                     "no authentication, loopback" if self.users is None
                     else f"{len(self.users)} users")
 
     async def close(self) -> None:
-        if self.server is not None:
-            self.server.close()
-        for task in list(self._clients):
-            task.cancel()
-        await asyncio.gather(*self._clients, return_exceptions=True)
-        if self.server is not None:
-            await self.server.wait_closed()
+        await self._listener.close()
 
     async def __aenter__(self) -> SocksServer:
         await self.start()
@@ -260,23 +252,20 @@ class SocksServer:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
+    async def _refuse(self, reader: asyncio.StreamReader,
+                      writer: asyncio.StreamWriter) -> None:
+        self.stats["refused_busy"] += 1
+        logger.warning("SOCKS: %d clients already; closing a new one",
+                       self._listener.connections)
+        writer.transport.abort()
+
     async def _on_client(self, reader: asyncio.StreamReader,
                          writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        if len(self._clients) >= self.max_clients:
-            self.stats["refused_busy"] += 1
-            logger.warning("SOCKS: %d clients already; closing a new one", len(self._clients))
-            writer.transport.abort()
-            return
-        self._clients.add(task)
         self.stats["clients"] += 1
         try:
             await self._serve(reader, writer)
         except asyncio.CancelledError:
             writer.transport.abort()  # shutting down; the root task ends quietly
-        finally:
-            self._clients.discard(task)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
