@@ -97,6 +97,11 @@ class Settings:
     entry: config_mod.TunnelConfig | None = None  # the config's tunnel of this kind and name
 
 
+def knob_flags(arguments: Mapping[str, Any]) -> dict[str, float | int | None]:
+    """The policy-knob flags among a command's arguments (they are named as the config's keys)."""
+    return {key: arguments[key] for key in config_mod.KNOBS}
+
+
 def settings(kind: str, name: str, *, config_path: str | None, signal: list[str] | None,
              token: str | None, ca: str | None, secret: str | None,
              knobs: Mapping[str, float | int | None]) -> Settings:

@@ -58,11 +58,7 @@ def expose(
     setup_logging(verbose, log_format=log_format)
     merged = modes.settings(
         "expose", name, config_path=config, signal=signal, token=token, ca=ca,
-        secret=read_secret(secret, secret_file), knobs=dict(
-            keepalive_interval=keepalive_interval, liveness_interval=liveness_interval,
-            liveness_misses=liveness_misses, restart_base=restart_base,
-            restart_max=restart_max, restart_attempts=restart_attempts,
-            connect_timeout=connect_timeout, answer_timeout=answer_timeout))
+        secret=read_secret(secret, secret_file), knobs=modes.knob_flags(locals()))
     signal, token, ca, secret = merged.signal, merged.token, merged.ca, merged.secret
     target, allow = modes.expose_defaults(merged, target, allow)
     address = parse_address(target, "--target") if target is not None else None
@@ -130,11 +126,7 @@ def connect(
     setup_logging(verbose, log_format=log_format)
     merged = modes.settings(
         "connect", name, config_path=config, signal=signal, token=token, ca=ca,
-        secret=read_secret(secret, secret_file), knobs=dict(
-            keepalive_interval=keepalive_interval, liveness_interval=liveness_interval,
-            liveness_misses=liveness_misses, restart_base=restart_base,
-            restart_max=restart_max, restart_attempts=restart_attempts,
-            connect_timeout=connect_timeout, answer_timeout=answer_timeout))
+        secret=read_secret(secret, secret_file), knobs=modes.knob_flags(locals()))
     signal, token, ca, secret = merged.signal, merged.token, merged.ca, merged.secret
     listen, socks, users = modes.connect_defaults(merged, listen, socks, run)
     if listen is None and run is not None:
