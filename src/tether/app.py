@@ -169,7 +169,8 @@ class Side:
         if self.client.connected:
             # Our goodbyes let the peer re-offer at once instead of finding out later.
             with contextlib.suppress(TimeoutError, SignalingError):
-                await asyncio.wait_for(self.client.drain(), GOODBYE_TIMEOUT)
+                async with asyncio.timeout(GOODBYE_TIMEOUT):
+                    await self.client.drain()
         await self.client.close()
         if hasattr(self.core, "close"):
             await self.core.close()
@@ -601,7 +602,8 @@ class ConnectSide(Side):
 
     async def wait_ready(self, timeout: float | None = None) -> TubeHandle:
         """Wait until a tube's tunnel is open; return it."""
-        await asyncio.wait_for(self._ready.wait(), timeout)
+        async with asyncio.timeout(timeout):
+            await self._ready.wait()
         assert self.current is not None
         return self.current
 
@@ -647,7 +649,8 @@ class ConnectSide(Side):
             logger.info("tube %s ended (%s); offering a new tube in %.0f s, or as soon as "
                         "the peer is back", handle.tube_id, handle.end_reason, delay)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._peer_back.wait(), delay)
+                async with asyncio.timeout(delay):
+                    await self._peer_back.wait()
 
     async def _offer_tube(self) -> TubeHandle:
         tube_id = secrets.token_urlsafe(12)

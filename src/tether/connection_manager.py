@@ -505,7 +505,8 @@ class TunnelConnectionManager:
         if runner is None or runner is current or runner.done():
             return
         try:
-            await asyncio.wait_for(asyncio.shield(runner), CALLBACK_DRAIN_TIMEOUT)
+            async with asyncio.timeout(CALLBACK_DRAIN_TIMEOUT):
+                await asyncio.shield(runner)
         except TimeoutError:
             logger.warning("tube %s: state callbacks still running after %g s; cancelled",
                            self.tube_id, CALLBACK_DRAIN_TIMEOUT)

@@ -172,7 +172,8 @@ class ControlServer:
         try:
             for _ in range(MAX_REQUESTS_PER_CONNECTION):
                 try:
-                    line = await asyncio.wait_for(reader.readline(), IDLE_TIMEOUT)
+                    async with asyncio.timeout(IDLE_TIMEOUT):
+                        line = await reader.readline()
                 except (ValueError, asyncio.LimitOverrunError):
                     await self._reply(writer, {"ok": False, "error":
                                                f"request longer than {MAX_REQUEST} bytes"})

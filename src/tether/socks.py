@@ -314,7 +314,8 @@ class SocksServer:
 async def _close(writer: asyncio.StreamWriter) -> None:
     writer.close()
     try:
-        await asyncio.wait_for(writer.wait_closed(), 5)
+        async with asyncio.timeout(5):
+            await writer.wait_closed()
     except (TimeoutError, ConnectionError, OSError):
         writer.transport.abort()
 

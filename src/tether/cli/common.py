@@ -144,8 +144,11 @@ async def stoppable(main: Callable[[], Awaitable[Any]]) -> Any:
     finally blocks close everything: the peer is told, so it can re-offer at once).
 
     ``main`` runs as its own task and is cancelled from here, again every few seconds
-    until it has ended: a cancellation that lands while some library code swallows one
-    must not leave a stopped tunnel running (seen: 1 `tether stop` in 3 under load)."""
+    until it has ended: a cancellation that lands while some code swallows one must not
+    leave a stopped tunnel running (seen: 1 `tether stop` in 3 under load). Python 3.11's
+    ``asyncio.wait_for`` is such code: it loses a cancellation that arrives as its inner
+    future completes (cpython#86296, fixed in 3.12), so tether itself waits with
+    ``asyncio.timeout``; libraries under it may still use ``wait_for``."""
     loop = asyncio.get_running_loop()
     terminated = asyncio.Event()
     with contextlib.suppress(NotImplementedError, RuntimeError):
