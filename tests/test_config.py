@@ -67,6 +67,29 @@ def test_a_good_config(tmp_path):
     assert cfg.find("expose", "db").allow_list().permits_address("10.1.1.1", 22)
 
 
+def test_core_is_chosen_globally_or_per_tunnel(tmp_path):
+    from tether.api import build_core
+    from tether.fleet import Fleet
+
+    cfg = config.load(write(tmp_path, 'core = "keeper"\n' + GOOD.replace(
+        'policy = { restart_max = 20 }', 'policy = { restart_max = 20 }\ncore = "aiortc"')))
+    assert cfg.core == "keeper"
+    assert cfg.core_of(cfg.find("expose", "db")) == "keeper"
+    assert cfg.core_of(cfg.find("connect", "db")) == "aiortc"
+    # a core change restarts the tunnel on reload (it is part of what it was built from)
+    fleet = Fleet(cfg)
+    plain = config.load(write(tmp_path, GOOD))
+    db = cfg.find("expose", "db")
+    assert fleet._spec(cfg, db) != fleet._spec(plain, plain.find("expose", "db"))
+    # what does not fit the keeper core is a clear ValueError (a reload logs it)
+    with pytest.raises(ValueError, match="never gathers 127.0.0.1"):
+        build_core("keeper", True, [], None, None)
+    with pytest.raises(ValueError, match="one turn:/turns: server and no STUN"):
+        build_core("keeper", False, ["stun:stun.example.net:3478"], None, None)
+    with pytest.raises(ValueError, match="unknown core 'x'"):
+        build_core("x", False, [], None, None)
+
+
 @pytest.mark.parametrize("change, message", [
     ('signal = "ws://127.0.0.1:8765"', None),
     ('sginal = "x"', "unknown key 'sginal'"),
@@ -91,6 +114,9 @@ def test_a_good_config(tmp_path):
     ('[[connect]]\nname = "x"\nlisten = "h:1"\nsecret_file = "secret"\n'
      'policy = { answer_timout = 1 }', "unknown key 'answer_timout'"),
     ("signal = [", "not valid TOML"),
+    ('core = "libwebrtc"', "core: 'libwebrtc' is not a core; known: aiortc, keeper"),
+    ('[[connect]]\nname = "x"\nlisten = "h:1"\nsecret_file = "secret"\ncore = 1',
+     "connect 'x'.core: expected a string"),
 ])
 def test_config_errors_name_the_key(tmp_path, change, message):
     path = write(tmp_path, change + "\n")
@@ -278,3 +304,71 @@ async def test_a_reload_that_changes_only_the_allow_list_keeps_the_tunnel(tmp_pa
     finally:
         await fleet.close()
         await relay.close()
+
+
+async def test_the_tunnels_of_one_process_share_one_signaling_connection(tmp_path):
+    relay = SignalingServer(host="127.0.0.1", port=0, token=TOKEN)
+    await relay.start()
+    servers = [await start_echo_server("127.0.0.1", 0) for _ in range(2)]
+    targets = [s.sockets[0].getsockname()[1] for s in servers]
+    ports = [free_port() for _ in range(2)]
+    head = f'signal = "ws://127.0.0.1:{relay.port}"\ntoken_file = "token"\nloopback = true\n'
+    exposing = head + "".join(
+        f'[[expose]]\nname = "m{i}"\ntarget = "127.0.0.1:{targets[i]}"\n'
+        f'secret_file = "secret"\n' for i in range(2))
+    connecting = head + "".join(
+        f'[[connect]]\nname = "m{i}"\nlisten = "127.0.0.1:{ports[i]}"\n'
+        f'secret_file = "secret"\n' for i in range(2))
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    paths = [write(tmp_path / "a", exposing), write(tmp_path / "b", connecting)]
+    procs = []
+    try:
+        runtime = {"TETHER_RUNTIME_DIR": str(tmp_path / "run")}
+        for name, path in zip(("up-expose", "up-connect"), paths):
+            procs.append(await Process.start(name, tmp_path, "up", "--config", str(path),
+                                             env=runtime))
+            await procs[-1].line(r"up: 2 tunnels", timeout=30)
+            # two tunnels joined, and the process holds ONE WebSocket to the relay
+            assert relay.connection_count == len(procs)
+        for i in range(2):
+            payload = os.urandom(100_000)
+            assert await echo(ports[i], payload, timeout=40) == payload
+        # Four tunnel ends in two conversations over TWO WebSockets: one per process.
+        assert relay.conversation_count == 2
+        assert relay.connection_count == 2
+        assert sorted(len(relay.table.peers(f"{c}")) for c in relay.table._conversations) \
+            == [2, 2]
+
+        async def cli(*args: str) -> tuple[int, str]:
+            process = await asyncio.create_subprocess_exec(
+                *TETHER, *args, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                env={"PATH": os.environ.get("PATH", ""), "COLUMNS": "200", **runtime})
+            output, _ = await asyncio.wait_for(process.communicate(), 30)
+            return process.returncode, output.decode()
+
+        # --role picks one end of a tunnel whose both ends run on this machine.
+        code, text = await cli("restart", "m0", "--role", "connect")
+        assert code == 0 and "connect m0: restarting" in text and "expose" not in text, text
+        code, text = await cli("stop", "m1", "--role", "expose")
+        assert code == 0 and text.strip() == "expose m1: stopping", text
+        # The stopped end left its conversation; the other tunnel goes on on the connection.
+        await until_true(lambda: sorted(len(relay.table.peers(c))
+                                        for c in relay.table._conversations) == [1, 2])
+        assert relay.connection_count == 2
+        assert await echo(ports[0], b"still there", timeout=40) == b"still there"
+        for proc in procs:
+            assert await proc.stop() == 0
+    finally:
+        for proc in procs:
+            await proc.stop()
+        for s in servers:
+            s.close()
+        await relay.close()
+
+
+async def until_true(condition, timeout: float = 20.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.05)

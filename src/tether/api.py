@@ -13,19 +13,23 @@
         reader, writer = await asyncio.open_connection("127.0.0.1", t.port)
 
 Both are async context managers (or call :meth:`start` / :meth:`close` yourself). Each
-tunnel has its own signaling connection. The CLI's ``expose`` and ``connect`` commands
-are these plus a live table; ``tether up`` runs several of them from a config file.
+tunnel has its own signaling connection, unless given ``mux=`` (a
+:class:`~tether.signaling.mux.SignalingMux`): then tunnels share that one connection (what
+``tether up`` does with the tunnels of a config file). The CLI's ``expose`` and ``connect``
+commands are these plus a live table.
 """
 
 from __future__ import annotations
 
 import logging
+from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .allow import AllowList
 from .app import ConnectSide, ExposeSide, Side
 from .connection_manager import ICERestartPolicy
+from .signaling.mux import SignalingMux
 from .tunnel import parse_hostport
 
 logger = logging.getLogger(__name__)
@@ -42,8 +46,31 @@ def _address(value: Address | None, what: str) -> tuple[str, int] | None:
         raise ValueError(f"{what}: {exc}") from None
 
 
-def _core(loopback: bool, ice_servers: Sequence[str], turn_user: str | None,
-          turn_password: str | None, liveness: Mapping[str, float] | None) -> Any:
+CORES = ("aiortc", "keeper")
+
+
+def build_core(core: str, loopback: bool, ice_servers: Sequence[str], turn_user: str | None,
+               turn_password: str | None, liveness: Mapping[str, float] | None = None) -> Any:
+    """The WebRTC core named ``core`` ("aiortc" or "keeper", the Rust core of
+    ``pip install 'tether[keeper]'``); ValueError says what does not fit."""
+    if core == "keeper":
+        if loopback:
+            raise ValueError("the keeper core never gathers 127.0.0.1; drop loopback")
+        turn = [url for url in ice_servers if url.startswith(("turn:", "turns:"))]
+        if len(turn) != len(ice_servers) or len(turn) > 1:
+            raise ValueError("the keeper core takes one turn:/turns: server and no STUN")
+        try:
+            from .cores.keeper_core import KeeperTubeRegistry
+        except ImportError as exc:
+            raise ValueError(f"the keeper core is not installed ({exc}): "
+                             f"pip install 'tether[keeper]'") from None
+        try:
+            return KeeperTubeRegistry(turn_url=turn[0] if turn else None,
+                                      turn_username=turn_user, turn_password=turn_password)
+        except RuntimeError as exc:
+            raise ValueError(str(exc)) from None
+    if core != "aiortc":
+        raise ValueError(f"unknown core {core!r}: {' or '.join(CORES)}")
     from .cores.aiortc_core import AiortcTubeRegistry
     from .cores.gathering import LOOPBACK
 
@@ -52,13 +79,29 @@ def _core(loopback: bool, ice_servers: Sequence[str], turn_user: str | None,
                               turn_password=turn_password, liveness=dict(liveness or {}))
 
 
-class _Tunnel:
+def _core(core: Any, loopback: bool, ice_servers: Sequence[str], turn_user: str | None,
+          turn_password: str | None, liveness: Mapping[str, float] | None) -> Any:
+    """A core by name, or the core object given (it then belongs to the tunnel: closed with
+    it)."""
+    if not isinstance(core, str):
+        return core
+    return build_core(core, loopback, ice_servers, turn_user, turn_password, liveness)
+
+
+class _Tunnel(ABC):
     """What both ends share: a side to start and close, as an async context manager."""
 
     side: Side
 
+    @abstractmethod
     async def start(self) -> None:
-        raise NotImplementedError
+        """Join the relay (and what else the end does before it is useful)."""
+
+    def share_signaling(self, mux: SignalingMux | None) -> None:
+        """Before :meth:`start`: carry this tunnel's conversation on ``mux`` (same relay
+        URLs and token) instead of a connection of its own."""
+        if mux is not None:
+            self.side.client = mux.take_over(self.side.client)  # type: ignore[assignment]
 
     async def close(self) -> None:
         """Tell the peer, close every tube, stream and task. Idempotent."""
@@ -91,7 +134,8 @@ class Connection(_Tunnel):
                  turn_user: str | None = None, turn_password: str | None = None,
                  ca: str | None = None, policy: ICERestartPolicy | None = None,
                  liveness: Mapping[str, float] | None = None, events: Any = None,
-                 watch_network: bool = False) -> None:
+                 watch_network: bool = False, mux: SignalingMux | None = None,
+                 core: Any = "aiortc") -> None:
         listen_at = _address(listen, "listen")
         socks_at = _address(socks, "socks")
         if listen_at is None and socks_at is None:
@@ -104,8 +148,9 @@ class Connection(_Tunnel):
         self.side: ConnectSide = ConnectSide(
             name, listen=listen_at, socks=socks_at, socks_users=socks_users,
             signal_url=signal, token=token, secret=secret,
-            core=_core(loopback, ice_servers, turn_user, turn_password, liveness),
+            core=_core(core, loopback, ice_servers, turn_user, turn_password, liveness),
             policy=policy, ca_file=ca, watch_network=watch_network, **kwargs)
+        self.share_signaling(mux)
 
     async def start(self) -> None:
         """Listen, join the relay, offer a tube; with ``wait``, return once it is open
@@ -150,7 +195,8 @@ class Exposure(_Tunnel):
                  turn_user: str | None = None, turn_password: str | None = None,
                  ca: str | None = None, policy: ICERestartPolicy | None = None,
                  liveness: Mapping[str, float] | None = None, events: Any = None,
-                 watch_network: bool = False) -> None:
+                 watch_network: bool = False, mux: SignalingMux | None = None,
+                 core: Any = "aiortc") -> None:
         allow_list = AllowList.parse(allow) if allow else None
         kwargs: dict[str, Any] = {}
         if events is not None:
@@ -159,8 +205,9 @@ class Exposure(_Tunnel):
         self.side: ExposeSide = ExposeSide(
             name, target=_address(target, "target"), allow=allow_list, signal_url=signal,
             token=token, secret=secret,
-            core=_core(loopback, ice_servers, turn_user, turn_password, liveness),
+            core=_core(core, loopback, ice_servers, turn_user, turn_password, liveness),
             policy=policy, ca_file=ca, watch_network=watch_network, **kwargs)
+        self.share_signaling(mux)
 
     async def start(self) -> None:
         """Join the relay and answer tubes as they are offered."""
@@ -176,7 +223,9 @@ def connect(name: str, *, signal: str | Sequence[str], token: str, secret: str,
     a SOCKS5 server there (``socks_users``: {user: password}, required off loopback);
     ``wait``: seconds ``async with`` waits for the tunnel to open (None: do not wait).
     Further options: ``loopback``, ``ice_servers``, ``turn_user``, ``turn_password``,
-    ``ca``, ``policy`` (an :class:`ICERestartPolicy`), ``liveness``, ``watch_network``.
+    ``ca``, ``policy`` (an :class:`ICERestartPolicy`), ``liveness``, ``watch_network``,
+    ``mux`` (a shared :class:`SignalingMux` for the same relay URLs and token), ``core``
+    ("aiortc", the default, or "keeper"; or a core object).
     """
     return Connection(name, signal=signal, token=token, secret=secret, listen=listen,
                       **options)
@@ -195,4 +244,4 @@ def expose(name: str, *, signal: str | Sequence[str], token: str, secret: str,
                     allow=allow, **options)
 
 
-__all__ = ["Connection", "Exposure", "connect", "expose"]
+__all__ = ["CORES", "Connection", "Exposure", "build_core", "connect", "expose"]

@@ -59,11 +59,14 @@ KNOBS: dict[str, tuple[str, str, type]] = {
 }
 
 TOP_KEYS = frozenset({"signal", "token", "token_file", "ca", "loopback", "ice_servers",
-                      "turn_user", "turn_password", "turn_password_file", "policy",
+                      "turn_user", "turn_password", "turn_password_file", "policy", "core",
                       "expose", "connect"})
-EXPOSE_KEYS = frozenset({"name", "target", "allow", "secret", "secret_file", "policy"})
+EXPOSE_KEYS = frozenset({"name", "target", "allow", "secret", "secret_file", "policy",
+                         "core"})
 CONNECT_KEYS = frozenset({"name", "listen", "socks", "socks_users", "secret", "secret_file",
-                          "policy"})
+                          "policy", "core"})
+CORES = ("aiortc", "keeper")
+"""WebRTC cores a tunnel may use (``core = "keeper"``, globally or per tunnel)."""
 
 
 class ConfigError(ValueError):
@@ -134,6 +137,8 @@ class TunnelConfig:
     listen: tuple[str, int] | None = None  # connect
     socks: tuple[str, int] | None = None  # connect
     socks_users: Mapping[str, str] | None = None  # connect
+    core: str | None = None
+    """This tunnel's WebRTC core (None: the config's)."""
 
     @property
     def key(self) -> tuple[str, str]:
@@ -157,6 +162,7 @@ class Config:
     turn_password: str | None = None
     policy: Policy = Policy()
     tunnels: tuple[TunnelConfig, ...] = ()
+    core: str = "aiortc"
 
     def find(self, kind: str, name: str) -> TunnelConfig | None:
         for tunnel in self.tunnels:
@@ -167,7 +173,10 @@ class Config:
     def common(self) -> tuple[Any, ...]:
         """What every tunnel depends on: a change restarts them all on reload."""
         return (self.signal, self.token, self.ca, self.loopback, self.ice_servers,
-                self.turn_user, self.turn_password)
+                self.turn_user, self.turn_password, self.core)
+
+    def core_of(self, tunnel: TunnelConfig) -> str:
+        return tunnel.core or self.core
 
 
 def load(path: str | os.PathLike[str] | None = None, *, required: bool = True) -> Config:
@@ -222,6 +231,7 @@ def _parse(raw: Mapping[str, Any], file: Path) -> Config:
     if not isinstance(ice, list) or not all(isinstance(s, str) for s in ice):
         raise ConfigError("ice_servers: expected a list of URLs")
     policy = parse_policy(raw.get("policy", {}), "policy")
+    core = _core(raw, "") or "aiortc"
     tunnels: list[TunnelConfig] = []
     for kind in ("expose", "connect"):
         entries = raw.get(kind, [])
@@ -236,7 +246,16 @@ def _parse(raw: Mapping[str, Any], file: Path) -> Config:
         seen.add(tunnel.key)
     return Config(path=file, signal=tuple(signal), token=token, ca=ca, loopback=loopback,
                   ice_servers=tuple(ice), turn_user=_opt_str(raw, "turn_user", ""),
-                  turn_password=turn_password, policy=policy, tunnels=tuple(tunnels))
+                  turn_password=turn_password, policy=policy, tunnels=tuple(tunnels),
+                  core=core)
+
+
+def _core(table: Mapping[str, Any], where: str) -> str | None:
+    core = _opt_str(table, "core", where)
+    if core is not None and core not in CORES:
+        at = f"{where}." if where else ""
+        raise ConfigError(f"{at}core: {core!r} is not a core; known: {', '.join(CORES)}")
+    return core
 
 
 def _tunnel(kind: str, entry: Any, where: str, base: Path) -> TunnelConfig:
@@ -253,6 +272,7 @@ def _tunnel(kind: str, entry: Any, where: str, base: Path) -> TunnelConfig:
         raise ConfigError(f"{where}: give 'secret_file' (or 'secret'): the tunnel secret "
                           f"both peers share, at least {MIN_SECRET_CHARS} characters")
     policy = parse_policy(entry.get("policy", {}), f"{where}.policy")
+    core = _core(entry, where)
     if kind == "expose":
         target = _address(entry, "target", where)
         allow = entry.get("allow", [])
@@ -268,7 +288,8 @@ def _tunnel(kind: str, entry: Any, where: str, base: Path) -> TunnelConfig:
         if target is None and not allow:
             raise ConfigError(f"{where}: give 'target' (HOST:PORT), 'allow' (rules for "
                               "targets the peer names), or both")
-        return TunnelConfig(kind, name, secret, policy, target=target, allow=tuple(allow))
+        return TunnelConfig(kind, name, secret, policy, target=target, allow=tuple(allow),
+                            core=core)
     listen = _address(entry, "listen", where)
     socks = _address(entry, "socks", where)
     if listen is None and socks is None:
@@ -289,7 +310,7 @@ def _tunnel(kind: str, entry: Any, where: str, base: Path) -> TunnelConfig:
             raise ConfigError(f"{where}.socks: {socks[0]} is not loopback: give "
                               "'socks_users' (a file of user:password lines)")
     return TunnelConfig(kind, name, secret, policy, listen=listen, socks=socks,
-                        socks_users=users)
+                        socks_users=users, core=core)
 
 
 def _known(table: Mapping[str, Any], keys: frozenset[str], where: str) -> None:

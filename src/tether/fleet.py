@@ -1,10 +1,13 @@
 """Run every tunnel a config file lists, in one process, and apply a reloaded config.
 
-Each tunnel is a :class:`tether.api.Connection` or :class:`tether.api.Exposure` with its
-own signaling connection (sharing one connection between tunnels needs a relay protocol
-change). On :meth:`Fleet.reload`, tunnels no longer listed stop, new ones start, and
-changed ones (their entry, or the relay, token, ICE or policy settings they inherit)
-restart; unchanged ones go on untouched, streams and all.
+Each tunnel is a :class:`tether.api.Connection` or :class:`tether.api.Exposure`. Tunnels
+with the same relay URLs, token and CA share ONE signaling connection
+(:class:`~tether.signaling.mux.SignalingMux`; a second one only for a conversation already
+on the first, i.e. both ends of one tunnel in this process). On :meth:`Fleet.reload`,
+tunnels no longer listed stop (leaving their conversation; the others on the connection go
+on), new ones start, and changed ones (their entry, or the relay, token, ICE or policy
+settings they inherit) restart; unchanged ones go on untouched, streams and all. A shared
+connection no tunnel uses any more is closed.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import Any
 
 from .api import Connection, Exposure
 from .config import Config, TunnelConfig
+from .signaling.mux import SignalingMux
 from .tunnel import format_hostport
 
 logger = logging.getLogger(__name__)
@@ -37,6 +41,8 @@ class Fleet:
         self.loopback = loopback
         self.watch_network = watch_network
         self.running: dict[tuple[str, str], Running] = {}
+        self.muxes: dict[tuple[Any, ...], list[SignalingMux]] = {}
+        """Shared signaling connections by (relay URLs, token, CA)."""
 
     def _spec(self, config: Config, tunnel: TunnelConfig) -> Any:
         return (tunnel, config.common(), tunnel.policy.over(config.policy), self.token,
@@ -55,15 +61,37 @@ class Fleet:
             loopback=config.loopback if self.loopback is None else self.loopback,
             ice_servers=config.ice_servers, turn_user=config.turn_user,
             turn_password=config.turn_password, policy=policy.restart_policy(),
-            liveness=policy.liveness(), watch_network=self.watch_network)
+            liveness=policy.liveness(), watch_network=self.watch_network,
+            core=config.core_of(tunnel))
         if tunnel.kind == "expose":
             return Exposure(tunnel.name, target=tunnel.target,
                             allow=list(tunnel.allow) or None, **common)
         return Connection(tunnel.name, listen=tunnel.listen, socks=tunnel.socks,
                           socks_users=tunnel.socks_users, wait=None, **common)
 
+    def _mux_for(self, config: Config, conversation_id: str) -> SignalingMux:
+        """The shared connection to this config's relay without that conversation yet."""
+        token = self.token or config.token
+        assert token is not None
+        muxes = self.muxes.setdefault((tuple(config.signal), token, config.ca), [])
+        for mux in muxes:
+            if conversation_id not in mux.conversations:
+                return mux
+        mux = SignalingMux(list(config.signal), token, ca_file=config.ca)
+        muxes.append(mux)
+        return mux
+
+    async def _close_idle_muxes(self) -> None:
+        for key, muxes in list(self.muxes.items()):
+            for mux in [m for m in muxes if not m.conversations]:
+                muxes.remove(mux)
+                await mux.close()
+            if not muxes:
+                del self.muxes[key]
+
     async def _start(self, config: Config, tunnel: TunnelConfig) -> None:
         built = self._build(config, tunnel)
+        built.share_signaling(self._mux_for(config, built.side.client.conversation_id))
         try:
             await built.start()
         except BaseException:
@@ -118,6 +146,7 @@ class Fleet:
             if " ".join(key) not in changes["restarted"]:
                 changes["added"].append(" ".join(key))
         self.config = config
+        await self._close_idle_muxes()
         return changes
 
     def _only_allow_changed(self, config: Config, tunnel: TunnelConfig) -> bool:
@@ -143,6 +172,10 @@ class Fleet:
     async def close(self) -> None:
         for key in list(self.running):
             await self._stop(key, "shutting down")
+        for muxes in self.muxes.values():
+            for mux in muxes:
+                await mux.close()
+        self.muxes.clear()
 
     def snapshot(self) -> dict[str, list[dict[str, Any]]]:
         return {" ".join(key): r.tunnel.snapshot() for key, r in self.running.items()}

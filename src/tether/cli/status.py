@@ -163,8 +163,21 @@ def status(
             time.sleep(1.0)
 
 
-def _command(name: str, cmd: str, done: Callable[[control.Endpoint, dict[str, Any]], str]) -> None:
-    found = _endpoints(name)
+Role = Annotated[str | None, typer.Option(
+    "--role", metavar="expose|connect",
+    help="Only the exposing or the connecting end (default: every running end of NAME on "
+         "this machine).", show_default=False)]
+
+
+def _command(name: str, cmd: str, done: Callable[[control.Endpoint, dict[str, Any]], str],
+             role: str | None = None) -> None:
+    if role not in (None, "expose", "connect"):
+        raise typer.BadParameter(f"{role!r}: give expose or connect", param_hint="--role")
+    found = [e for e in _endpoints(name) if role is None or e.role == role]
+    if not found:
+        console.print(f"no running {role} end of tunnel {name!r}", markup=False,
+                      highlight=False)
+        raise typer.Exit(1)
     failed = False
     for endpoint, answer in asyncio.run(_ask_all(found, cmd)):
         if isinstance(answer, str):
@@ -177,16 +190,18 @@ def _command(name: str, cmd: str, done: Callable[[control.Endpoint, dict[str, An
 
 
 @app.command()
-def restart(name: Annotated[str, typer.Argument(metavar="NAME", help="Tunnel name.")]) -> None:
+def restart(name: Annotated[str, typer.Argument(metavar="NAME", help="Tunnel name.")],
+            role: Role = None) -> None:
     """Restart ICE now on every tube of tunnel NAME (a manual restart)."""
     _command(name, "restart", lambda e, a: f"{e.role} {e.name}: restarting "
-             f"{len(a.get('restarted', []))} tube(s)")
+             f"{len(a.get('restarted', []))} tube(s)", role)
 
 
 @app.command()
-def stop(name: Annotated[str, typer.Argument(metavar="NAME", help="Tunnel name.")]) -> None:
+def stop(name: Annotated[str, typer.Argument(metavar="NAME", help="Tunnel name.")],
+         role: Role = None) -> None:
     """Stop tunnel NAME gracefully (as SIGTERM does: the peer is told)."""
-    _command(name, "stop", lambda e, a: f"{e.role} {e.name}: stopping")
+    _command(name, "stop", lambda e, a: f"{e.role} {e.name}: stopping", role)
 
 
 __all__ = ["operate", "side_status", "show"]

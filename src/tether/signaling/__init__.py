@@ -1,5 +1,8 @@
 """WebSocket signaling: the relay server and the reconnecting client (docs/architecture.md, "Signals").
 
+:class:`SignalingClient` carries one conversation on a connection of its own;
+:class:`SignalingMux` carries many (:class:`MuxConversation`, same API) on one connection.
+
 The wire protocol is documented in :mod:`tether.signaling.server`.
 """
 
@@ -17,6 +20,7 @@ from .client import (
 )
 from .conversations import ConversationTable, MemoryConversationTable, Peer, Refusal
 from .limits import RelayLimits
+from .mux import MuxConversation, SignalingMux
 from .server import SignalingServer
 
 __all__ = [
@@ -26,6 +30,7 @@ __all__ = [
     "ConversationTable",
     "HandshakeRefusedError",
     "MemoryConversationTable",
+    "MuxConversation",
     "OutboundQueueFullError",
     "Peer",
     "PeerReplacedError",
@@ -34,6 +39,7 @@ __all__ = [
     "SignalingClient",
     "SignalingClosedError",
     "SignalingError",
+    "SignalingMux",
     "SignalTooLargeError",
     "SignalingServer",
 ]

@@ -27,6 +27,8 @@ class RelayLimits:
     max_connections_per_address: int = 32
     max_conversations: int = 10_000
     max_conversations_per_address: int = 32
+    max_conversations_per_connection: int = 64
+    """Conversations one multiplexed connection (``/?mux=1``) may join at once."""
     max_held: int = 256
     """Held signals per conversation (the other peer is absent)."""
     max_held_bytes: int = 1024 * 1024

@@ -100,6 +100,43 @@ Frames, relay -> client
       ``joined`` a sender resends everything not yet acknowledged: what it wrote to the
       peer's previous connection may be lost.
 
+Multiplexed connections
+-----------------------
+One process serving several tunnels opens ONE connection for all its conversations:
+``ws://HOST:PORT/?mux=1`` (no ``conversation``/``peer``; same token header, same 401/404/
+429/503 handshake refusals; ``mux`` with another value than ``1``, or together with
+``conversation`` or ``peer``, is 400). On it the client joins and leaves conversations with
+control messages, answered in order::
+
+    {"control": "join", "conversation": C, "peer": P, "resume": CRED}  (resume optional)
+    -> {"conversation": C, "control": "joined", "peer": P, "resume": NEW,
+        "event": "present" | "absent"}
+    -> {"conversation": C, "control": "refused", "status": 409, "reason": "...",
+        "retry_after": 10.0}                       (retry_after only where waiting helps)
+    {"control": "leave", "conversation": C}        (no answer)
+
+``joined`` is the membership's first presence message and carries its resume credential
+(the rules are those of the handshake: a connected peer id is replaced only with its
+credential). A refusal has the status the handshake would answer, for the same reasons
+(400 bad ids, 409 full or peer id taken, 429 address limits or joins too fast, 503 relay
+full or store unreachable), plus 409 for a conversation already joined on this connection
+and 429 past ``max_conversations_per_connection`` (default 64) conversations on one
+connection. A refused join changes nothing else on the connection.
+
+Everything on a multiplexed connection names its conversation: signals by their
+``conversation_id`` (required: a frame's signals all belong to its first item's
+conversation), control messages by a ``conversation`` key (acks both ways, ``rejected``,
+``peer`` presence events, ``joined``/``refused``), error replies by their
+``conversation_id``. A frame for a conversation not joined on this connection gets an error
+reply and ``rejected`` with ``retry: true``. When a newer connection of the peer (classic or
+multiplexed, holding the credential) takes over one conversation, the multiplexed connection
+gets ``{"conversation": C, "control": "closed", "code": 4000, "reason": ...}`` and keeps its
+other conversations; if that was its last one it is closed with code 4000 as a classic
+connection is. Each membership is a peer of its own for the conversation table (in memory or
+Redis), so the other peer may be classic or multiplexed, on this relay or another. The
+connection has one bounded outgoing queue and one writer for all its conversations; a full
+queue drops the whole connection (the client reconnects and joins everything again).
+
 Errors and limits
 -----------------
 - Binary frames: error reply, nothing relayed.
@@ -546,13 +583,16 @@ class _Endpoint:
 
 
 class _Route:
-    __slots__ = ("conversation_id", "peer_id", "address", "resume")
+    __slots__ = ("conversation_id", "peer_id", "address", "resume", "mux")
 
-    def __init__(self, conversation_id: str, peer_id: str, address: str, resume: str) -> None:
+    def __init__(self, conversation_id: str, peer_id: str, address: str, resume: str,
+                 mux: bool = False) -> None:
         self.conversation_id = conversation_id
         self.peer_id = peer_id
         self.address = address
         self.resume = resume
+        self.mux = mux
+        """A multiplexed connection (``/?mux=1``): conversations are joined on it later."""
 
 
 # -- the server ----------------------------------------------------------------------------
@@ -592,6 +632,7 @@ class SignalingServer:
         replace_grace: float = 1.0,
         metrics: RelayMetrics | None = None,
         web: bool = False,
+        max_conversations_per_connection: int | None = None,
     ) -> None:
         if not isinstance(token, str) or not token:
             raise ValueError("SignalingServer needs a non-empty token")
@@ -609,6 +650,8 @@ class SignalingServer:
             overrides["max_conversations"] = max_conversations
         if max_held is not None:
             overrides["max_held"] = max_held
+        if max_conversations_per_connection is not None:
+            overrides["max_conversations_per_connection"] = max_conversations_per_connection
         if overrides:
             limits = RelayLimits(**{**vars(limits), **overrides})
         self.limits = limits
@@ -834,6 +877,8 @@ class SignalingServer:
 
         if parts.path not in ("", "/"):
             return self._refuse(ws, 404, f"unknown path {parts.path!r}; connect to '/'", route)
+        if "mux" in query:
+            return self._admit_mux(ws, query, address)
         values: dict[str, str] = {}
         for key in ("conversation", "peer"):
             given_values = query.get(key, [])
@@ -861,6 +906,23 @@ class SignalingServer:
         if len(resume) > MAX_ID_LENGTH:
             resume = ""
 
+        connection_refusal = self._connection_refusal(ws, address, route)
+        if connection_refusal is not None:
+            return connection_refusal
+
+        refusal = await self.table.admit(
+            values["conversation"], values["peer"], resume=resume, address=address
+        )
+        if refusal is not None:
+            return self._refuse(ws, refusal.status, refusal.reason, route, refusal.retry_after)
+        self._count_connection(ws, address)
+        self._routes[ws] = _Route(values["conversation"], values["peer"], address, resume)
+        return None
+
+    def _connection_refusal(
+        self, ws: ServerConnection, address: str, route: str
+    ) -> Response | None:
+        """The per-process connection limits and join rates a new WebSocket must pass."""
         if self.connection_count >= self.limits.max_connections:
             return self._refuse(
                 ws, 503, "the relay has too many open connections; try again later", route,
@@ -880,14 +942,24 @@ class SignalingServer:
             wait = self._all_joins.take("*")
         if wait > 0:
             return self._refuse(ws, 429, "too many connection attempts; slow down", route, wait)
+        return None
 
-        refusal = await self.table.admit(
-            values["conversation"], values["peer"], resume=resume, address=address
-        )
+    def _admit_mux(
+        self, ws: ServerConnection, query: dict[str, list[str]], address: str
+    ) -> Response | None:
+        """Handshake of a multiplexed connection (authenticated already): no conversation
+        yet, so only the connection limits apply; each join is checked when it comes."""
+        route = "multiplexed connection"
+        if query.get("mux") != ["1"] or "conversation" in query or "peer" in query:
+            return self._refuse(
+                ws, 400, "a multiplexed connection is /?mux=1 (conversations are joined on "
+                "it with control messages)", route,
+            )
+        refusal = self._connection_refusal(ws, address, route)
         if refusal is not None:
-            return self._refuse(ws, refusal.status, refusal.reason, route, refusal.retry_after)
+            return refusal
         self._count_connection(ws, address)
-        self._routes[ws] = _Route(values["conversation"], values["peer"], address, resume)
+        self._routes[ws] = _Route("", "", address, "", mux=True)
         return None
 
     def _count_connection(self, ws: ServerConnection, address: str) -> None:
@@ -910,6 +982,11 @@ class SignalingServer:
     async def _handle(self, ws: ServerConnection) -> None:
         route = self._routes.pop(ws)
         _forget_handshake_headers(ws)
+        if route.mux:
+            from .mux_relay import serve_mux  # (it builds on this module)
+
+            await serve_mux(self, ws, route)
+            return
         endpoint = _Endpoint(
             ws,
             route.conversation_id,
