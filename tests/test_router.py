@@ -102,3 +102,34 @@ async def test_holding_is_bounded():
         await router.route(sig("icecandidate", tube="a"))
     assert router.held_count == 3  # a: 2 (the limit), b: 1
     assert replies[-1]["kind"] == "error" and "more than 2" in replies[-1]["data"]
+
+
+class Failing(Recorder):
+    async def handle_signal(self, signal: dict[str, Any]) -> None:
+        raise ValueError("bad candidate")
+
+
+class Plain(Recorder):
+    """A manager whose handle_signal is a plain function."""
+
+    def handle_signal(self, signal: dict[str, Any]) -> None:  # type: ignore[override]
+        self.handled.append(signal)
+
+
+async def test_a_failing_signal_is_answered_with_an_error_and_routing_goes_on(caplog):
+    router, managers, replies, _ = make()
+    managers["t1"], managers["t2"] = Failing(), Plain()
+    await router.route(sig("icecandidate", data="candidate:bad"))
+    await router.route(sig("icecandidate", tube="t2", data="candidate:2"))
+    assert [(r["tube_id"], r["kind"]) for r in replies] == [("t1", "error")]
+    assert "bad candidate" in replies[0]["data"]
+    assert managers["t1"].activity == 1 and managers["t2"].activity == 1
+    assert [s["data"] for s in managers["t2"].handled] == ["candidate:2"]
+    assert "icecandidate signal failed" in caplog.text
+
+
+async def test_an_error_for_a_known_tube_reaches_its_manager():
+    router, managers, replies, _ = make()
+    managers["t1"] = Recorder()
+    await router.route(sig("error", data="the peer's core failed"))
+    assert [s["kind"] for s in managers["t1"].handled] == ["error"] and replies == []

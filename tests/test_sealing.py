@@ -478,3 +478,19 @@ def test_known_answer_matches_webcrypto():
     wire = {"tube_id": "tube-1", "kind": "offer", "conversation_id": expected_cid,
             "data": expected_blob, "sealed": 2}
     assert expose.open(wire) == signal
+
+
+def test_extra_keys_open_right_in_any_order_and_are_never_shared():
+    """open() reuses the last parsed extra keys when they repeat (scalars only)."""
+    connect, expose = pair()
+    sent = [sig("a", restart_id=1), sig("b", restart_id=1), sig("c", restart_id=2),
+            sig("d", note={"n": [1]}), sig("e", note={"n": [1]}), sig("f"), sig("g", restart_id=2)]
+    opened = [expose.open(connect.seal(s)) for s in sent]
+    assert [{k: v for k, v in o.items() if k != "conversation_id"} for o in opened] == [
+        {k: v for k, v in s.items() if k != "conversation_id"} for s in sent]
+    opened[0]["restart_id"] = 99
+    opened[3]["note"]["n"].append(2)
+    again = [expose.open(connect.seal(s)) for s in (sig("h", restart_id=1),
+                                                     sig("i", note={"n": [1]}))]
+    assert again[0]["restart_id"] == 1 and opened[1]["restart_id"] == 1
+    assert again[1]["note"] == {"n": [1]} and opened[4]["note"] == {"n": [1]}

@@ -15,6 +15,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
+from types import CoroutineType
 from typing import Any
 
 from . import signals
@@ -232,6 +233,12 @@ class TunnelConnectionManager:
                         self.tube_id, kind)
             return
         self._machine.activity(self._time())
+        if kind == signals.ICE_CANDIDATE and not self._in_thread:
+            # The most frequent signal: _on_candidate inline, one coroutine less per call.
+            result = self.tube_registry.add_ice_candidate(self.tube_id, signal.get("data", ""))
+            if type(result) is CoroutineType or inspect.isawaitable(result):
+                await result
+            return
         await handler(self, signal)
 
     async def restart(self, *, manual: bool = True) -> bool:

@@ -18,6 +18,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from types import CoroutineType
 from typing import Any
 
 from . import signals
@@ -77,14 +78,21 @@ class SignalRouter:
     async def route(self, signal: signals.Signal) -> None:
         """Handle one signal from the peer (the signaling client's on_signal)."""
         tube_id = signal.get("tube_id", "")
-        kind = signal.get("kind")
-        if kind == signals.ERROR and not self.managers.get(tube_id):
-            logger.warning("peer or relay reported an error%s: %s",
-                           f" for tube {tube_id}" if tube_id else "", signal.get("data"))
-            return
         manager = self.managers.get(tube_id)
         if manager is not None:
-            await self._deliver(manager, signal)
+            # The hot path, inline (no coroutine of its own): see _deliver.
+            manager.update_activity()
+            try:
+                result = manager.handle_signal(signal)
+                if type(result) is CoroutineType or inspect.isawaitable(result):
+                    await result
+            except Exception as exc:
+                await self._failed(signal, exc)
+            return
+        kind = signal.get("kind")
+        if kind == signals.ERROR:
+            logger.warning("peer or relay reported an error%s: %s",
+                           f" for tube {tube_id}" if tube_id else "", signal.get("data"))
             return
         if self._on_unknown_tube is not None and await self._on_unknown_tube(signal):
             await self.tube_added(tube_id)
@@ -113,8 +121,12 @@ class SignalRouter:
             if inspect.isawaitable(result):
                 await result
         except Exception as exc:
-            logger.exception("tube %s: %s signal failed", signal["tube_id"], signal["kind"])
-            await self._error(signal, f"{signal['kind']} failed: {exc}")
+            await self._failed(signal, exc)
+
+    async def _failed(self, signal: signals.Signal, exc: Exception) -> None:
+        logger.error("tube %s: %s signal failed", signal["tube_id"], signal["kind"],
+                     exc_info=exc)
+        await self._error(signal, f"{signal['kind']} failed: {exc}")
 
     async def _hold(self, signal: signals.Signal) -> None:
         tube_id = signal["tube_id"]

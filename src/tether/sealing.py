@@ -58,6 +58,9 @@ CONVERSATION_PREFIX = "t2-"
 SEALED_FIELD = "sealed"
 TRANSPORT_KEYS = frozenset({"peer", "session", "seq", "prev"})
 """Added by the signaling client after sealing; copied through, never sealed."""
+_TRANSPORT_ORDER = ("peer", "session", "seq", "prev")
+_SCALARS = frozenset({str, int, float, bool, type(None)})
+_loads = json.JSONDecoder().decode
 _OPEN_KEYS = TRANSPORT_KEYS | {"tube_id", "kind", "data"}  # not in the plaintext's JSON part
 MAX_BLOB = 256 * 1024
 """Largest decoded blob accepted; larger ``data`` is refused before decoding."""
@@ -167,6 +170,9 @@ class Sealer:
         # sender session -> (last counter, its timestamp), least recently used first
         self._seen: OrderedDict[bytes, tuple[int, int]] = OrderedDict()
         self._forgotten_until = 0  # newest timestamp (us) of a session LRU forgot
+        # The last opened signal's sealed extra keys, parsed (only scalars: shared safely).
+        self._last_meta = b"\0"
+        self._last_hidden: dict[str, Any] = {}
 
     def _now_us(self) -> int:
         return int(self._clock() * 1_000_000)
@@ -252,7 +258,13 @@ class Sealer:
         _, session, counter, stamp = _HEADER.unpack(header)
         try:
             (size,) = _META_LEN.unpack_from(plaintext)
-            hidden = json.loads(plaintext[_META_LEN.size : _META_LEN.size + size])
+            meta = plaintext[_META_LEN.size : _META_LEN.size + size]
+            if meta == self._last_meta:  # a peer's signals mostly carry the same extra keys
+                hidden = self._last_hidden
+            else:
+                hidden = _loads(meta.decode("utf-8"))
+                if type(hidden) is dict and all(type(v) in _SCALARS for v in hidden.values()):
+                    self._last_meta, self._last_hidden = meta, hidden  # copied below
             text = plaintext[_META_LEN.size + size :].decode("utf-8", "surrogatepass")
         except (ValueError, RecursionError, struct.error):
             hidden = None
@@ -260,7 +272,9 @@ class Sealer:
             raise SealError("malformed sealed signal: contents are not a JSON object", MALFORMED)
         self._check_fresh(session, counter, stamp)
         signal = {**hidden, "tube_id": tube_id, "kind": kind, "data": text}
-        signal.update((k, v) for k, v in wire.items() if k in TRANSPORT_KEYS)
+        for key in _TRANSPORT_ORDER:
+            if key in wire:
+                signal[key] = wire[key]
         return signal
 
     @staticmethod

@@ -2,31 +2,52 @@
 benchmark, :mod:`tether.bench.relay`, is missing or fails) the relay's signals per second
 and latency.
 
-``handler_signals_per_s``: a minimal stand-in relay (a plain WebSocket server speaking the
-relay's documented wire protocol) writes frames of 10 signals as fast as the client takes
-them; a real :class:`~tether.signaling.SignalingClient` reads, acknowledges and hands each
-one to a real :class:`~tether.router.SignalRouter`, which delivers it to one of 100
-registered, connected managers. Counted when the router has delivered the last one.
+``handler_signals_per_s`` (issue 9: "the client's signal path at least 300k signals/s"):
+a stand-in relay in this process speaks the relay's documented wire protocol over a real
+loopback TCP connection: it accepts the WebSocket handshake (no compression: the client
+offers none, so the real relay sends none either), sends the presence message the relay
+sends first, then writes frames of 10 signals (``icecandidate``, one sender and session,
+seq 1, 2, 3, ... with ``prev``, 100 tubes in turn) from bytes built beforehand, as fast as
+the socket takes them. What is counted is what this process then does per signal: a real
+:class:`~tether.signaling.SignalingClient` reads each WebSocket frame, parses and
+validates it, checks each signal's order (its Inbox) and acknowledges it to the sender (ack
+frames written back on the socket and read by the stand-in), then hands each signal to
+a real :class:`~tether.router.SignalRouter`, which records activity and delivers it to one
+of 100 registered, CONNECTED :class:`~tether.connection_manager.TunnelConnectionManager`s,
+which hands the candidate to its core (a :class:`~tether.bench.managers.NullCore` that
+counts). The clock runs from the first frame written to the last candidate reaching the
+core; the stand-in's writing costs this process almost nothing (pre-built bytes).
+
+``handler_sealed_signals_per_s``: the same with end-to-end sealing as the CLI does it with a
+tunnel secret: the frames carry signals sealed by the other role's
+:class:`~tether.sealing.Sealer`, and each is opened (AES-GCM, replay check) before routing.
+``..._per_cpu_s``: the same count per CPU second of this process (steadier than wall time
+on a machine shared with other work). ``handler_ack_frames_per_frame``: ack frames the
+client wrote per frame it read (at most 1; less when it coalesced the acks of a burst).
 
 ``relay_signals_per_s`` / ``relay_p50_ms`` / ``relay_p99_ms``: a real ``tether serve``
 process on loopback and two raw WebSocket peers in this process; one signal per frame, as
 fast as the relay forwards them, then paced at 1,000 signals/s for the latency.
+
+Rerun: ``python -m tether.bench.signaling [N]`` prints the handler figures as JSON.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
 import json
 import os
 import secrets
 import socket
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from websockets.asyncio.client import connect
-from websockets.asyncio.server import ServerConnection, serve
 
 from ..connection_manager import ManagerRegistry
 from ..router import SignalRouter
@@ -35,46 +56,173 @@ from .managers import NullCore, connect_all, make_managers
 PER_FRAME = 10
 TUBES = 100
 CANDIDATE = "candidate:1 1 UDP 2130706431 127.0.0.1 50000 typ host"
+SENDER, SESSION = "bench-peer", "bench-session"
+_WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 
-def _frames(total: int, conversation: str) -> list[str]:
+def _signals(total: int, conversation: str) -> list[dict[str, Any]]:
+    return [{"tube_id": f"tube-{seq % TUBES:06d}", "conversation_id": conversation,
+             "kind": "icecandidate", "data": CANDIDATE} for seq in range(1, total + 1)]
+
+
+def _frames(total: int, conversation: str, sealer: Any = None) -> list[str]:
+    """Frames of PER_FRAME signals as the relay writes them (with the transport fields)."""
     frames = []
-    for start in range(1, total + 1, PER_FRAME):
-        batch = [{"tube_id": f"tube-{seq % TUBES:06d}", "conversation_id": conversation,
-                  "kind": "icecandidate", "data": CANDIDATE, "peer": "bench-peer",
-                  "session": "bench-session", "seq": seq, "prev": 0}
-                 for seq in range(start, min(start + PER_FRAME, total + 1))]
+    wires = _signals(total, conversation)
+    if sealer is not None:
+        wires = [sealer.seal(signal) for signal in wires]
+    for start in range(0, total, PER_FRAME):
+        batch = []
+        for seq in range(start + 1, min(start + PER_FRAME, total) + 1):
+            wire = wires[seq - 1]
+            wire.update(peer=SENDER, session=SESSION, seq=seq, prev=seq - 1)
+            batch.append(wire)
         frames.append(json.dumps(batch, separators=(",", ":")))
     return frames
 
 
-async def measure_handler(total: int) -> dict[str, Any]:
-    """Signals per second from WebSocket frames through the client's reader into the router."""
+def server_frame(text: str) -> bytes:
+    """An unmasked WebSocket text frame (relay -> client)."""
+    data = text.encode()
+    n = len(data)
+    if n < 126:
+        return bytes((0x81, n)) + data
+    if n < 65536:
+        return bytes((0x81, 126)) + n.to_bytes(2, "big") + data
+    return bytes((0x81, 127)) + n.to_bytes(8, "big") + data
+
+
+class StandInRelay(asyncio.Protocol):
+    """The relay's side of one client connection: handshake, presence, pre-built frames.
+
+    Reads (and counts) the client's frames: its acknowledgements. Echoes a close frame.
+    """
+
+    def __init__(self, frames: list[bytes]) -> None:
+        loop = asyncio.get_running_loop()
+        self.frames = frames
+        self.opened = loop.create_future()
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.ack_frames = 0
+        self.acked_seqs = 0
+        self.on_ack: Callable[[dict[str, Any]], None] | None = None
+        self.writable = asyncio.Event()
+        self.writable.set()
+        self.started_at = 0.0
+        self.started_cpu = 0.0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.opened.done():
+            self.opened.set_exception(ConnectionError(f"closed during the handshake: {exc}"))
+        self.writable.set()
+
+    def pause_writing(self) -> None:
+        self.writable.clear()
+
+    def resume_writing(self) -> None:
+        self.writable.set()
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buffer
+        buf += data
+        if not self.opened.done():
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            key = b""
+            for line in bytes(buf[:end]).split(b"\r\n")[1:]:
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"sec-websocket-key":
+                    key = value.strip()
+            accept = base64.b64encode(hashlib.sha1(key + _WS_GUID).digest())
+            assert self.transport is not None
+            self.transport.write(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n"
+                + server_frame('{"control":"peer","event":"present"}'))
+            del buf[:end + 4]
+            self.opened.set_result(None)
+        pos, size = 0, len(buf)
+        while size - pos >= 2:  # client frames are masked: 2 + (0|2|8) + 4 + payload
+            length = buf[pos + 1] & 0x7F
+            head = 2 if length < 126 else 4 if length == 126 else 10
+            if size - pos < head + 4:
+                break
+            if head > 2:
+                length = int.from_bytes(buf[pos + 2:pos + head], "big")
+            if size - pos < head + 4 + length:
+                break
+            opcode = buf[pos] & 0x0F
+            mask = buf[pos + head:pos + head + 4]
+            start = pos + head + 4
+            pos = start + length
+            if opcode == 0x1:
+                key = int.from_bytes((bytes(mask) * (length // 4 + 1))[:length], "big")
+                payload = (int.from_bytes(buf[start:pos], "big") ^ key).to_bytes(length, "big")
+                message = json.loads(payload)
+                if isinstance(message, dict) and message.get("control") == "ack":
+                    self.ack_frames += 1
+                    self.acked_seqs += len(message.get("seqs", ()))
+                    if self.on_ack is not None:
+                        self.on_ack(message)
+            elif opcode == 0x8 and self.transport is not None:
+                self.transport.write(b"\x88\x00")
+                self.transport.close()
+        del buf[:pos]
+
+    async def pump(self, chunk: int = 32) -> None:
+        """Write every frame, ``chunk`` at a time, whenever the socket takes more."""
+        assert self.transport is not None
+        self.started_at = time.perf_counter()
+        self.started_cpu = time.process_time()
+        for start in range(0, len(self.frames), chunk):
+            await self.writable.wait()
+            if self.transport.is_closing():
+                raise ConnectionError("the client closed the connection")
+            self.transport.write(b"".join(self.frames[start:start + chunk]))
+
+
+class CountingCore(NullCore):
+    """A NullCore that counts the candidates it is handed and says when it has ``total``."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.candidates = 0
+        self.done = asyncio.get_running_loop().create_future()
+
+    async def add_ice_candidate(self, tube_id, candidate):
+        self.candidates += 1
+        if self.candidates >= self.total and not self.done.done():
+            self.done.set_result((time.perf_counter(), time.process_time()))
+
+
+async def measure_handler(total: int, *, sealed: bool | None = None) -> dict[str, Any]:
+    """Signals per second from WebSocket frames through the client into the managers' core.
+
+    ``sealed`` None: both figures (the sealed one with a fifth of ``total``)."""
+    if sealed is None:
+        out = await measure_handler(total, sealed=False)
+        out.update(await measure_handler(max(PER_FRAME, total // 5), sealed=True))
+        return out
+    from ..sealing import Sealer
     from ..signaling import SignalingClient
 
-    conversation = "bench-handler"
-    frames = _frames(total, conversation)
-    go = asyncio.Event()
-    sent_at: list[float] = []
+    name = "bench-handler"
+    opener = None
+    conversation = name
+    wire_sealer = None
+    if sealed:
+        secret = secrets.token_urlsafe(32)
+        opener = Sealer(secret, name, "connect")
+        wire_sealer = Sealer(secret, name, "expose")
+        conversation = opener.conversation_id
+    frames = [server_frame(f) for f in _frames(total, conversation, wire_sealer)]
 
-    async def fake_relay(ws: ServerConnection) -> None:
-        async def drain_acks() -> None:
-            async for _ in ws:
-                pass
-
-        acks = asyncio.create_task(drain_acks())
-        try:
-            await go.wait()
-            sent_at.append(time.perf_counter())
-            for frame in frames:
-                await ws.send(frame)
-            await ws.wait_closed()
-        finally:
-            acks.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await acks
-
-    core = NullCore()
+    core = CountingCore(total)
     registry = ManagerRegistry()
     managers = make_managers(TUBES, core)
     for manager in managers:
@@ -85,29 +233,48 @@ async def measure_handler(total: int) -> dict[str, Any]:
         return None
 
     router = SignalRouter(registry, reply=reply)
-    done = asyncio.Event()
-    count = 0
+    on_signal: Any = router.route
+    if opener is not None:
+        open_, route = opener.open, router.route
 
-    async def on_signal(signal: dict[str, Any]) -> None:
-        nonlocal count
-        await router.route(signal)
-        count += 1
-        if count >= total:
-            done.set()
+        async def on_signal(wire: dict[str, Any]) -> None:
+            await route(open_(wire))
 
-    async with serve(fake_relay, "127.0.0.1", 0, max_size=None) as server:
-        port = server.sockets[0].getsockname()[1]
-        client = SignalingClient(f"ws://127.0.0.1:{port}", "bench-token", conversation,
-                                 on_signal)
-        try:
-            await asyncio.wait_for(client.start(), 30)
-            go.set()
-            await asyncio.wait_for(done.wait(), 120)
-            seconds = time.perf_counter() - sent_at[0]
-        finally:
-            await client.close()
-            await registry.close()
-    return {"handler_signals_per_s": total / seconds}
+    loop = asyncio.get_running_loop()
+    relays: list[StandInRelay] = []
+
+    def accept() -> StandInRelay:
+        relays.append(StandInRelay(frames))
+        return relays[-1]
+
+    server = await loop.create_server(accept, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = SignalingClient(f"ws://127.0.0.1:{port}", "bench-token", conversation,
+                             on_signal, proxy=None)
+    pump: asyncio.Task[None] | None = None
+    try:
+        await asyncio.wait_for(client.start(), 30)
+        relay = relays[0]
+        await asyncio.wait_for(relay.opened, 30)
+        pump = asyncio.create_task(relay.pump())
+        finished, finished_cpu = await asyncio.wait_for(core.done, 120)
+        seconds = finished - relay.started_at
+        cpu_seconds = finished_cpu - relay.started_cpu
+        await asyncio.wait_for(pump, 30)
+    finally:
+        if pump is not None and not pump.done():
+            pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await pump
+        await client.close()
+        await registry.close()
+        server.close()
+        await server.wait_closed()
+    key = "handler_sealed_signals_per_s" if sealed else "handler_signals_per_s"
+    out = {key: total / seconds, key.replace("_per_s", "_per_cpu_s"): total / cpu_seconds}
+    if not sealed:
+        out["handler_ack_frames_per_frame"] = relay.ack_frames / len(frames)
+    return out
 
 
 # -- the relay (fallback until tether.bench.relay exists) ------------------------------------
@@ -180,7 +347,8 @@ WINDOW = 128  # signals in flight: the relay holds at most 256 unacknowledged pe
 
 class _Peers:
     """Raw peers on the relay: ``a`` sends signals with (session, seq), ``b`` acknowledges
-    each frame as a SignalingClient would, ``a`` reads the forwarded acks (flow control)."""
+    each frame (the most a SignalingClient sends), ``a`` reads the forwarded acks (flow
+    control)."""
 
     def __init__(self, a: Any, b: Any) -> None:
         self.a, self.b = a, b
@@ -258,3 +426,14 @@ async def _paced(peers: _Peers, rate: float, total: int) -> tuple[float, float]:
     latencies.sort()
     return (latencies[len(latencies) // 2],
             latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))])
+
+
+def main() -> None:
+    from .. import runloop
+
+    total = int(sys.argv[1]) if len(sys.argv) > 1 else 100_000
+    print(json.dumps(runloop.run(measure_handler(total)), indent=1))
+
+
+if __name__ == "__main__":
+    main()

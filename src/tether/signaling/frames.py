@@ -72,7 +72,7 @@ def load(text: str | bytes, limit: int = MAX_DEPTH) -> tuple[Any, str | None]:
         if brackets <= limit or (
             # An array of objects holding no container (the frame of signals): as many
             # brackets as containers, so nothing nests deeper than 2.
-            brackets == len(payload) + 1 and limit >= 2 and type(payload) is list
+            type(payload) is list and brackets == len(payload) + 1 and limit >= 2
             and _CONTAINERS.issuperset(map(type, payload))
         ) or not value_depth_exceeds(payload, limit):
             return payload, None
