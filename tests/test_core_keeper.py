@@ -2,8 +2,9 @@
 
 Unit parts run here on the loop (settings, idempotent close, the signal bridge); the
 connection tests run two tether sides on the Rust core in a namespace with only a 10.x/32
-on lo (tests/keeper_peers.py): connect, bytes through the Rust core's own tunnel, an ICE
-restart started by either side, bytes again.
+on lo (tests/keeper_peers.py): connect, bytes through the Rust core's tunnel as resumable
+streams, a restart started by either side (each replaces the tube) while one echo stream
+runs across both, bytes again.
 """
 
 from __future__ import annotations
@@ -57,6 +58,45 @@ async def test_offer_then_close_twice_and_unknown_tubes() -> None:
     assert seen[-1]["data"] == "closed" and seen[-1]["conversation_id"] == "conv"
 
 
+async def test_a_restart_gives_the_tube_up_so_the_side_replaces_it(monkeypatch) -> None:
+    """The Rust core's restart cannot move a path: restart_ice says channel_closed and
+    raises, and the registry declares it (the app then offers a new tube at once)."""
+    core = keeper.KeeperTubeRegistry()
+    seen: list[signals.Signal] = []
+    try:
+        assert core.restart_replaces_tube and core.resume
+        await core.create_tube("conv", {}, signal_callback=seen.append, tube_id="t3")
+        with pytest.raises(RuntimeError, match="replacing the tube"):
+            await core.restart_ice("t3")
+        async with asyncio.timeout(10):
+            while signals.CHANNEL_CLOSED not in [s["kind"] for s in seen]:
+                await asyncio.sleep(0.01)
+    finally:
+        await core.close()
+    old = keeper.KeeperTubeRegistry(replace_on_restart=False, resume=False)
+    try:
+        assert not old.restart_replaces_tube and not old.resume
+    finally:
+        await old.close()
+    monkeypatch.setenv(keeper.RESUME_ENV, "0")
+    off = keeper.KeeperTubeRegistry()
+    try:
+        assert not off.resume
+    finally:
+        await off.close()
+
+
+async def test_the_answering_side_points_the_rust_core_at_a_local_gateway() -> None:
+    core = keeper.KeeperTubeRegistry()
+    try:
+        gateway = await core._gateway(("127.0.0.1", 9))
+        assert gateway.address[0] == "127.0.0.1" and gateway.target == ("127.0.0.1", 9)
+        assert await core._gateway(("127.0.0.1", 9)) is gateway  # one per target
+    finally:
+        await core.close()
+    assert gateway.server is not None and not gateway.server.is_serving()
+
+
 async def test_rust_thread_signals_reach_the_loop_in_order_and_mapped() -> None:
     core = keeper.KeeperTubeRegistry()
     got: list[signals.Signal] = []
@@ -99,8 +139,10 @@ async def test_rust_thread_signals_reach_the_loop_in_order_and_mapped() -> None:
 
 
 @pytest.mark.netns
-def test_two_rust_core_tubes_connect_carry_bytes_and_survive_restarts_from_either_side(
+def test_rust_core_restarts_replace_the_tube_and_a_running_stream_survives_both(
 ) -> None:
+    """A restart from either side replaces the tube (the Rust core's own cannot move a
+    path); one echo stream runs across both replacements and comes back byte for byte."""
     need_namespaces()
     with lo_namespace() as (namespace, address):
         result = last_json(run_in(namespace, "-m", "tests.keeper_peers", "keeper", address))
@@ -109,7 +151,9 @@ def test_two_rust_core_tubes_connect_carry_bytes_and_survive_restarts_from_eithe
     assert result["mb_s"] > 0 and result["mb_s_after"] > 0
     for key in ("restart_by_connect", "restart_by_expose"):
         assert result[key]["state"] == result[key]["peer_state"] == "connected"
-        assert result[key]["same_tube"]
+        assert not result[key]["same_tube"]
+    assert result["stream"]["intact"] and result["stream"]["echoed"] == 6 << 20, result
+    assert result["resumes"] >= 2
     assert result["tube_kept"]
 
 

@@ -3,7 +3,9 @@
 The connecting side runs aiortc and offers; the exposing side runs the Rust core and
 answers. A data channel the aiortc end opens in-band is accepted by the Rust core, and the
 tube survives an ICE restart started by either side (tests/keeper_peers.py, run in a
-namespace with only a 10.x/32 on lo).
+namespace with only a 10.x/32 on lo). The Rust side runs with ``resume=False,
+replace_on_restart=False``: aiortc speaks neither resumable streams nor tube replacement,
+and this test is about the Rust core's own ICE restart handshake.
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """The lab's address changes with the Rust core under tether's manager (``--core keeper``).
 
 Real ``tether serve/expose/connect`` processes in the lab's namespaces (tether.lab), the
-peers on keeper-pam-webrtc-rs. For ip_change and uplink_switch this measures two things:
-whether the running echo stream survived, and how long until a *new* connection through
-the tunnel echoes again (tether replaces a tube the Rust core cannot move). The first is
-printed, not asserted: the Rust core ends its streams when the path it uses dies (see
-docs/keeper.md); the second must happen.
+peers on keeper-pam-webrtc-rs. For ip_change and uplink_switch: the lab's own scenario
+(its echo stream running through the change) must keep the running stream with 0 bytes
+lost and no corrupt byte (resumable streams carry it from the replaced tube to the new
+one), and a *new* connection through the tunnel must echo again. Recovery times are
+printed (the lab's 2 s target is its own score), not asserted.
 
 Needs root, ``ip netns``, nftables, conntrack (``make debian``); skips otherwise. Run with
 ``pytest -q tests/test_lab_keeper.py -m netns -s`` to see the figures.
@@ -24,6 +24,7 @@ import pytest
 
 from tether.lab import LabOptions, LabUnavailable, preflight
 from tether.lab.procs import cli_flags
+from tether.lab.runner import run_scenario
 from tether.lab.session import LISTEN_PORT, LabSession
 
 pytest.importorskip("keeper_pam_webrtc_rs")
@@ -90,11 +91,26 @@ async def measure(change: str, flags: set[str], run_dir: Path) -> dict[str, Any]
 
 
 @pytest.mark.netns
+@pytest.mark.parametrize("scenario", ["ip_change", "uplink_switch"])
+async def test_the_running_stream_survives_with_no_byte_lost(
+        scenario: str, lab_flags: set[str], tmp_path: Path) -> None:
+    result = await run_scenario(scenario, LabOptions(core="keeper"), lab_flags, tmp_path)
+    print(json.dumps(result.as_dict()))
+    where = f"{scenario} (logs: {result.extra.get('run_dir', 'removed')})"
+    assert result.bytes_sent > 0, where
+    assert result.bytes_lost == 0, f"{where}: {result.failures}"
+    assert result.recovered_ms is not None, f"{where}: {result.failures}"
+    # Every criterion of the lab but its recovery-time bound (timing is printed only).
+    assert [f for f in result.failures if not f.startswith("recovered in")] == [], where
+
+
+@pytest.mark.netns
 @pytest.mark.parametrize("change", ["change_laptop_address", "switch_uplink"])
 async def test_new_connections_recover_after_an_address_change(
         change: str, lab_flags: set[str], tmp_path: Path) -> None:
     result = await measure(change, lab_flags, tmp_path)
     print(json.dumps(result))
+    assert result["running_stream_survived"], f"{change}: the running stream ended"
     assert result["new_connection_ms"] is not None, (
         f"{change}: no new connection through the Rust core within {RECOVERY_LIMIT:.0f} s "
         f"(logs: {tmp_path})")

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from . import aiortc_dc, cli_tunnel, demo, keeper, lab, managers, signaling, tcp
+from . import aiortc_dc, cli_tunnel, demo, keeper, keeper_tether, lab, managers, signaling, tcp
 from .stats import Collected, summary
 
 logger = logging.getLogger(__name__)
@@ -81,6 +81,11 @@ FIGURES: dict[str, Figure] = {f.name: f for f in [
     Figure("keeper", "Rust core, its own tunnel mode, one process per peer (netns)",
            ("keeper_mb_s", "keeper_connect_ms"),
            lambda q: keeper.measure(_sizes(q)["keeper"]), unavailable=keeper.unavailable),
+    Figure("keeper_tether", "Rust core through tether's CLI (--core keeper, resumable "
+           "streams): push, CPU, connect (netns)",
+           ("keeper_tether_mb_s", "keeper_tether_connect_ms", "keeper_tether_cpu_ms_per_mb"),
+           lambda q: keeper_tether.measure(_sizes(q)["keeper"]),
+           unavailable=keeper_tether.unavailable),
     Figure("loss", "lab packet_loss: 5 % loss both ways, echo", ("loss5_mb_s",),
            lambda q: lab.loss5(_sizes(q)["loss"]), every_round=False,
            unavailable=lab.unavailable),

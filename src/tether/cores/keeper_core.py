@@ -8,10 +8,14 @@ a bounded queue, like the aiortc core's.
 
 TCP forwarding is the package's own tunnel mode: the offering tube (tether's connecting
 side) runs in server mode, where the Rust core listens on a local port of its own
-(``local_listen_addr``, 127.0.0.1:0), and the answering tube dials ``target`` (the exposing
-side's ``--target``) for every connection. tether's connecting side keeps its own stable
-listener and splices each accepted connection to the current tube's Rust listener
-(:class:`KeeperTunnel`), so a replaced tube never changes the port users connect to.
+(``local_listen_addr``, 127.0.0.1:0), and the answering tube dials a target for every
+connection. tether's connecting side keeps its own stable listener, so a replaced tube
+never changes the port users connect to. With ``resume`` (the default) every user
+connection is a resumable session (tether.tunnel.resume): its carrier goes through the
+current tube's Rust listener, the answering Rust tube dials tether's resume gateway
+(127.0.0.1) instead of the target, and the gateway dials ``target``; a session outlives
+its tube. Without it, :class:`KeeperTunnel` splices each connection to the Rust listener
+and the Rust core dials ``target`` itself (a stream dies with its tube).
 
 No vendor cloud: ``krelay_server`` is "" and ``ksm_config`` None (no router, no
 credentials fetch); only ``client_version`` is required; and the Rust core's internet
@@ -24,9 +28,16 @@ Restarts: the Rust core's own (it starts one after 30 s 'disconnected', on both 
 once) are folded into the manager's: such an offer is held and handed out by the next
 ``restart_ice``, so there is one restart at a time, started by tether's manager. The Rust
 core's ICE restart renegotiates credentials only; its ICE agent keeps the old session,
-so it cannot move a tube off a dead path: then ``restart_ice`` gives the tube up and the
-side replaces it (see restart_ice). It sends no signal when a restart completes: 'connected'
-is reported once its ICE agent says so after the exchange.
+so it cannot move a tube off a dead path, and its agent keeps saying 'connected' on a
+dead path for up to 30 s. So with ``replace_on_restart`` (the default; the registry's
+``restart_replaces_tube``) every restart gives the tube up at once and the side replaces it
+with a fresh one (new gathering on the current addresses); resumable sessions move to it.
+Without it the Rust core's restart is used when its agent is connected. It sends no signal
+when a restart completes: 'connected' is reported once its ICE agent says so.
+
+Closing: the Rust core's ``close_tube`` blocks ~30 s on a dead path or peer and leaves the
+connections accepted on its listener open, so tether forgets a tube at once, drops its
+carriers, and closes the Rust tube in the background on two threads of its own.
 
 ids: the Rust registry is per process, and both tether peers of one process (tests, the
 demo) use the same tube id, so each tube gets its own Rust tube and conversation id.
@@ -47,6 +58,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import signals
+from ..tunnel.resume import ResumeClient, ResumeGateway
 
 logger = logging.getLogger(__name__)
 
@@ -58,8 +70,10 @@ CONFIRM_LIMIT = 60.0  # longer than the manager waits for a restart to complete
 HELD_OFFER_MAX_AGE = 10.0
 STATES = frozenset({"new", "connecting", "connected", "disconnected", "failed", "closed"})
 SPLICE_CHUNK = 256 * 1024
+CLOSE_WAIT = 5.0  # how long close() waits for the Rust core's own tube closes
 HELD_CANDIDATES_LIMIT = 256
 NO_PROBES = "KEEPER_WEBRTC_DISABLE_CONNECTIVITY_CHECK"
+RESUME_ENV = "TETHER_KEEPER_RESUME"  # "0": plain Rust-core streams (both ends must agree)
 
 SignalCallback = Callable[[signals.Signal], Any]
 
@@ -127,6 +141,9 @@ class KeeperTubeRegistry:
 
     ``turn_url``/``turn_username``/``turn_password`` (and ``turn_only``) go to every tube
     unless its settings give their own. ``registry`` is for tests (a PyTubeRegistry).
+    ``resume``: TCP streams as resumable sessions (both ends must agree; default on, or
+    TETHER_KEEPER_RESUME=0 for off). ``replace_on_restart``:
+    a restart replaces the tube (see the module docstring).
     """
 
     def __init__(
@@ -139,6 +156,8 @@ class KeeperTubeRegistry:
         client_version: str = CLIENT_VERSION,
         workers: int = 4,
         registry: Any = None,
+        resume: bool | None = None,
+        replace_on_restart: bool = True,
     ) -> None:
         if turn_url and not (turn_username and turn_password):
             raise ValueError(f"TURN server {turn_url!r} needs turn_username and turn_password")
@@ -151,10 +170,22 @@ class KeeperTubeRegistry:
         self._rust = registry if registry is not None else load_registry()
         self._executor = ThreadPoolExecutor(max_workers=workers,
                                             thread_name_prefix="tether-keeper")
+        # Closes can block a thread for ~30 s (a dead peer): never in the main pool.
+        self._close_executor = ThreadPoolExecutor(max_workers=2,
+                                                  thread_name_prefix="tether-keeper-close")
+        self._closers: set[asyncio.Task[None]] = set()
         self._by_id: dict[str, _Tube] = {}
         self._by_rust: dict[str, _Tube] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
+        self.resume = (resume if resume is not None
+                       else os.environ.get(RESUME_ENV, "1").strip() not in ("0", "off", "no"))
+        self.replace_on_restart = replace_on_restart
+        self.resume_client: ResumeClient | None = None
+        self.gateways: dict[tuple[str, int], ResumeGateway] = {}
+        self._gateway_lock = asyncio.Lock()
+        self._carrier: _Tube | None = None  # the offering tube new carriers go through
+        self._carrier_up = asyncio.Event()
 
     # -- Contract 2 ---------------------------------------------------------------------
 
@@ -176,6 +207,9 @@ class KeeperTubeRegistry:
         tube_id = tube_id or uuid.uuid4().hex
         if tube_id in self._by_id:
             raise ValueError(f"tube {tube_id!r} already exists")
+        if offer is not None and self.resume and settings.get("target") is not None:
+            host, port = settings["target"]
+            settings["target"] = (await self._gateway((str(host), int(port)))).address
         rust_settings = self._rust_settings(settings, answering=offer is not None)
         tube = _Tube(tube_id, conversation_id, rust_id=str(uuid.uuid4()),
                      rust_conversation=f"tether-{uuid.uuid4().hex}",
@@ -237,9 +271,16 @@ class KeeperTubeRegistry:
         The Rust core's ICE restart renegotiates credentials but its ICE agent keeps the
         old session, candidates and pair (measured: no new checks, no new candidates), so
         it cannot move a tube whose path died. Then the tube is given up (a
-        ``channel_closed`` signal) and the side replaces it with a fresh one at once.
+        ``channel_closed`` signal) and the side replaces it with a fresh one at once:
+        always with ``replace_on_restart``, else when the Rust ICE agent is not connected.
         """
         tube = self._tube(tube_id)
+        if self.replace_on_restart:
+            why = ("the Rust core's ICE restart cannot move a tube to a new path; "
+                   "replacing the tube")
+            logger.info("tube %s: %s", tube_id, why)
+            self._emit(tube, signals.CHANNEL_CLOSED, why)
+            raise RuntimeError(why)
         state = str(await self._run(self._rust.get_connection_state, tube.rust_id)).lower()
         if state != "connected":
             why = (f"the Rust core's ICE is {state}: its restart cannot move the tube to a "
@@ -283,25 +324,50 @@ class KeeperTubeRegistry:
 
     async def close_tube(self, tube_id: str, reason: str | None = None) -> None:
         """Close the tube and forget it. Idempotent: closing an unknown tube, or one the
-        Rust core already closed (it closes both ends when one closes), does nothing."""
+        Rust core already closed (it closes both ends when one closes), does nothing.
+
+        Returns once tether has forgotten it; the Rust core's own close goes on in the
+        background (its own threads): with a dead peer it takes ~30 s (measured in the
+        lab's peer_restart), and the caller may be the signal path."""
         tube = self._by_id.get(tube_id)
         if tube is None or tube.closing:
             return
         tube.closing = True
         logger.debug("tube %s: closing (%s)", tube_id, reason or "no reason given")
+        if tube.listen is not None and self.resume_client is not None:
+            self.resume_client.path_closed(tube.listen)
+        self._set_state(tube, "closed")
+        await self._forget(tube)
+        task = asyncio.create_task(self._close_rust(tube),
+                                   name=f"tether-keeper-close-{tube_id}")
+        self._closers.add(task)
+        task.add_done_callback(self._closers.discard)
+
+    async def _close_rust(self, tube: _Tube) -> None:
+        loop = asyncio.get_running_loop()
+        started = time.monotonic()
         try:
-            if await self._run(self._rust.tube_found, tube.rust_id):
-                await self._run(self._rust.close_tube, tube.rust_id, None)
+            if await loop.run_in_executor(self._close_executor, self._rust.tube_found,
+                                          tube.rust_id):
+                await loop.run_in_executor(self._close_executor, self._rust.close_tube,
+                                           tube.rust_id, None)
         except RuntimeError as exc:
             if "not found" not in str(exc).lower():
-                raise
-        finally:
-            self._set_state(tube, "closed")
-            await self._forget(tube)
+                logger.warning("tube %s: the Rust core could not close it: %s",
+                               tube.tube_id, exc)
+            return
+        took = time.monotonic() - started
+        if took > 1.0:
+            logger.info("tube %s: the Rust core took %.1f s to close it", tube.tube_id, took)
 
     # -- tether's additions --------------------------------------------------------------
 
     blocking_calls = False  # every Rust call above already runs in our own threads
+
+    @property
+    def restart_replaces_tube(self) -> bool:
+        """The side should offer a new tube at once when one is given up on a restart."""
+        return self.replace_on_restart
 
     @property
     def tube_ids(self) -> list[str]:
@@ -318,24 +384,78 @@ class KeeperTubeRegistry:
             except RuntimeError as exc:
                 raise ConnectionError(f"tube {tube_id}: {exc}") from None
             if status == "ready":
+                if tube.listen is not None:  # the newest offering tube carries from now on
+                    self._carrier = tube
+                    self._carrier_up.set()
+                    if self.resume_client is not None:
+                        self.resume_client.path_changed()
                 return KeeperChannel(tube_id, tube.listen)
             if status in ("failed", "closing", "closed"):
                 raise ConnectionError(f"tube {tube_id}: channel {status}")
             await asyncio.sleep(READY_POLL)
 
-    @staticmethod
-    def make_tunnel(channel: KeeperChannel, **kwargs: Any) -> KeeperTunnel:
-        """The side's tunnel for this tube: a splice to the Rust listener (see KeeperTunnel)."""
-        return KeeperTunnel(channel, **kwargs)
+    def make_tunnel(self, channel: KeeperChannel, **kwargs: Any) -> KeeperTunnel:
+        """The side's tunnel for this tube (see KeeperTunnel)."""
+        resume = None
+        if self.resume and channel.listen is not None:
+            if self.resume_client is None:
+                self.resume_client = ResumeClient(self._carrier_address,
+                                                  on_silent=self._carriers_silent)
+            resume = self.resume_client
+        return KeeperTunnel(channel, resume=resume, **kwargs)
 
     async def close(self) -> None:
-        """Close every tube, then the thread pool."""
+        """End every resumable session, close every tube, then the thread pool."""
+        if self.resume_client is not None:
+            await self.resume_client.close()
+        for gateway in list(self.gateways.values()):
+            await gateway.close()
         for tube_id in list(self._by_id):
             await self.close_tube(tube_id, reason="registry closed")
         self._closed = True
+        if self._closers:
+            _, late = await asyncio.wait(set(self._closers), timeout=CLOSE_WAIT)
+            if late:
+                logger.info("%d Rust tube(s) still closing after %.0f s (a dead peer?); "
+                            "not waiting", len(late), CLOSE_WAIT)
+                for task in late:
+                    task.cancel()
+                await asyncio.gather(*late, return_exceptions=True)
         await asyncio.to_thread(self._executor.shutdown, wait=True)
+        self._close_executor.shutdown(wait=False, cancel_futures=True)
 
     # -- internals -----------------------------------------------------------------------
+
+    async def _gateway(self, target: tuple[str, int]) -> ResumeGateway:
+        """The resume gateway for ``target`` (one per target, made on first use)."""
+        async with self._gateway_lock:
+            gateway = self.gateways.get(target)
+            if gateway is None:
+                gateway = ResumeGateway(target)
+                await gateway.start()
+                self.gateways[target] = gateway
+            return gateway
+
+    async def _carrier_address(self) -> tuple[str, int]:
+        """The current offering tube's Rust listener; waits until a tube is ready."""
+        while True:
+            tube = self._carrier
+            if tube is not None and not tube.closing and tube.listen is not None:
+                return tube.listen
+            if self._closed:
+                raise ConnectionError("the keeper registry is closed")
+            self._carrier_up.clear()
+            await self._carrier_up.wait()
+
+    def _carriers_silent(self, address: tuple[str, int]) -> None:
+        """A carrier through the current tube went silent: its path is dead though the
+        Rust core says nothing yet."""
+        tube = self._carrier
+        if (tube is not None and not tube.closing and tube.listen == address
+                and self.replace_on_restart):
+            logger.info("tube %s: resumable-stream carriers went silent; replacing the tube",
+                        tube.tube_id)
+            self._emit(tube, signals.CHANNEL_CLOSED, "carriers went silent (a dead path)")
 
     def _tube(self, tube_id: str) -> _Tube:
         tube = self._by_id.get(tube_id)
@@ -465,6 +585,10 @@ class KeeperTubeRegistry:
         """Drop the tube; let its queued signals (the last states) out, then end its pump."""
         self._by_id.pop(tube.tube_id, None)
         self._by_rust.pop(tube.rust_id, None)
+        if self._carrier is tube:
+            self._carrier = None
+        if tube.listen is not None and self.resume_client is not None:
+            self.resume_client.path_closed(tube.listen)
         if tube.confirm is not None:
             tube.confirm.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -484,19 +608,23 @@ class KeeperTubeRegistry:
 class KeeperTunnel:
     """A tube's tunnel when the Rust core forwards TCP itself.
 
-    On the connecting side, ``carry`` splices one accepted connection to the Rust core's
-    listener for this tube; on the exposing side the Rust core dials the target itself
-    and this object only reports. Same surface as tether's Tunnel for the app: start,
-    carry, close, closed, stats.
+    On the connecting side, ``carry`` hands one accepted connection to the registry's
+    ResumeClient (``resume``: the session outlives this tube, and closing the tunnel does
+    not end it), or else splices it to the Rust core's listener for this tube; on the
+    exposing side the Rust core dials the gateway or target itself and this object only
+    reports. Same surface as tether's Tunnel for the app: start, carry, close, closed, stats.
     """
 
     def __init__(self, channel: KeeperChannel, name: str = "tube",
                  target: tuple[str, int] | None = None, window: int | None = None,
-                 on_fail: Callable[[str], None] | None = None) -> None:
+                 on_fail: Callable[[str], None] | None = None,
+                 resume: ResumeClient | None = None) -> None:
         self.channel = channel
         self.name = name
         self.target = target
         self.on_fail = on_fail
+        self.resume = resume
+        self._sessions: set[Any] = set()  # resumable sessions started through this tube
         self._streams: set[asyncio.Task[Any]] = set()
         self._closing = False
         self._streams_total = 0
@@ -515,12 +643,13 @@ class KeeperTunnel:
 
     @property
     def stats(self) -> dict[str, Any]:
+        sessions = list(self._sessions)
         return {
-            "streams_open": len(self._streams),
+            "streams_open": len(self._streams) + sum(not s.ended.is_set() for s in sessions),
             "streams_total": self._streams_total,
             "open_failures": self._open_failures,
-            "bytes_to_peer": self._bytes_to_peer,
-            "bytes_from_peer": self._bytes_from_peer,
+            "bytes_to_peer": self._bytes_to_peer + sum(s.send.next for s in sessions),
+            "bytes_from_peer": self._bytes_from_peer + sum(s.recv.offset for s in sessions),
             "failure": None,
         }
 
@@ -532,6 +661,17 @@ class KeeperTunnel:
         """Carry one accepted connection through the Rust core; return when it has ended."""
         if self._closing or self.channel.listen is None:
             writer.close()
+            return
+        if self.resume is not None:
+            self._streams_total += 1
+            try:
+                await self.resume.carry(reader, writer, on_start=self._sessions.add)
+            finally:
+                for session in list(self._sessions):
+                    if session.ended.is_set():
+                        self._sessions.discard(session)
+                        self._bytes_to_peer += session.send.next
+                        self._bytes_from_peer += session.recv.offset
             return
         task = asyncio.current_task()
         assert task is not None
