@@ -8,6 +8,12 @@ exactly what aiortc would, without walking the sent queue when nothing is marked
 Real peers: two cores on loopback move data through the patched SCTP, in order and every
 byte checked, also with datagrams dropped deterministically on both sides, and with one
 peer running aiortc's own SCTP code (``unpatch``) against a patched one.
+
+DTLS records (dtls_records.py, aiortc_fastpath.dtls_direct_records): seal/open round trips,
+forgeries and replays dropped, the replay window, resealing; between real peers, our
+records against OpenSSL's both ways (with loss), a close_notify that OpenSSL seals after
+the switch, and wrong keys falling back to OpenSSL. The opt-in push_receive: order kept
+when SCTP's handler suspends, and a DTLS shutdown raised on the socket callback.
 """
 
 from __future__ import annotations
@@ -139,7 +145,11 @@ def test_install_refuses_other_versions() -> None:
 
 
 def test_patch_selection() -> None:
-    assert aiortc_speed.chosen_patches("all") == list(aiortc_speed.PATCHES)
+    default = [name for name in aiortc_speed.PATCHES if name not in aiortc_speed.OPT_IN]
+    assert aiortc_speed.chosen_patches("all") == default
+    assert aiortc_speed.chosen_patches("") == default
+    assert aiortc_speed.chosen_patches("push_receive, all") == list(aiortc_speed.PATCHES)
+    assert "dtls_direct_records" in default and "push_receive" not in default
     assert aiortc_speed.chosen_patches("none") == []
     assert aiortc_speed.chosen_patches("delayed_sack, paced_connect") == [
         "delayed_sack", "paced_connect"]
@@ -646,3 +656,210 @@ def test_runloop_uses_uvloop_unless_told(monkeypatch: pytest.MonkeyPatch) -> Non
         assert type(loop).__module__.startswith("asyncio")
     finally:
         loop.close()
+
+
+# -- DTLS records (tether.cores.dtls_records) ---------------------------------------------
+
+
+def record_pair() -> tuple[Any, Any]:
+    from tether.cores.dtls_records import RecordLayer
+
+    master, client_random, server_random = bytes(range(48)), b"c" * 32, b"s" * 32
+    suite = "ECDHE-ECDSA-AES128-GCM-SHA256"
+    client = RecordLayer.for_suite(suite, master, client_random, server_random, True, 1, 5)
+    server = RecordLayer.for_suite(suite, master, client_random, server_random, False, 1, 9)
+    assert client is not None and server is not None
+    return client, server
+
+
+def test_records_round_trip_both_ways() -> None:
+    from tether.cores.dtls_records import HEADER_SIZE, record_seq
+
+    client, server = record_pair()
+    for size in (0, 1, 1188, 1400):
+        data = random.Random(size).randbytes(size)
+        record = client.seal(23, data)
+        assert record[0] == 23 and record[1:3] == b"\xfe\xfd"
+        assert len(record) == HEADER_SIZE + 8 + size + 16
+        assert server.open(record) == data
+        assert client.open(server.seal(23, data)) == data
+    assert record_seq(client.seal(23, b"x")) == (1, 9)  # 5 + the four records above
+
+
+def test_records_drop_tampered_and_replayed() -> None:
+    client, server = record_pair()
+    record = client.seal(23, b"hello")
+    tampered = bytearray(record)
+    tampered[-1] ^= 1
+    assert server.open(bytes(tampered)) is None
+    assert server.open(record) == b"hello"  # the forgery did not burn the sequence number
+    assert server.open(record) is None  # replay
+    assert server.rejected == 2
+    assert client.open(record) is None  # our own record does not open with the read key
+
+
+def test_replay_window() -> None:
+    from tether.cores.dtls_records import WINDOW, ReplayWindow
+
+    window = ReplayWindow()
+    for seq in (3, 1, 2, 10):
+        assert window.fresh(seq)
+        window.mark(seq)
+    assert not any(window.fresh(seq) for seq in (1, 2, 3, 10))
+    assert window.fresh(4) and window.fresh(9) and window.fresh(11)
+    window.mark(10 + WINDOW)
+    assert not window.fresh(10)  # now older than the window
+    assert window.fresh(11) and not window.fresh(10 + WINDOW)
+    window.mark(1000)
+    assert window.bits == 1 and not window.fresh(1000) and window.fresh(999)
+
+
+def test_reseal_moves_an_openssl_record_to_our_sequence() -> None:
+    from tether.cores.dtls_records import record_seq
+
+    client, server = record_pair()
+    theirs = client.seal(21, b"\x01\x00")  # what OpenSSL sealed: seq 5
+    client.next_seq = 40
+    again = client.reseal(theirs)
+    assert again is not None and record_seq(again) == (1, 40)
+    assert server._read.decrypt(server._read_salt + again[13:21], again[21:],
+                                again[3:11] + again[:3] + (2).to_bytes(2, "big")) == b"\x01\x00"
+
+
+def test_split_records() -> None:
+    from tether.cores.dtls_records import split_records
+
+    client, _ = record_pair()
+    a, b = client.seal(23, b"a"), client.seal(23, b"bb")
+    assert split_records(a + b) == [a, b]
+    assert split_records(a + b[:-1]) is None
+    assert split_records(b"") == []
+
+
+# -- the pushed receive path and direct records between real peers -----------------------
+
+
+def sides(registry: AiortcTubeRegistry, tube_id: str) -> Any:
+    return registry._tube(tube_id).pc.sctp.transport
+
+
+@pytest.fixture
+def pushed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The opt-in push_receive patch, for this test's transports."""
+    from aiortc.rtcdtlstransport import RTCDtlsTransport
+
+    from tether.cores import aiortc_fastpath
+
+    monkeypatch.setattr(RTCDtlsTransport, "_recv_next", aiortc_fastpath._recv_next_push)
+
+
+async def test_direct_records_interoperate_with_openssl(fast_cores: Any) -> None:
+    """A peer sealing its own records against one whose records all go through OpenSSL
+    (``unpatch``): each side opens the other's records, with loss, every byte checked."""
+    a, b = fast_cores
+    real_create = b.create_tube
+
+    async def create_unpatched(*args: Any, **kwargs: Any) -> dict[str, str]:
+        result = await real_create(*args, **kwargs)
+        aiortc_speed.unpatch(b._tube(result["tube_id"]).pc.sctp)
+        return result
+
+    b.create_tube = create_unpatched  # type: ignore[method-assign]
+    tube_id = await connect_tubes(a, b)
+    await until(lambda: bool(sides(b, tube_id).transport._connection._nominated), 10)
+    drop_every(a, tube_id, 41)
+    await move(a, b, tube_id, 2 << 20, seed=5)
+    mine, plain = sides(a, tube_id), sides(b, tube_id)
+    layer = mine._tether_records
+    assert layer is not None and layer.opened > 1000  # OpenSSL's records opened by us
+    assert mine._tether_direct_send  # ours were opened by OpenSSL (move() got every byte)
+    assert plain.__dict__.get("_tether_records") is None
+
+
+async def test_direct_records_between_patched_peers(fast_cores: Any) -> None:
+    a, b = fast_cores
+    tube_id = await connect_tubes(a, b)
+    await move(a, b, tube_id, 1 << 20, seed=6)
+    for side in (a, b):
+        dtls = sides(side, tube_id)
+        assert dtls._tether_direct_send and dtls._tether_records.opened > 300
+
+
+async def shutdown_reaches_the_peer(a: AiortcTubeRegistry, b: AiortcTubeRegistry) -> Any:
+    tube_id = await connect_tubes(a, b)
+    await move(a, b, tube_id, 256 << 10, seed=7)
+    closing, peer = sides(a, tube_id), sides(b, tube_id)
+    assert closing._tether_direct_send
+    next_seq = closing._tether_records.next_seq
+    await closing.stop()
+    assert closing._tether_records.next_seq == next_seq + 1  # close_notify sealed again
+    await until(lambda: peer.state == "closed", 10)
+    return peer
+
+
+async def test_dtls_shutdown_reaches_the_peer(fast_cores: Any) -> None:
+    """A close_notify OpenSSL seals after we sealed records ourselves is sealed again
+    with our sequence number, and the peer's OpenSSL takes it: its DTLS closes."""
+    await shutdown_reaches_the_peer(*fast_cores)
+
+
+async def test_dtls_shutdown_reaches_a_pushed_peer(fast_cores: Any, pushed: None) -> None:
+    """The same with the peer's receive path pushed: the ConnectionError raised on the
+    socket callback is handed to its receive loop, which closes DTLS as aiortc does."""
+    peer = await shutdown_reaches_the_peer(*fast_cores)
+    assert peer.transport._tether_path.push is None
+
+
+async def test_wrong_keys_fall_back_to_openssl(fast_cores: Any,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keys that do not authenticate the first record leave the records to OpenSSL."""
+    from tether.cores import dtls_records
+
+    real = dtls_records.derive_keys
+
+    def wrong(*args: Any) -> Any:
+        keys = real(*args)
+        return dtls_records.Keys(bytes(len(keys.client_key)), bytes(len(keys.server_key)),
+                                 keys.client_salt, keys.server_salt)
+
+    monkeypatch.setattr(dtls_records, "derive_keys", wrong)
+    a, b = fast_cores
+    tube_id = await connect_tubes(a, b)
+    await move(a, b, tube_id, 256 << 10, seed=9)
+    for side in (a, b):
+        dtls = sides(side, tube_id)
+        assert dtls._tether_records is None and not dtls.__dict__.get("_tether_direct_send")
+
+
+async def test_pushed_handler_that_suspends_keeps_order(fast_cores: Any, pushed: None) -> None:
+    """When SCTP's handler suspends on a pushed datagram, a task finishes it and the
+    datagrams behind it wait in the queue: every byte still arrives in order."""
+    from tether.cores import aiortc_fastpath
+
+    a, b = fast_cores
+    tube_id = await connect_tubes(a, b)
+    sctp = b._tube(tube_id).pc.sctp
+    handle = sctp._handle_data
+    counts = {"packets": 0}
+
+    async def sometimes_slow(data: bytes) -> None:
+        counts["packets"] += 1
+        if counts["packets"] % 50 == 0:
+            await asyncio.sleep(0.001)  # a real suspension
+        await handle(data)
+
+    sctp._handle_data = sometimes_slow
+    finished = 0
+    real_finish = aiortc_fastpath._finish
+
+    async def counting_finish(*args: Any) -> None:
+        nonlocal finished
+        finished += 1
+        await real_finish(*args)
+
+    aiortc_fastpath._finish = counting_finish  # type: ignore[assignment]
+    try:
+        await move(a, b, tube_id, 1 << 20, seed=8)
+    finally:
+        aiortc_fastpath._finish = real_finish  # type: ignore[assignment]
+    assert finished > 5

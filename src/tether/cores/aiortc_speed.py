@@ -20,7 +20,12 @@ on every SACK. The patches, in order of effect:
 5. no empty DTLS BIO read after each received record (:func:`dtls_quiet_receive`),
 6. STUN/DTLS told apart by the first byte, not by a failed parse (:func:`stun_demux`),
 7. one moving T3 deadline instead of a new timer per SACK (:func:`lazy_t3_restart`),
-8. reassembly scans only when a message can complete (:func:`reassemble_on_last_fragment`).
+8. reassembly scans only when a message can complete (:func:`reassemble_on_last_fragment`),
+9. received datagrams pushed from the socket callback through DTLS into SCTP, without a
+   queue and a task step each (:func:`tether.cores.aiortc_fastpath.push_receive`; opt-in:
+   it measured slower under uvloop),
+10. DTLS application-data records sealed and opened with cryptography's AESGCM instead of
+   through pyOpenSSL's BIOs (:func:`tether.cores.aiortc_fastpath.dtls_direct_records`).
 """
 
 from __future__ import annotations
@@ -76,10 +81,16 @@ class UnsupportedVersionError(RuntimeError):
 
 _originals: dict[str, Callable[..., Any]] = {}
 _installed = False
+_active: tuple[str, ...] = ()
 
 
 def installed() -> bool:
     return _installed
+
+
+def active_patches() -> tuple[str, ...]:
+    """The patches install() applied."""
+    return _active
 
 
 def check_versions(versions: dict[str, str] | None = None) -> None:
@@ -101,26 +112,32 @@ def check_versions(versions: dict[str, str] | None = None) -> None:
 PATCHES_ENV = "TETHER_SPEED_PATCHES"
 
 
+# Patches applied only when named: measured no faster (see their docstrings).
+OPT_IN = frozenset({"push_receive"})
+
+
 def chosen_patches(value: str | None = None) -> list[str]:
-    """The patches to apply: all of them, unless ``TETHER_SPEED_PATCHES`` says ``none`` or
-    names some (comma-separated), e.g. to measure one against aiortc as shipped."""
+    """The patches to apply, in PATCHES order: all but the OPT_IN ones, unless
+    ``TETHER_SPEED_PATCHES`` says ``none`` or names some (comma-separated; ``all`` in the
+    list stands for the default set), e.g. to measure one against aiortc as shipped."""
     value = os.environ.get(PATCHES_ENV, "all") if value is None else value
     value = value.strip().lower()
-    if value in ("", "all"):
-        return list(PATCHES)
     if value == "none":
         return []
-    names = [name.strip() for name in value.split(",") if name.strip()]
-    unknown = sorted(set(names) - set(PATCHES))
+    names = {name.strip() for name in (value or "all").split(",") if name.strip()}
+    if "all" in names:
+        names.discard("all")
+        names.update(name for name in PATCHES if name not in OPT_IN)
+    unknown = sorted(names - set(PATCHES))
     if unknown:
         raise ValueError(f"{PATCHES_ENV}: unknown patches {unknown}; known: {sorted(PATCHES)}")
-    return names
+    return [name for name in PATCHES if name in names]
 
 
 def install() -> None:
     """Apply the patches once (idempotent); refuse unpinned aiortc/aioice versions
     (unless ``TETHER_SPEED_PATCHES=none``: nothing is patched then)."""
-    global _installed
+    global _installed, _active
     if _installed:
         return
     names = chosen_patches()
@@ -132,11 +149,14 @@ def install() -> None:
         _originals[name] = getattr(sctp, name)
     _originals["connect"] = Connection.connect
     _originals["dtls_recv_next"] = RTCDtlsTransport._recv_next
+    _originals["dtls_send_data"] = RTCDtlsTransport._send_data
+    _originals["dtls_write_ssl"] = RTCDtlsTransport._write_ssl
     _originals["stun_datagram_received"] = StunProtocol.datagram_received
     for name in ("_t3_start", "_t3_restart", "_receive_data_chunk"):
         _originals[name] = getattr(sctp, name)
     for name in names:
         PATCHES[name]()
+    _active = tuple(names)
     _installed = True
     logger.debug("aiortc speed patches installed: %s", ", ".join(names) or "none")
 
@@ -144,10 +164,12 @@ def install() -> None:
 def unpatch(sctp: RTCSctpTransport) -> None:
     """Give one SCTP transport aiortc's own methods back (it then behaves as shipped)."""
     for name, function in _originals.items():
-        if name not in ("connect", "dtls_recv_next", "stun_datagram_received"):
+        if name not in ("connect", "stun_datagram_received") and not name.startswith("dtls_"):
             setattr(sctp, name, function.__get__(sctp, type(sctp)))
     dtls = sctp.transport
     dtls._recv_next = _originals["dtls_recv_next"].__get__(dtls, type(dtls))
+    aiortc_fastpath.disarm(dtls)
+    aiortc_fastpath.give_back(dtls)
 
 
 # -- 1. delayed SACK ----------------------------------------------------------------------
@@ -449,10 +471,24 @@ async def _recv_next_quiet(self: RTCDtlsTransport) -> None:
     if not self._RTCDtlsTransport__handshake_done:  # type: ignore[attr-defined]
         await _originals["dtls_recv_next"](self)
         return
-    data = await self.transport._recv()
+    await receive_datagram(self, await self.transport._recv(), quiet=True)
+
+
+async def receive_datagram(self: RTCDtlsTransport, data: bytes, quiet: bool) -> None:
+    """One datagram after the DTLS handshake, as aiortc's ``_recv_next`` handles it;
+    ``quiet``: skip the empty BIO read after application data (dtls_quiet_receive)."""
     self._RTCDtlsTransport__rx_bytes += len(data)  # type: ignore[attr-defined]
     self._RTCDtlsTransport__rx_packets += 1  # type: ignore[attr-defined]
     first_byte = data[0]
+    if first_byte == DTLS_APPLICATION_DATA:
+        layer = aiortc_fastpath.records(self)
+        if layer is not None:
+            plains = aiortc_fastpath.open_records(self, layer, data)
+            if plains is not None:
+                if self._data_receiver:
+                    for plain in plains:
+                        await self._data_receiver._handle_data(plain)
+                return
     if 19 < first_byte < 64:  # DTLS
         self._ssl.bio_write(data)
         plain: bytes | None
@@ -462,7 +498,7 @@ async def _recv_next_quiet(self: RTCDtlsTransport) -> None:
             plain = None
         except rtcdtls.SSL.Error:
             plain = b""
-        if first_byte != DTLS_APPLICATION_DATA or not plain:
+        if not quiet or first_byte != DTLS_APPLICATION_DATA or not plain:
             await self._write_ssl()
         if plain is None:
             raise ConnectionError  # the remote party shut DTLS down
@@ -596,3 +632,8 @@ PATCHES: dict[str, Callable[[], None]] = {
     "lazy_t3_restart": lazy_t3_restart,
     "reassemble_on_last_fragment": reassemble_on_last_fragment,
 }
+
+from . import aiortc_fastpath  # noqa: E402  (it uses this module's names at call time)
+
+PATCHES["push_receive"] = aiortc_fastpath.push_receive
+PATCHES["dtls_direct_records"] = aiortc_fastpath.dtls_direct_records

@@ -22,6 +22,10 @@ When a new generation becomes current, or the old path answers again after an ou
 ``on_resume`` runs at once, so the core can resend what SCTP had in flight instead of
 waiting for its retransmission timer.
 
+Received datagrams reach DTLS through a bounded queue its receive task reads, or, while
+that task is idle and the opt-in ``push_receive`` speed patch is on, through ``push``
+(aiortc_fastpath.py), called straight from the socket callback.
+
 ``cut()`` is a fault-injection hook: it black-holes the current generation's sockets in
 both directions inside this process, as a cut cable would.
 """
@@ -295,6 +299,9 @@ class IcePath:
         self._reported_alive = True
         self._first_remote_ufrag: str | None = None
         self._received: asyncio.Queue[bytes | None] = asyncio.Queue(RECEIVE_QUEUE_LIMIT)
+        # Set by the DTLS fast path (aiortc_fastpath.push_receive) while its receive loop
+        # is idle: datagrams then go straight to it instead of through the queue.
+        self.push: Callable[[bytes], None] | None = None
         self._closed = False
         self._cut: aioice.Connection | None = None
         self._probes: dict[bytes, _Probe] = {}
@@ -305,6 +312,7 @@ class IcePath:
         self._hook(self.current)
         ice_transport._recv = self.recv  # type: ignore[attr-defined]
         ice_transport._send = self.send  # type: ignore[attr-defined]
+        ice_transport._tether_path = self  # type: ignore[attr-defined]
 
     # -- the data path DTLS uses ---------------------------------------------------------
 
@@ -313,6 +321,24 @@ class IcePath:
         if data is None:
             raise ConnectionError("ICE path closed")
         return data
+
+    @property
+    def queued(self) -> int:
+        """Datagrams waiting for DTLS's receive loop."""
+        return self._received.qsize()
+
+    def deliver(self, data: bytes) -> None:
+        """Queue a datagram for DTLS's receive loop (dropped, and counted, when it is full)."""
+        try:
+            self._received.put_nowait(data)
+        except asyncio.QueueFull:  # DTLS is behind: lost like an overflowing socket
+            self.datagrams_dropped += 1
+
+    def wake(self) -> None:
+        """Wake DTLS's receive loop with an empty datagram (the fast path hands it an error)."""
+        if not self._closed:
+            with contextlib.suppress(asyncio.QueueFull):
+                self._received.put_nowait(b"")
 
     async def send(self, data: bytes) -> None:
         if self._liveness is not None and self.clock.sent(self._loop.time(), self._busy()):
@@ -328,10 +354,11 @@ class IcePath:
         def data_received(data: bytes, component: int) -> None:
             if self._closed:
                 return
-            try:
-                self._received.put_nowait(data)
-            except asyncio.QueueFull:  # DTLS is behind: lost like an overflowing socket
-                self.datagrams_dropped += 1
+            push = self.push
+            if push is not None:
+                push(data)
+            else:
+                self.deliver(data)
 
         connection.data_received = data_received  # type: ignore[method-assign]
 
@@ -412,6 +439,7 @@ class IcePath:
         if self._closed:
             return
         self._closed = True
+        self.push = None
         for task in (self._liveness, self._connecting, *self._retiring):
             if task is not None:
                 task.cancel()
