@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from typing import Any
@@ -293,6 +294,27 @@ async def test_backoff_runs_on_the_shared_timer(make, core, clock):
     await settle()
     assert len(core.restarts) == 5 and manager.state is S.RECONNECTING
     assert manager.metrics.ice_restart_attempts == 1
+
+
+class _Replaced(RuntimeError):
+    tube_replaced = True
+
+
+async def test_a_core_that_replaces_the_tube_is_not_a_failed_restart(make, core, outbox,
+                                                                        caplog):
+    # The Rust core gives a tube up instead of restarting it (the side makes a new one):
+    # no failure counted, no offer sent, nothing logged above INFO.
+    core.restart_error = _Replaced("replacing the tube")
+    manager = make()
+    await connect(manager)
+    with caplog.at_level(logging.INFO, logger="tether"):
+        await manager.handle_network_change(IP)
+        await settle()
+    assert len(core.restarts) == 1
+    assert manager.metrics.restarts_failed == 0
+    assert "ice_restart_offer" not in outbox.kinds()
+    assert "replacing the tube" in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 async def test_answer_timeout_then_next_attempt(make, core, clock, outbox):

@@ -416,6 +416,11 @@ class TunnelConnectionManager:
             if not isinstance(offer, str) or not offer:
                 raise TypeError(f"restart_ice returned {type(offer).__name__}, not an offer")
         except Exception as exc:
+            if getattr(exc, "tube_replaced", False):
+                # The core gave the tube up and the side replaces it (a core whose restart
+                # cannot move a path): no failure to count; the tube is closing.
+                logger.info("tube %s: %s", self.tube_id, exc)
+                return
             logger.warning("tube %s: restart_ice failed: %r", self.tube_id, exc)
             await self._feed(machine.restart_error(seq, self._time(), f"restart_ice: {exc!r}"))
             return

@@ -50,6 +50,7 @@ import contextlib
 import inspect
 import logging
 import os
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -76,6 +77,40 @@ NO_PROBES = "KEEPER_WEBRTC_DISABLE_CONNECTIVITY_CHECK"
 RESUME_ENV = "TETHER_KEEPER_RESUME"  # "0": plain Rust-core streams (both ends must agree)
 
 SignalCallback = Callable[[signals.Signal], Any]
+
+
+def _on_daemon_thread(loop: asyncio.AbstractEventLoop, fn: Callable[[], Any],
+                      name: str) -> asyncio.Future[Any]:
+    """Run a blocking call on a daemon thread of its own; its result comes back through
+    ``call_soon_threadsafe``. The Rust core's close takes ~30 s with a dead peer: a pool
+    thread would hold the process that long at exit (pool threads are joined), a daemon
+    thread does not."""
+    future: asyncio.Future[Any] = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if not future.done():
+            if error is None:
+                future.set_result(result)
+            else:
+                future.set_exception(error)
+
+    def run() -> None:
+        try:
+            outcome: tuple[Any, BaseException | None] = (fn(), None)
+        except BaseException as exc:  # handed to the awaiting task
+            outcome = (None, exc)
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
+            loop.call_soon_threadsafe(settle, *outcome)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return future
+
+
+class TubeReplaced(RuntimeError):
+    """restart_ice's answer when the tube is given up and the side makes a new one: the
+    manager logs it as the plan it is, not as a failure (``tube_replaced``)."""
+
+    tube_replaced = True
 
 
 class UnknownTubeError(KeyError):
@@ -170,9 +205,6 @@ class KeeperTubeRegistry:
         self._rust = registry if registry is not None else load_registry()
         self._executor = ThreadPoolExecutor(max_workers=workers,
                                             thread_name_prefix="tether-keeper")
-        # Closes can block a thread for ~30 s (a dead peer): never in the main pool.
-        self._close_executor = ThreadPoolExecutor(max_workers=2,
-                                                  thread_name_prefix="tether-keeper-close")
         self._closers: set[asyncio.Task[None]] = set()
         self._by_id: dict[str, _Tube] = {}
         self._by_rust: dict[str, _Tube] = {}
@@ -280,14 +312,14 @@ class KeeperTubeRegistry:
                    "replacing the tube")
             logger.info("tube %s: %s", tube_id, why)
             self._emit(tube, signals.CHANNEL_CLOSED, why)
-            raise RuntimeError(why)
+            raise TubeReplaced(why)
         state = str(await self._run(self._rust.get_connection_state, tube.rust_id)).lower()
         if state != "connected":
             why = (f"the Rust core's ICE is {state}: its restart cannot move the tube to a "
                    "new path; replacing the tube")
             logger.info("tube %s: %s", tube_id, why)
             self._emit(tube, signals.CHANNEL_CLOSED, why)
-            raise RuntimeError(why)
+            raise TubeReplaced(why)
         held, tube.held_offer = tube.held_offer, None
         if held is not None and time.monotonic() - tube.held_at < HELD_OFFER_MAX_AGE:
             logger.info("tube %s: ICE restart with the Rust core's own offer", tube_id)
@@ -346,11 +378,14 @@ class KeeperTubeRegistry:
     async def _close_rust(self, tube: _Tube) -> None:
         loop = asyncio.get_running_loop()
         started = time.monotonic()
+        rust, rust_id = self._rust, tube.rust_id
+
+        def close() -> None:
+            if rust.tube_found(rust_id):
+                rust.close_tube(rust_id, None)
+
         try:
-            if await loop.run_in_executor(self._close_executor, self._rust.tube_found,
-                                          tube.rust_id):
-                await loop.run_in_executor(self._close_executor, self._rust.close_tube,
-                                           tube.rust_id, None)
+            await _on_daemon_thread(loop, close, f"tether-keeper-close-{tube.tube_id}")
         except RuntimeError as exc:
             if "not found" not in str(exc).lower():
                 logger.warning("tube %s: the Rust core could not close it: %s",
@@ -422,7 +457,6 @@ class KeeperTubeRegistry:
                     task.cancel()
                 await asyncio.gather(*late, return_exceptions=True)
         await asyncio.to_thread(self._executor.shutdown, wait=True)
-        self._close_executor.shutdown(wait=False, cancel_futures=True)
 
     # -- internals -----------------------------------------------------------------------
 
