@@ -326,3 +326,19 @@ async def test_forged_signals_from_a_token_holder_change_nothing(relay, echo_add
         async with connect:
             await connect.wait_ready(timeout=20)
             assert await echo_once(connect.listen_address, b"mine") == b"mine"
+
+
+async def test_connect_waits_for_an_absent_peer_instead_of_offering(relay, echo_address):
+    """The relay says the exposing side is not there: no tube is offered (no offer to go
+    stale, no connect timeout to warn about) until it joins; then one tube connects."""
+    expose, connect = sides(relay.port, echo_address, name="later")
+    async with connect:
+        await until(lambda: connect.client.peer_present is False, 10)
+        await asyncio.sleep(0)  # let the tube keeper run once
+        assert connect.tubes == {} and connect.current is None
+        async with expose:
+            handle = await connect.wait_ready(timeout=20)
+            assert handle.manager.state is ConnectionState.CONNECTED
+            assert list(connect.tubes) == [handle.tube_id]
+            payload = os.urandom(10_000)
+            assert await echo_once(connect.listen_address, payload) == payload

@@ -617,7 +617,7 @@ class ConnectSide(Side):
             handle = await self.wait_ready(self.stream_wait)
         except TimeoutError:
             reason = (f"no tube to {self.name!r} after {self.stream_wait:.0f} s (is `tether "
-                      f"expose {self.name}` running?)")
+                      f"expose {self.name}` running, with the same relay and secret?)")
             logger.error("%s; closing the client connection", reason)
             if on_open is not None:
                 on_open(reasons.tag(reason, reasons.NET_UNREACHABLE))
@@ -634,6 +634,13 @@ class ConnectSide(Side):
         failures = 0
         while not self._closed:
             self._peer_back.clear()
+            if self.client.peer_present is False:
+                # An offer to nobody would time out every connect_timeout with a warning,
+                # and go stale: offer when the other end joins.
+                logger.info("waiting for the other end of %r to join the relay (`tether "
+                            "expose %s`, same relay and secret)", self.name, self.name)
+                await self._peer_back.wait()
+                self._peer_back.clear()
             handle = await self._offer_tube()
             await handle.ended.wait()
             self._ready.clear()

@@ -62,7 +62,8 @@ def runtime_dir(create: bool = False) -> Path:
         xdg = os.environ.get("XDG_RUNTIME_DIR")
         if xdg and Path(xdg).is_dir():
             candidates.append(Path(xdg) / "tether")
-        if os.access("/run", os.W_OK):
+        # /run/tether: root's, or one made for us (systemd's RuntimeDirectory=tether).
+        if os.access("/run", os.W_OK) or os.access("/run/tether", os.W_OK):
             candidates.append(Path("/run/tether"))
         candidates.append(Path(tempfile.gettempdir()) / f"tether-{os.getuid()}")
     if not create:
