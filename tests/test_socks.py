@@ -81,6 +81,7 @@ async def socks_tunnel(relay: str, allow: str, users: dict[str, str] | None = No
     async with tether.expose("socks", allow=allow, **common):
         async with tether.connect("socks", listen=None, socks="127.0.0.1:0",
                                   socks_users=users, **common) as t:
+            assert t.socks_address is not None
             host, port = t.socks_address
             yield t, f"{host}:{port}"
 

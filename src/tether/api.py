@@ -178,10 +178,10 @@ class Connection(_Tunnel):
         return self.address[1]
 
     @property
-    def socks_address(self) -> tuple[str, int]:
-        """Where SOCKS5 clients connect: (host, port)."""
+    def socks_address(self) -> tuple[str, int] | None:
+        """Where SOCKS5 clients connect: (host, port); None without ``socks=``."""
         if self.side.socks is None:
-            raise AttributeError("this connection has no SOCKS server (give socks=...)")
+            return None
         return self.side.socks.address
 
 

@@ -188,8 +188,8 @@ def describe(key: tuple[str, str], tunnel: Connection | Exposure) -> str:
         parts = []
         if tunnel.side.server is not None:
             parts.append(f"listening on {format_hostport(*tunnel.address)}")
-        if tunnel.side.socks is not None:
-            parts.append(f"SOCKS5 on {format_hostport(*tunnel.socks_address)}")
+        if (socks := tunnel.socks_address) is not None:
+            parts.append(f"SOCKS5 on {format_hostport(*socks)}")
         return f"connect {name} " + ", ".join(parts)
     side = tunnel.side
     what = []

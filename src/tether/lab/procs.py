@@ -54,7 +54,12 @@ class Processes:
         self.python = python
         self.procs: dict[str, Proc] = {}
         self._retired: list[Proc] = []
-        self.env = dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="160", NO_COLOR="1")
+        # The lab's peers keep their control sockets in the run's directory: a user's
+        # `tether status` / `tether stop` on this machine never sees or stops them.
+        control = run_dir / "control"
+        control.mkdir(mode=0o700, exist_ok=True)
+        self.env = dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="160", NO_COLOR="1",
+                        TETHER_RUNTIME_DIR=str(control))
 
     def py(self, *args: str) -> list[str]:
         return [self.python, *args]
