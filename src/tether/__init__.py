@@ -11,36 +11,55 @@ To open a tunnel from Python (``tether.api``)::
         ...  # connect to 127.0.0.1:t.port
 
 and ``tether.expose(name, signal=..., token=..., secret=..., target="HOST:PORT")``.
+
+Every name below is loaded on first use (PEP 562): ``import tether`` (and so every
+``tether`` command, ``--version`` included) does not pay for asyncio, the connection
+manager or aiortc until something needs them (docs/startup.md).
 """
 
-from typing import TYPE_CHECKING, Any
+from __future__ import annotations
 
-from .connection_manager import (
-    ConnectionState,
-    ICERestartPolicy,
-    NetworkChangeType,
-    TunnelConnectionManager,
-    get_connection_manager,
-    list_connection_managers,
-    register_connection_manager,
-    unregister_connection_manager,
-)
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from .api import Connection, Exposure, connect, expose
+    from .connection_manager import (
+        ConnectionState,
+        ICERestartPolicy,
+        NetworkChangeType,
+        TunnelConnectionManager,
+        get_connection_manager,
+        list_connection_managers,
+        register_connection_manager,
+        unregister_connection_manager,
+    )
 
-# The high-level API pulls in aiortc: loaded on first use, so `import tether` stays light.
-_API = frozenset({"Connection", "Exposure", "connect", "expose"})
+# name -> the module that defines it. The high-level API pulls in aiortc; the connection
+# manager pulls in asyncio: both load on first use, so `import tether` stays light.
+_LAZY = {
+    **dict.fromkeys(("Connection", "Exposure", "connect", "expose"), ".api"),
+    **dict.fromkeys((
+        "ConnectionState", "ICERestartPolicy", "NetworkChangeType", "TunnelConnectionManager",
+        "get_connection_manager", "list_connection_managers", "register_connection_manager",
+        "unregister_connection_manager"), ".connection_manager"),
+}
 
 
 def __getattr__(name: str) -> Any:
-    if name in _API:
-        from . import api
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'tether' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value  # later lookups are plain attribute reads
+    return value
 
-        return getattr(api, name)
-    raise AttributeError(f"module 'tether' has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
 
 __all__ = [
     "Connection",

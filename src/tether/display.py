@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rich.table import Table
-from rich.text import Text
+# rich.table and rich.text load when a table is drawn: `tether status` prints plain text
+# (status_report) and should not pay for them.
+if TYPE_CHECKING:
+    from rich.table import Table
+    from rich.text import Text
 
 STATE_STYLES = {
     "initializing": "dim",
@@ -55,6 +58,9 @@ def _rtt(row: dict[str, Any]) -> str:
 
 def tube_table(title: str, rows: list[dict[str, Any]], caption: str | None = None) -> Table:
     """One line per tube: state, path, RTT, idle (since a byte last moved), rates, traffic."""
+    from rich.table import Table
+    from rich.text import Text
+
     table = Table(title=title, title_justify="left", expand=False, caption=caption,
                   caption_justify="left")
     for column in ("tube", "state", "path", "rtt", "idle", "restarts", "next restart",
@@ -154,6 +160,8 @@ def status_report(status: dict[str, Any]) -> str:
 
 def demo_line(progress: Any) -> Text:
     """One status line for the demo: phase, tube state, MB done and MB/s."""
+    from rich.text import Text
+
     done = progress.bytes_verified / MB
     total = progress.bytes_total / MB
     state = progress.tube_state

@@ -1,7 +1,9 @@
 """The command line: tether serve | expose | connect | up | status | restart | stop | demo |
 lab | bench.
 
-One module per command family; ``common`` holds what they share."""
+One module per command family; ``common`` holds what they share. Importing them registers
+the commands (their options and help) and nothing heavy: each command imports its machinery
+when it runs, so `--version`, `--help`, `status` and `stop` answer at once (docs/startup.md)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import typer
 from typer.core import TyperGroup
 
 from .. import __version__
+from . import coercion
 
 # --help lists the commands in the order a user meets them.
 COMMAND_ORDER = ("serve", "expose", "connect", "up", "status", "restart", "stop", "demo",
@@ -23,6 +26,9 @@ class _Commands(TyperGroup):
         return sorted(super().list_commands(ctx), key=lambda name: rank.get(name, len(rank)))
 
 
+# Plain option values skip typer's pydantic coercion (~150 ms a command): cli/coercion.py.
+coercion.install()
+
 app = typer.Typer(
     cls=_Commands,
     add_completion=False,
@@ -34,7 +40,7 @@ app = typer.Typer(
 
 def _print_version(value: bool) -> None:
     if value:
-        common.out.print(__version__)
+        typer.echo(__version__)
         raise typer.Exit()
 
 
@@ -50,7 +56,7 @@ def main(
 @app.command()
 def version() -> None:
     """Print tether's version."""
-    common.out.print(__version__)
+    typer.echo(__version__)
 
 
 from . import common  # noqa: E402  (the commands register themselves on ``app``)

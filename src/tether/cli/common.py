@@ -3,7 +3,6 @@ with clean Ctrl-C/SIGTERM handling, and turning setting errors into usage errors
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
@@ -12,25 +11,43 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
-
-from .. import logs
-from .errors import explain_os_error
-
-from .. import runloop
-from ..events import EventLog
-from ..sealing import MIN_SECRET_CHARS
-from ..signaling.client import AuthenticationError, CertificateError, ConversationFullError
-from ..tunnel import parse_hostport
 
 logger = logging.getLogger(__name__)
 
-if TYPE_CHECKING:  # aiortc and aioice load only when a core is made (fast --help)
+# Importing this module (every command does, for --help and --version too) must stay light:
+# asyncio, rich, websockets, cryptography, aiortc... load inside the functions that use them
+# (docs/startup.md; tests/test_startup.py checks it).
+if TYPE_CHECKING:
+    import asyncio
+
+    from rich.console import Console
+
     from ..app import Side
 
+
+class LazyConsole:
+    """A rich Console made on first use: importing rich.console costs ~50 ms, which
+    `tether --version`, `--help` and `status` need not pay. Attribute reads go to the
+    console; :meth:`get` gives the Console itself (for rich.live.Live)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        self._kwargs = kwargs
+        self._console: Console | None = None
+
+    def get(self) -> Console:
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(**self._kwargs)
+        return self._console
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.get(), name)
+
+
 # soft_wrap: never wrap at 80 columns when not on a terminal (services, pipes, grep).
-console = Console(stderr=True, soft_wrap=True)
-out = Console(soft_wrap=True)
+console = LazyConsole(stderr=True, soft_wrap=True)
+out = LazyConsole(soft_wrap=True)
 
 Verbose = Annotated[int, typer.Option(
     "--verbose", "-v", count=True, show_default=False,
@@ -104,6 +121,8 @@ Events = Annotated[
 
 def setup_logging(verbose: int, default: int = logging.INFO, log_format: str | None = None) -> None:
     """One line per event, timestamped, secrets redacted (tether.logs); -v, -vv."""
+    from .. import logs
+
     fmt = log_format or os.environ.get("TETHER_LOG_FORMAT") or "text"
     if fmt not in logs.FORMATS:
         raise typer.BadParameter(f"{fmt!r} is not a log format: use text or json",
@@ -112,6 +131,8 @@ def setup_logging(verbose: int, default: int = logging.INFO, log_format: str | N
 
 
 def parse_address(value: str, option: str) -> tuple[str, int]:
+    from ..tunnel import parse_hostport
+
     try:
         return parse_hostport(value)
     except ValueError as exc:
@@ -119,6 +140,8 @@ def parse_address(value: str, option: str) -> tuple[str, int]:
 
 
 def read_secret(secret: str | None, secret_file: str | None) -> str | None:
+    from ..sealing import MIN_SECRET_CHARS
+
     if secret_file is not None:
         try:
             with open(secret_file, encoding="utf-8") as f:
@@ -149,6 +172,8 @@ async def stoppable(main: Callable[[], Awaitable[Any]]) -> Any:
     ``asyncio.wait_for`` is such code: it loses a cancellation that arrives as its inner
     future completes (cpython#86296, fixed in 3.12), so tether itself waits with
     ``asyncio.timeout``; libraries under it may still use ``wait_for``."""
+    import asyncio
+
     loop = asyncio.get_running_loop()
     terminated = asyncio.Event()
     with contextlib.suppress(NotImplementedError, RuntimeError):
@@ -171,6 +196,8 @@ async def stoppable(main: Callable[[], Awaitable[Any]]) -> Any:
 
 async def _end(work: asyncio.Future[Any]) -> None:
     """Cancel ``work`` until it is done (its cleanup gets RECANCEL_AFTER seconds a try)."""
+    import asyncio
+
     tries = 0
     while not work.done():
         if tries:
@@ -189,6 +216,10 @@ RECANCEL_AFTER = 5.0
 
 def run_main(main: Callable[[], Awaitable[Any]]) -> Any:
     """Run ``main``; Ctrl-C and SIGTERM end it cleanly (its finally blocks close everything)."""
+    from .. import logs, runloop
+    from ..signaling.client import AuthenticationError, CertificateError, ConversationFullError
+    from .errors import explain_os_error
+
     try:
         return runloop.run(stoppable(main))
     except KeyboardInterrupt:
@@ -229,6 +260,9 @@ def make_side(kind: type[Side], name: str, *, events: str | None, **kwargs: Any)
     """Make a side that watches the network and records ``events``; a setting it refuses
     (a --signal that is no WebSocket URL...) is a usage error with its message, not a
     traceback."""
+    from .. import logs
+    from ..events import EventLog
+
     logs.add_secret(kwargs.get("token"), kwargs.get("secret"))  # never in any log line
     urls = kwargs.get("signal_url")
     for url in [urls] if isinstance(urls, str) else list(urls or []):

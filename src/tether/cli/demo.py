@@ -8,9 +8,7 @@ import logging
 from typing import Annotated, Any
 
 import typer
-from rich.live import Live
 
-from ..display import demo_line
 from . import app
 from .common import CoreName, Verbose, console, out, run_main, setup_logging
 
@@ -33,7 +31,10 @@ def demo(
     restarts ICE onto a new path and the streams go on. Both peers share this one process,
     so throughput is about a third of two tether processes on two cores.
     """
+    from rich.live import Live
+
     from ..demo import DataMismatch, ensure_file_limit, run_demo
+    from ..display import demo_line
 
     setup_logging(verbose, default=logging.ERROR)
     if mb <= 0 or streams <= 0:
@@ -46,7 +47,7 @@ def demo(
                   "here is about a third of two `tether` processes", highlight=False)
 
     async def main() -> Any:
-        with Live(console=console, refresh_per_second=8, transient=False) as live:
+        with Live(console=console.get(), refresh_per_second=8, transient=False) as live:
             return await run_demo(mb=mb, streams=streams, break_path=break_path, core=core,
                                   on_tick=lambda p: live.update(demo_line(p)))
 

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
@@ -11,17 +10,18 @@ import shlex
 import signal as os_signal
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from .. import config as config_mod
-from ..allow import AllowList
-from ..app import ConnectSide
-from ..machine import ICERestartPolicy
-from ..socks import read_users
-from ..tunnel import format_hostport
 from .common import console, out, run_main
+
+# The config, the state machine, the sides... load when a command runs (startup).
+if TYPE_CHECKING:
+    from .. import config as config_mod
+    from ..allow import AllowList
+    from ..app import ConnectSide
+    from ..machine import ICERestartPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +83,12 @@ AnswerTimeout = Annotated[float | None, typer.Option(
     help="How long a restart waits for the peer's answer (default 15).")]
 
 
+def _empty_config() -> config_mod.Config:
+    from .. import config as config_mod
+
+    return config_mod.Config()
+
+
 @dataclass
 class Settings:
     """What a command runs with once flags, the config file and defaults are merged."""
@@ -93,12 +99,14 @@ class Settings:
     secret: str | None
     policy: ICERestartPolicy
     liveness: dict[str, float] = field(default_factory=dict)
-    config: config_mod.Config = field(default_factory=config_mod.Config)
+    config: config_mod.Config = field(default_factory=_empty_config)
     entry: config_mod.TunnelConfig | None = None  # the config's tunnel of this kind and name
 
 
 def knob_flags(arguments: Mapping[str, Any]) -> dict[str, float | int | None]:
     """The policy-knob flags among a command's arguments (they are named as the config's keys)."""
+    from .. import config as config_mod
+
     return {key: arguments[key] for key in config_mod.KNOBS}
 
 
@@ -106,6 +114,8 @@ def settings(kind: str, name: str, *, config_path: str | None, signal: list[str]
              token: str | None, ca: str | None, secret: str | None,
              knobs: Mapping[str, float | int | None]) -> Settings:
     """Flags first, then the config file (the tunnel's own entry, then its top level)."""
+    from .. import config as config_mod
+
     given = {k: v for k, v in knobs.items() if v is not None}
     for key, value in given.items():
         if value <= 0:
@@ -138,6 +148,8 @@ def settings(kind: str, name: str, *, config_path: str | None, signal: list[str]
 def expose_defaults(merged: Settings, target: str | None,
                     allow: list[str] | None) -> tuple[str | None, list[str] | None]:
     """--target and --allow, else the config's entry for this tunnel (both, or neither)."""
+    from ..tunnel import format_hostport
+
     entry = merged.entry
     if target is not None or allow or entry is None:
         return target, allow
@@ -148,6 +160,8 @@ def expose_defaults(merged: Settings, target: str | None,
 def connect_defaults(merged: Settings, listen: str | None, socks: str | None,
                      run: str | None) -> tuple[str | None, str | None, dict[str, str] | None]:
     """--listen and --socks, else the config's entry for this tunnel; and its SOCKS users."""
+    from ..tunnel import format_hostport
+
     entry = merged.entry
     if listen is not None or socks is not None or run is not None or entry is None:
         return listen, socks, None
@@ -159,6 +173,8 @@ def connect_defaults(merged: Settings, listen: str | None, socks: str | None,
 def parse_allow(rules: list[str] | None) -> AllowList | None:
     if not rules:
         return None
+    from ..allow import AllowList
+
     try:
         return AllowList.parse(rules)
     except ValueError as exc:
@@ -168,6 +184,8 @@ def parse_allow(rules: list[str] | None) -> AllowList | None:
 def socks_users(path: str | None) -> dict[str, str] | None:
     if path is None:
         return None
+    from ..socks import read_users
+
     try:
         return read_users(path)
     except OSError as exc:
@@ -212,6 +230,8 @@ async def run_command(side: ConnectSide, argv: list[str], *,
     (128+N if a signal N ended it). SIGTERM and SIGHUP are forwarded to the command, and
     SIGINT too unless the terminal delivered it to the command already; a third signal
     kills it."""
+    import asyncio
+
     loop = asyncio.get_running_loop()
     try:
         await side.start()

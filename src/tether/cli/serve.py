@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
-import asyncio
-import secrets
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from ..signaling import SignalingServer
 from . import app
-from ..signaling.limits import RelayLimits
-from ..metrics_http import MetricsHTTPServer
 from .common import Verbose, console, parse_address, run_main, setup_logging
+
+# The relay (asyncio, websockets) loads when `serve` runs, not to register it (startup).
+if TYPE_CHECKING:
+    from ..signaling.limits import RelayLimits
 
 
 def _limits(items: list[str]) -> RelayLimits:
     """RelayLimits with NAME=VALUE overrides (a usage error names a bad one)."""
+    from ..signaling.limits import RelayLimits
+
     fields = vars(RelayLimits())
     overrides: dict[str, float] = {}
     for item in items:
@@ -89,8 +90,13 @@ def serve(
     verbose: Verbose = False,
 ) -> None:
     """Run the signaling relay that peers meet through."""
+    import asyncio
+    import secrets
     import ssl
     from pathlib import Path
+
+    from ..metrics_http import MetricsHTTPServer
+    from ..signaling import SignalingServer
 
     setup_logging(verbose)
     if token_file is not None:

@@ -8,25 +8,23 @@ terminal, a one-line status every ``--status-interval`` seconds elsewhere).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import json
 import logging
 import os
 import signal as os_signal
 import time
 from collections.abc import Callable
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.live import Live
 
-from .. import control, logs
-from ..app import Side
-from ..display import status_line, status_report, tube_table
-from ..exporter import MetricsServer
 from . import app
 from .common import console, out, parse_address
+
+# asyncio, the control socket, rich.live and prometheus_client load when used (startup).
+if TYPE_CHECKING:
+    from .. import control
+    from ..app import Side
 
 logger = logging.getLogger("tether.status")
 
@@ -37,6 +35,8 @@ Name = Annotated[str | None, typer.Argument(
 
 def side_status(side: Side) -> dict[str, Any]:
     """The side's status plus what only the process knows (pid, recent warnings)."""
+    from .. import logs
+
     status = side.status()
     status["pid"] = os.getpid()
     status["last_errors"] = logs.RECENT.matching(limit=5)
@@ -46,8 +46,14 @@ def side_status(side: Side) -> dict[str, Any]:
 async def operate(side: Side, title: Callable[[], str], *, status_interval: float = 30.0,
                   metrics: str | None = None) -> None:
     """Serve control and metrics for a started ``side`` and show it until cancelled."""
+    import asyncio
+
+    from .. import control
+
     metrics_server = None
     if metrics is not None:
+        from ..exporter import MetricsServer
+
         host, port = parse_address(metrics, "--metrics")
         metrics_server = MetricsServer(side, host, port)
 
@@ -79,8 +85,14 @@ async def operate(side: Side, title: Callable[[], str], *, status_interval: floa
 
 async def show(side: Side, title: str, status_interval: float) -> None:
     """A live table on a terminal; elsewhere a status line every ``status_interval`` s."""
+    import asyncio
+
+    from ..display import status_line, tube_table
+
     if console.is_terminal:
-        with Live(tube_table(title, []), console=console, refresh_per_second=2) as live:
+        from rich.live import Live
+
+        with Live(tube_table(title, []), console=console.get(), refresh_per_second=2) as live:
             while True:
                 status = side.status()
                 suffix = "" if side.client.connected else " (signaling: reconnecting)"
@@ -98,6 +110,8 @@ async def show(side: Side, title: str, status_interval: float) -> None:
 
 
 def _endpoints(name: str | None) -> list[control.Endpoint]:
+    from .. import control
+
     found = control.find(name)
     if not found:
         where = control.runtime_dir()
@@ -111,6 +125,10 @@ def _endpoints(name: str | None) -> list[control.Endpoint]:
 
 async def _ask_all(found: list[control.Endpoint], cmd: str) -> list[tuple[control.Endpoint,
                                                                           dict[str, Any] | str]]:
+    import asyncio
+
+    from .. import control
+
     async def one(endpoint: control.Endpoint) -> dict[str, Any] | str:
         try:
             return await control.request(endpoint.path, cmd)
@@ -129,6 +147,11 @@ def status(
                      ] = False,
 ) -> None:
     """Show running tunnels: tubes, paths, RTT, rates, bytes, streams, restarts, errors."""
+    import asyncio
+    import json
+
+    from .. import control
+    from ..display import status_report
 
     def render() -> tuple[str, int]:
         if watch and not control.find(name):  # keep watching: it may start soon
@@ -171,6 +194,8 @@ Role = Annotated[str | None, typer.Option(
 
 def _command(name: str, cmd: str, done: Callable[[control.Endpoint, dict[str, Any]], str],
              role: str | None = None) -> None:
+    import asyncio
+
     if role not in (None, "expose", "connect"):
         raise typer.BadParameter(f"{role!r}: give expose or connect", param_hint="--role")
     found = [e for e in _endpoints(name) if role is None or e.role == role]

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from ..app import ConnectSide, ExposeSide, Side
-from ..sealing import new_secret
-from ..tunnel import format_hostport
 from . import app, modes
 from .status import operate
 from .common import (
@@ -17,6 +14,10 @@ from .common import (
     StatusInterval, Token, TurnPassword, TurnUser, Verbose, console, make_core, make_side,
     need_token, out, parse_address, read_secret, run_main, setup_logging,
 )
+
+# The sides (asyncio, signaling, the tunnel) load when a command runs, not to register it.
+if TYPE_CHECKING:
+    from ..app import Side
 
 
 @app.command()
@@ -55,6 +56,9 @@ def expose(
     Only a peer with the tunnel secret can connect; without --secret a strong one is made
     and the exact `tether connect` line to use is printed.
     """
+    from ..app import ExposeSide
+    from ..sealing import new_secret
+
     setup_logging(verbose, log_format=log_format)
     merged = modes.settings(
         "expose", name, config_path=config, signal=signal, token=token, ca=ca,
@@ -123,6 +127,9 @@ def connect(
     With --socks, also (or only) a SOCKS5 server; with --run CMD, run CMD against a free
     local port and exit with its exit code.
     """
+    from ..app import ConnectSide
+    from ..tunnel import format_hostport
+
     setup_logging(verbose, log_format=log_format)
     merged = modes.settings(
         "connect", name, config_path=config, signal=signal, token=token, ca=ca,

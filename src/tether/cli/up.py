@@ -2,23 +2,26 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import signal as os_signal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
-from .. import config as config_mod
-from .. import control
-from ..fleet import Fleet, describe
 from . import app
 from .common import Loopback, Token, Verbose, out, run_main, setup_logging
 from .modes import ConfigPath
 from .status import side_status
 
 logger = logging.getLogger("tether.up")
+
+# The fleet (aiortc, signaling, asyncio) loads when `up` runs, not to register it (startup).
+if TYPE_CHECKING:
+    import asyncio
+
+    from .. import control
+    from ..fleet import Fleet
 
 
 class Controls:
@@ -43,6 +46,10 @@ class Controls:
                 await self._open(key, running.tunnel)
 
     async def _open(self, key: tuple[str, str], tunnel: Any) -> None:
+        import asyncio
+
+        from .. import control
+
         side = tunnel.side
 
         async def restart() -> dict[str, Any]:
@@ -65,11 +72,15 @@ class Controls:
         self.servers[key] = (tunnel, server)
 
     async def _stop(self, key: tuple[str, str]) -> None:
+        import asyncio
+
         await asyncio.sleep(0.05)  # let the answer go out first
         await self.fleet._stop(key, "`tether stop`")
         await self.sync()
 
     async def close(self) -> None:
+        import asyncio
+
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -91,6 +102,11 @@ def up(
     restart, the rest go on untouched. SIGTERM or Ctrl-C stops everything cleanly. Each
     tunnel has its own connection to the relay.
     """
+    import asyncio
+
+    from .. import config as config_mod
+    from ..fleet import Fleet, describe
+
     setup_logging(verbose)
     path = config if config is not None else str(config_mod.default_path())
     try:

@@ -11,11 +11,39 @@ Python API: ``await run_lab(["link_cut", "ip_change"], runs=1)`` -> list of
 
 from __future__ import annotations
 
-from .metrics import TARGETS, ScenarioResult, Target, summarize
-from .netns import LabUnavailable, preflight
-from .runner import run_lab, run_scenario, select
-from .scenarios import SCENARIOS
-from .session import LabOptions
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .metrics import TARGETS, ScenarioResult, Target, summarize
+    from .netns import LabUnavailable, preflight
+    from .runner import run_lab, run_scenario, select
+    from .scenarios import SCENARIOS
+    from .session import LabOptions
+
+# Loaded on first use (PEP 562): `tether --help` imports tether.lab.command to register
+# `tether lab`, which must not pull in the lab's asyncio, processes and namespaces.
+_LAZY = {
+    **dict.fromkeys(("TARGETS", "ScenarioResult", "Target", "summarize"), ".metrics"),
+    **dict.fromkeys(("LabUnavailable", "preflight"), ".netns"),
+    **dict.fromkeys(("run_lab", "run_scenario", "select"), ".runner"),
+    "SCENARIOS": ".scenarios",
+    "LabOptions": ".session",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'tether.lab' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
 
 __all__ = [
     "SCENARIOS", "TARGETS", "LabOptions", "LabUnavailable", "ScenarioResult", "Target",

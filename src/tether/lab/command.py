@@ -6,33 +6,38 @@ here (not root, no namespaces, a tool missing) or the arguments are wrong.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
 import signal
 import sys
 from collections.abc import Sequence
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
 
-from .metrics import TARGETS, ScenarioResult, summarize
-from .netns import LabUnavailable
-from .runner import run_lab, select
-from .scenarios import SCENARIOS
-from .session import LabOptions
+# The lab itself (asyncio, processes, namespaces) and rich load when `tether lab` runs:
+# `tether --help` imports this module to register the command (startup).
+if TYPE_CHECKING:
+    from rich.table import Table
+    from rich.text import Text
+
+    from .metrics import ScenarioResult
+    from .session import LabOptions
 
 logger = logging.getLogger(__name__)
+
+#: The scenarios' names for --help, without importing them (tests/test_startup.py checks
+#: that this is exactly tether.lab.scenarios.SCENARIOS, in order).
+SCENARIO_NAMES = ("link_cut", "long_outage", "ip_change", "ip_change_expose", "uplink_switch",
+                  "both_change", "nat_idle_keepalive", "nat_new_port", "packet_loss",
+                  "slow_path", "peer_restart", "relay_restart", "turn_only")
 
 
 AsJson = Annotated[bool, typer.Option("--json", help="End with one JSON line of results.")]
 Only = Annotated[str | None, typer.Option(
     metavar="NAMES",
-    help=f"Comma-separated scenario names (default: all): {', '.join(SCENARIOS)}.")]
+    help=f"Comma-separated scenario names (default: all): {', '.join(SCENARIO_NAMES)}.")]
 Runs = Annotated[int, typer.Option(
     min=1, metavar="N", help="Runs of each scenario (min/median/max).")]
 Keep = Annotated[bool, typer.Option(help="Keep every run's directory, not only failed ones.")]
@@ -53,6 +58,16 @@ def lab(
     core: Core = "aiortc",
 ) -> None:
     """Run real tether processes in network namespaces through faults; score each scenario."""
+    import asyncio
+
+    from rich.console import Console
+    from rich.text import Text
+
+    from .metrics import summarize
+    from .netns import LabUnavailable
+    from .runner import select
+    from .session import LabOptions
+
     err = Console(stderr=True)
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(name)s: %(message)s")
@@ -99,6 +114,10 @@ def lab(
 async def _main(names: Sequence[str], runs: int, options: LabOptions,
                 progress: Any) -> list[ScenarioResult]:
     """The lab, with SIGTERM turned into a cancel so every finally block still runs."""
+    import asyncio
+
+    from .runner import run_lab
+
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     assert task is not None
@@ -112,6 +131,8 @@ async def _main(names: Sequence[str], runs: int, options: LabOptions,
 
 
 def _verdict(ok: bool) -> Text:
+    from rich.text import Text
+
     return Text("ok", style="green") if ok else Text("FAIL", style="red")
 
 
@@ -120,6 +141,8 @@ def _ms(value: float | None) -> str:
 
 
 def _target(name: str) -> str:
+    from .metrics import TARGETS
+
     t = TARGETS.get(name)
     if t is None:
         return ""
@@ -159,6 +182,11 @@ def _notes(result: ScenarioResult) -> str:
 
 def table(results: Sequence[ScenarioResult], runs: int = 1) -> Table:
     """One row per run, or per scenario with min/median/max when there are several runs."""
+    from rich.table import Table
+    from rich.text import Text
+
+    from .metrics import summarize
+
     t = Table(title="tether lab", title_justify="left")
     if runs <= 1:
         for col in ("scenario", "ok", "detected ms", "recovered ms", "target", "sent MB",
