@@ -163,3 +163,28 @@ async def test_demo_bad_sizes():
     code, text = await run("demo", "--streams", "0")
     assert code == 2 and "--streams" in text
     no_traceback(text)
+
+
+@pytest.mark.parametrize("mode, flag", [(["--target", "127.0.0.1:9"], "--listen 127.0.0.1:0"),
+                                        (["--allow", "127.0.0.1:9"], "--socks 127.0.0.1:1080")])
+async def test_expose_without_a_secret_prints_a_connect_line_that_matches_it(mode, flag):
+    """The printed `tether connect` line carries every flag both ends must share."""
+    proc = await asyncio.create_subprocess_exec(
+        *TETHER, "expose", "db", *mode, "--signal", "ws://127.0.0.1:9", "--loopback",
+        "--ice-server", "stun:127.0.0.1:3478", stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "COLUMNS": "200",
+             "TETHER_TOKEN": "tok-for-errors"})
+    assert proc.stdout is not None
+    try:
+        async with asyncio.timeout(30):
+            while b"tether connect" not in (line := await proc.stdout.readline()):
+                assert line, "expose ended without printing a connect line"
+    finally:
+        proc.kill()
+        await proc.wait()
+    text = line.decode()
+    assert "TETHER_SECRET=" in text and "tether connect db" in text
+    for part in ("--signal ws://127.0.0.1:9", "--loopback", flag,
+                 "--ice-server stun:127.0.0.1:3478"):
+        assert part in text, text

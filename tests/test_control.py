@@ -378,6 +378,16 @@ def test_the_table_and_lines_render():
     report = status_report(status)
     assert "stream 1: 127.0.0.1:5555, open, age 12 s" in report
     assert "causes: network_change 2" in report
+    # A restart that yielded to the peer's crossing offer is counted as such.
+    tube["restarts"]["yielded"] = 1
+    assert ", 1 yielded (causes" in status_report(status)
+    # An 80-column terminal keeps the columns that matter, whole, on one line each.
+    narrow = Console(record=True, width=80)
+    narrow.print(tube_table("connect db", [tube], width=80))
+    text = narrow.export_text()
+    assert "connected" in text and "relay 192.0.2.9:3478" in text and "…" not in text
+    assert "received MB" not in text
+    assert max(len(line) for line in text.splitlines()) <= 80
 
 
 if sys.platform != "linux":  # pragma: no cover

@@ -75,8 +75,10 @@ async def test_run_returns_the_commands_exit_code(tmp_path, tunnel_end):
         assert await asyncio.wait_for(connect.process.wait(), 90) == code, \
             connect.log.read_text()[-3000:]
         await connect.stop()
-        assert any(line.startswith("listening on 127.0.0.1:") for line in connect.lines)
+        # stdout is the command's alone (it may be redirected); tether speaks on stderr.
         assert "echoed: ping through the tunnel" in connect.lines
+        assert not any(line.startswith("listening on") for line in connect.lines)
+        assert "listening on 127.0.0.1:" in connect.log.read_text()
 
 
 async def test_sigterm_is_forwarded_and_its_exit_code_returned(tmp_path, tunnel_end):

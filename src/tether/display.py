@@ -56,38 +56,62 @@ def _rtt(row: dict[str, Any]) -> str:
     return "-" if rtt is None else f"{rtt:.1f} ms" if rtt < 10 else f"{rtt:.0f} ms"
 
 
-def tube_table(title: str, rows: list[dict[str, Any]], caption: str | None = None) -> Table:
-    """One line per tube: state, path, RTT, idle (since a byte last moved), rates, traffic."""
+# Columns and how much they matter (0: always shown); a narrow terminal drops the rest
+# rather than wrapping every cell ("connec…").
+COLUMNS = (("tube", 0), ("state", 0), ("path", 0), ("rtt", 0), ("idle", 1),
+           ("restarts", 2), ("next restart", 3), ("streams", 1), ("rate up", 1),
+           ("rate down", 2), ("sent MB", 3), ("received MB", 3))
+WIDE = 185  # every column fits
+
+
+def _importance_shown(width: int | None) -> int:
+    if width is None or width >= WIDE:
+        return 3
+    return 2 if width >= 140 else 1 if width >= 110 else 0
+
+
+def tube_table(title: str, rows: list[dict[str, Any]], caption: str | None = None,
+               width: int | None = None) -> Table:
+    """One line per tube: state, path, RTT, idle (since a byte last moved), rates, traffic.
+
+    ``width`` (the terminal's): below WIDE, the least needed columns go, tube ids are
+    shortened and the path shows only where it leads."""
     from rich.table import Table
     from rich.text import Text
 
+    shown_up_to = _importance_shown(width)
+    narrow = shown_up_to < 3
     table = Table(title=title, title_justify="left", expand=False, caption=caption,
                   caption_justify="left")
-    for column in ("tube", "state", "path", "rtt", "idle", "restarts", "next restart",
-                   "streams", "rate up", "rate down", "sent MB", "received MB"):
-        table.add_column(column)
+    names = [name for name, importance in COLUMNS if importance <= shown_up_to]
+    for name in names:
+        table.add_column(name, no_wrap=True)
     if not rows:
-        table.add_row("-", Text("waiting for a tube", style="yellow"), *["-"] * 10)
+        table.add_row("-", Text("waiting for a tube", style="yellow"), *["-"] * (len(names) - 2))
     for row in rows:
         state = str(row.get("state", "?"))
         shown = "failed, still trying" if row.get("retrying") else state
         restarts = row.get("restarts")
         count = (restarts.get("started", 0) if isinstance(restarts, dict)
                  else row.get("restart_attempts", 0))
-        table.add_row(
-            str(row.get("tube_id", "?")),
-            Text(shown, style=STATE_STYLES.get(state, "")),
-            _path(row),
-            _rtt(row),
-            _seconds(row.get("idle_seconds")),
-            str(count),
-            _seconds(row.get("next_restart_in")),
-            str(row.get("streams_open", "-")),
-            _rate(row.get("rate_to_peer")),
-            _rate(row.get("rate_from_peer")),
-            f"{row.get('bytes_to_peer', 0) / MB:.1f}",
-            f"{row.get('bytes_from_peer', 0) / MB:.1f}",
-        )
+        tube = str(row.get("tube_id", "?"))
+        path = row.get("path") or {}
+        cells = {
+            "tube": tube[:8] if narrow else tube,
+            "state": Text(shown, style=STATE_STYLES.get(state, "")),
+            "path": (f"{path.get('via')} {path.get('remote')}" if narrow and path.get("remote")
+                     else _path(row)),
+            "rtt": _rtt(row),
+            "idle": _seconds(row.get("idle_seconds")),
+            "restarts": str(count),
+            "next restart": _seconds(row.get("next_restart_in")),
+            "streams": str(row.get("streams_open", "-")),
+            "rate up": _rate(row.get("rate_to_peer")),
+            "rate down": _rate(row.get("rate_from_peer")),
+            "sent MB": f"{row.get('bytes_to_peer', 0) / MB:.1f}",
+            "received MB": f"{row.get('bytes_from_peer', 0) / MB:.1f}",
+        }
+        table.add_row(*(cells[name] for name in names))
     return table
 
 
@@ -141,9 +165,12 @@ def status_report(status: dict[str, Any]) -> str:
         restarts = row.get("restarts") or {}
         if restarts.get("started") or restarts.get("answered"):
             reasons = ", ".join(f"{k} {v}" for k, v in (restarts.get("by_reason") or {}).items())
+            others = ", ".join(f"{restarts[k]} {k}" for k in ("yielded", "superseded",
+                                                             "unneeded") if restarts.get(k))
             lines.append(f"    restarts: {restarts.get('started', 0)} started, "
                          f"{restarts.get('succeeded', 0)} succeeded, {restarts.get('failed', 0)}"
                          f" failed, {restarts.get('answered', 0)} answered"
+                         + (f", {others}" if others else "")
                          + (f" (causes: {reasons})" if reasons else ""))
         for stream in row.get("streams", []):
             who = stream.get("client") or stream.get("target") or "?"

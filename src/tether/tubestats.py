@@ -233,6 +233,10 @@ class SideStats:
         row["restarts"] = {
             "started": metrics.restarts_started, "succeeded": metrics.restarts_succeeded,
             "failed": metrics.restarts_failed, "answered": metrics.restarts_answered,
+            # Ours that ended otherwise: yielded to the peer's crossing offer (glare), replaced
+            # by a fresh one after a network change, or not needed (the old path answered).
+            "yielded": metrics.restarts_abandoned, "superseded": metrics.restarts_superseded,
+            "unneeded": metrics.restarts_unneeded,
             "by_reason": dict(track.restarts), "last_reason": track.reason or None,
             "recoveries_seconds": [round(r, 3) for r in track.recoveries],
             "down_seconds": None if track.down_at is None else now - track.down_at,

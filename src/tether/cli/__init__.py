@@ -59,7 +59,7 @@ def version() -> None:
     typer.echo(__version__)
 
 
-from . import common  # noqa: E402  (the commands register themselves on ``app``)
+from . import common  # noqa: E402,F401  (the commands register themselves on ``app``)
 from . import serve, tunnels, demo  # noqa: E402,F401
 from . import up  # noqa: E402,F401  (tether up: the tunnels of a config file)
 from . import status  # noqa: E402,F401  (tether status | restart | stop)

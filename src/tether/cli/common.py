@@ -189,7 +189,7 @@ async def stoppable(main: Callable[[], Awaitable[Any]]) -> Any:
         signalled.cancel()
     if not work.done():
         await _end(work)
-        console.print("stopped (SIGTERM)")
+        logger.info("stopped")
         return None
     return work.result()
 
@@ -231,8 +231,10 @@ def run_main(main: Callable[[], Awaitable[Any]]) -> Any:
                       highlight=False)
         raise typer.Exit(2) from None
     except CertificateError as exc:
-        console.print(f"[red]cannot verify the relay's certificate[/red]: {exc}. "
-                      "Give its CA with --ca FILE.")
+        # The exception says what did not verify: add only where the CA goes.
+        why = str(exc).removesuffix(" (give the CA that signed it)")
+        console.print(f"error: {why}. Give the CA that signed it with --ca FILE.",
+                      markup=False, highlight=False)
         raise typer.Exit(2) from None
     except ConversationFullError as exc:
         console.print(f"[red]conversation is full[/red]: {exc}. Is another peer using this NAME?")

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from .common import console, out, run_main
+from .common import console, run_main
 
 # The config, the state machine, the sides... load when a command runs (startup).
 if TYPE_CHECKING:
@@ -290,7 +290,8 @@ def run_with_command(side: ConnectSide, argv: list[str]) -> None:
     """The CLI's --run: exit with the command's code."""
 
     def announce(shown: str) -> None:
-        out.print(f"listening on {shown}", highlight=False)
+        # stderr: CMD's own output on stdout may be redirected (`--run 'pg_dump ...' > f`).
+        console.print(f"listening on {shown}", highlight=False)
 
     code = run_main(lambda: run_command(side, argv, announce=announce))
     raise typer.Exit(code if isinstance(code, int) else 1)

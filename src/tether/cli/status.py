@@ -92,12 +92,14 @@ async def show(side: Side, title: str, status_interval: float) -> None:
     if console.is_terminal:
         from rich.live import Live
 
-        with Live(tube_table(title, []), console=console.get(), refresh_per_second=2) as live:
+        terminal = console.get()
+        with Live(tube_table(title, [], width=terminal.width), console=terminal,
+                  refresh_per_second=2) as live:
             while True:
                 status = side.status()
                 suffix = "" if side.client.connected else " (signaling: reconnecting)"
                 live.update(tube_table(title + suffix, status["tubes"],
-                                       caption=status_line(status)))
+                                       caption=status_line(status), width=terminal.width))
                 await asyncio.sleep(0.5)
     if status_interval <= 0:
         await asyncio.Event().wait()

@@ -75,9 +75,15 @@ def expose(
     if secret is None:
         secret = new_secret()
         console.print("no tunnel secret given; made one. On the connecting machine run:")
-        signals = " ".join(f"--signal {url}" for url in signal)
-        out.print(f"  TETHER_SECRET={secret} tether connect {name} {signals} "
-                  f"--listen 127.0.0.1:0", highlight=False, soft_wrap=True)
+        # Everything the other end must match (its own TURN credentials aside).
+        flags = [f"--signal {url}" for url in signal]
+        flags += [f"--ice-server {url}" for url in ice_server or []]
+        flags += ["--loopback"] * loopback + [f"--core {core}"] * (core != "aiortc")
+        flags += [f"--ca {ca}"] * bool(ca)
+        flags.append("--listen 127.0.0.1:0" if address is not None
+                     else "--socks 127.0.0.1:1080")
+        out.print(f"  TETHER_SECRET={secret} tether connect {name} {' '.join(flags)}",
+                  highlight=False, soft_wrap=True)
 
     tube_core = make_core(loopback, ice_server, turn_user, turn_password, core)
     modes.apply_liveness(tube_core, merged.liveness)

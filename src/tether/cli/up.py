@@ -99,8 +99,8 @@ def up(
     """Run every expose and connect tunnel of the config file in one process.
 
     SIGHUP reloads the file: tunnels no longer listed stop, new ones start, changed ones
-    restart, the rest go on untouched. SIGTERM or Ctrl-C stops everything cleanly. Each
-    tunnel has its own connection to the relay.
+    restart, the rest go on untouched. SIGTERM or Ctrl-C stops everything cleanly. The
+    tunnels share one signaling connection per relay.
     """
     import asyncio
 
