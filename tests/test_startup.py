@@ -31,12 +31,13 @@ from pathlib import Path
 # Never needed to register the commands, print the version or the help. (rich.console and
 # rich.table are not listed yet: tether.bench.command imports them at its top.)
 HEAVY = ("asyncio", "aiortc", "aioice", "av", "websockets", "prometheus_client", "cryptography",
-         "OpenSSL", "redis", "rich.live", "pydantic", "tether.connection_manager",
+         "OpenSSL", "redis", "rich.live", "rich.console", "rich.table", "pydantic", "tether.connection_manager",
          "tether.machine", "tether.app", "tether.signaling", "tether.tunnel", "tether.exporter",
          "tether.logs", "tether.config", "tether.lab.runner", "tether.lab.scenarios",
          "tether.lab.metrics", "tether.cores")
-# `status`/`stop`/`restart` talk to the control socket (asyncio), nothing else of tether.
-NOT_FOR_CONTROL = tuple(m for m in HEAVY if m != "asyncio")
+# `status`/`stop`/`restart` talk to the control socket (asyncio) and print their answer
+# (rich's console), nothing else of tether.
+NOT_FOR_CONTROL = tuple(m for m in HEAVY if m not in ("asyncio", "rich.console"))
 
 PROBE = """
 import json, sys

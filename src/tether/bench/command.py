@@ -10,14 +10,15 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from ..cli import app
 from ..cli.common import Verbose, console, out, run_main, setup_logging
+
+if TYPE_CHECKING:  # rich's table loads only when a bench prints one (fast `tether --help`)
+    from rich.table import Table
 
 def _unit(key: str) -> str:
     if "cpu_ms_per_mb" in key:
@@ -53,6 +54,8 @@ def title(result: dict[str, Any]) -> str:
 
 
 def table(result: dict[str, Any]) -> Table:
+    from rich.table import Table
+
     t = Table()
     for name, justify in (("figure", "left"), ("min", "right"), ("median", "right"),
                           ("max", "right"), ("n", "right"), ("unit", "left"),
@@ -114,6 +117,8 @@ def bench(
         raise typer.Exit(130)
     # Piped (not a terminal), rich would assume 80 columns: give the table room instead.
     out.print(title(result), highlight=False)
+    from rich.console import Console
+
     Console(width=None if out.is_terminal else 160).print(table(result))
     if as_json:
         with contextlib.suppress(BrokenPipeError):
