@@ -238,13 +238,13 @@ class NetworkMonitor:
 
     async def _start_netlink(self) -> bool:
         try:
-            from pyroute2.netlink.rtnl.marshal import MarshalRtnl
-
+            # pyroute2 takes ~0.2 s to import: off the loop, which may be connecting already.
+            marshal_class = await asyncio.to_thread(_marshal_class)
             kind = socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
             sock = self._sock = socket.socket(socket.AF_NETLINK, kind, socket.NETLINK_ROUTE)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
             sock.bind((0, _GROUPS))
-            self._marshal = MarshalRtnl()
+            self._marshal = marshal_class()
             # Subscribe before the dump, so nothing between the two is missed.
             asyncio.get_running_loop().add_reader(sock.fileno(), self._on_readable)
             self._snapshot = await asyncio.to_thread(_dump_snapshot)
@@ -363,6 +363,12 @@ class NetworkMonitor:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._close_netlink()
+
+
+def _marshal_class() -> type:
+    from pyroute2.netlink.rtnl.marshal import MarshalRtnl
+
+    return MarshalRtnl
 
 
 async def _watch(args: argparse.Namespace) -> None:
