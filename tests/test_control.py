@@ -378,6 +378,8 @@ def test_the_table_and_lines_render():
     report = status_report(status)
     assert "stream 1: 127.0.0.1:5555, open, age 12 s" in report
     assert "causes: network_change 2" in report
+    assert "listen 127.0.0.1:5432" in report.splitlines()[0]
+    assert "socks 127.0.0.1:1080" in status_report({**status, "socks": "127.0.0.1:1080"})
     # A restart that yielded to the peer's crossing offer is counted as such.
     tube["restarts"]["yielded"] = 1
     assert ", 1 yielded (causes" in status_report(status)

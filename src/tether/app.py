@@ -49,7 +49,7 @@ from .sealing import SAME_ROLE, UNAUTHENTIC, UNSEALED, SealError, Sealer
 from .signaling import SignalingClient
 from .socks import SocksServer
 from .signaling.client import SignalingError
-from .tunnel import Tunnel, reasons
+from .tunnel import Tunnel, format_hostport, reasons
 from .tunnel.reasons import DENIED, Refusal
 from .tubestats import SideStats
 
@@ -225,10 +225,16 @@ class Side:
         target = getattr(self, "target", None)
         if target is not None:
             status["target"] = f"{target[0]}:{target[1]}"
+        allow = getattr(self, "allow", None)
+        if allow is not None:
+            status["allow"] = str(allow)
         server = getattr(self, "server", None)
         if server is not None and server.sockets:
             host, port = server.sockets[0].getsockname()[:2]
             status["listen"] = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        socks = getattr(self, "socks", None)
+        if socks is not None and socks.listening:
+            status["socks"] = format_hostport(*socks.address)
         return status
 
     async def restart(self) -> list[str]:

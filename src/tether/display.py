@@ -150,8 +150,8 @@ def status_report(status: dict[str, Any]) -> str:
              f"{_seconds(status.get('uptime_seconds'))}  "
              + ("signaling connected" if status.get("signaling", {}).get("connected")
                 else "signaling RECONNECTING")
-             + (f"  listen {status['listen']}" if status.get("listen") else "")
-             + (f"  target {status['target']}" if status.get("target") else "")]
+             + "".join(f"  {key} {status[key]}" for key in ("listen", "socks", "target",
+                                                                "allow") if status.get(key))]
     if not status.get("tubes"):
         lines.append("  no tube (waiting for the peer)")
     for row in status.get("tubes", []):

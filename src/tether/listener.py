@@ -34,6 +34,10 @@ class Listener:
         return len(self._tasks)
 
     @property
+    def listening(self) -> bool:
+        return self.server is not None
+
+    @property
     def address(self) -> tuple[str, int]:
         """The bound (host, port) of a TCP listener."""
         assert self.server is not None, "start first"

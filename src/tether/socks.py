@@ -233,6 +233,10 @@ class SocksServer:
                       "auth_failures": 0, "connected": 0, "open_failures": 0}
 
     @property
+    def listening(self) -> bool:
+        return self._listener.listening
+
+    @property
     def address(self) -> tuple[str, int]:
         return self._listener.address
 
