@@ -279,48 +279,26 @@ def make_side(kind: type[Side], name: str, *, events: str | None, **kwargs: Any)
 
 
 def make_core(loopback: bool, ice_servers: list[str] | None, turn_user: str | None,
-          turn_password: str | None, core: str = "aiortc") -> Any:
+              turn_password: str | None, core: str = "aiortc") -> Any:
+    """The named core (tether.api.build_core), its complaints as usage errors."""
+    from ..api import CORES, build_core
+
     servers = ice_servers or []
     if any(url.startswith(("turn:", "turns:")) for url in servers) and not (
             turn_user and turn_password):
         raise typer.BadParameter("a turn:/turns: server needs --turn-user and --turn-password "
                                  "(or TETHER_TURN_PASSWORD)", param_hint="--ice-server")
-    if core == "keeper":
-        return make_keeper_core(loopback, servers, turn_user, turn_password)
-    if core != "aiortc":
-        raise typer.BadParameter(f"unknown core {core!r}: aiortc or keeper", param_hint="--core")
-    from ..cores.aiortc_core import AiortcTubeRegistry
-    from ..cores.gathering import LOOPBACK
-
+    if core not in CORES:
+        raise typer.BadParameter(f"unknown core {core!r}: {' or '.join(CORES)}",
+                                 param_hint="--core")
     try:
-        return AiortcTubeRegistry(
-            host_addresses=LOOPBACK if loopback else None, ice_servers=servers,
-            turn_username=turn_user, turn_password=turn_password,
-        )
+        return build_core(core, loopback, servers, turn_user, turn_password)
     except ValueError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--ice-server") from None
+        hint = "--ice-server" if "server" in str(exc) else "--core"
+        raise typer.BadParameter(str(exc), param_hint=hint) from None
 
 
 CoreName = Annotated[str, typer.Option(
     "--core", metavar="aiortc|keeper",
     help="WebRTC core: aiortc (default) or keeper (the Rust core, "
          "pip install 'tether[keeper]').")]
-
-
-def make_keeper_core(loopback: bool, servers: list[str], turn_user: str | None,
-                     turn_password: str | None) -> Any:
-    """The Rust core (keeper-pam-webrtc-rs): one TURN server at most, no loopback gathering."""
-    if loopback:
-        raise typer.BadParameter("the keeper core never gathers 127.0.0.1; drop --loopback",
-                                 param_hint="--core")
-    turn = [url for url in servers if url.startswith(("turn:", "turns:"))]
-    if len(turn) != len(servers) or len(turn) > 1:
-        raise typer.BadParameter("the keeper core takes one turn:/turns: server and no STUN",
-                                 param_hint="--ice-server")
-    from ..cores.keeper_core import KeeperTubeRegistry
-
-    try:
-        return KeeperTubeRegistry(turn_url=turn[0] if turn else None,
-                                  turn_username=turn_user, turn_password=turn_password)
-    except (ValueError, RuntimeError) as exc:
-        raise typer.BadParameter(str(exc), param_hint="--core") from None
