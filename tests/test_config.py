@@ -179,6 +179,8 @@ async def test_two_tunnels_from_one_config_in_one_process_and_a_reload(tmp_path)
         for i in (0, 1):
             payload = os.urandom(200_000)
             assert await echo(ports[i], payload, timeout=40) == payload
+        # The four tunnels share one network monitor.
+        assert up.log.read_text().count("netmon: watching") == 1
 
         # `tether status` sees every tunnel of the one process.
         status = await asyncio.create_subprocess_exec(

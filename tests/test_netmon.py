@@ -22,7 +22,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tether.machine import NetworkChangeType
-from tether.netmon import NetworkChange, NetworkMonitor, Snapshot, describe, usable_ip
+from tether.netmon import (
+    NetworkChange,
+    NetworkMonitor,
+    SharedMonitor,
+    Snapshot,
+    describe,
+    usable_ip,
+)
 
 IP = NetworkChangeType.IP_ADDRESS_CHANGE
 IFACE = NetworkChangeType.INTERFACE_CHANGE
@@ -207,6 +214,33 @@ async def test_async_callback_is_owned_and_cancelled_on_close():
     await mon.close()  # idempotent
     with pytest.raises(RuntimeError):
         await mon.start()
+
+
+async def test_a_shared_monitor_tells_every_subscriber_and_closes_with_the_last():
+    source = FakeSource([("eth0", "10.1.0.2", 24)])
+    shared = SharedMonitor(poll_interval=0.01, use_netlink=False, address_source=source)
+    first: asyncio.Queue = asyncio.Queue()
+    second: list[NetworkChange] = []
+
+    async def slow_second(change: NetworkChange) -> None:
+        second.append(change)
+
+    await shared.subscribe(first.put_nowait)
+    monitor = shared._monitor
+    await shared.subscribe(slow_second)
+    assert shared._monitor is monitor and shared.subscribers == 2  # one monitor for both
+    source.entries.append(("eth1", "10.3.0.2", 24))
+    change = await next_change(first)
+    await asyncio.wait_for(_until(lambda: second == [change]), 1)
+    await shared.unsubscribe(first.put_nowait)
+    source.entries.append(("eth2", "10.4.0.2", 24))
+    await asyncio.wait_for(_until(lambda: len(second) == 2), 1)
+    assert first.empty()
+    await shared.unsubscribe(slow_second)
+    assert shared._monitor is None and monitor is not None and monitor._closed
+    await shared.subscribe(first.put_nowait)  # a new first subscriber starts it again
+    assert shared._monitor is not None
+    await shared.unsubscribe(first.put_nowait)
 
 
 async def test_close_before_start_and_bad_arguments():

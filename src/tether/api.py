@@ -24,13 +24,16 @@ from __future__ import annotations
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .allow import AllowList
 from .app import ConnectSide, ExposeSide, Side
 from .connection_manager import ICERestartPolicy
 from .signaling.mux import SignalingMux
 from .tunnel import parse_hostport
+
+if TYPE_CHECKING:
+    from .netmon import SharedMonitor
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +137,7 @@ class Connection(_Tunnel):
                  turn_user: str | None = None, turn_password: str | None = None,
                  ca: str | None = None, policy: ICERestartPolicy | None = None,
                  liveness: Mapping[str, float] | None = None, events: Any = None,
-                 watch_network: bool = False, mux: SignalingMux | None = None,
+                 watch_network: bool | SharedMonitor = False, mux: SignalingMux | None = None,
                  core: Any = "aiortc") -> None:
         listen_at = _address(listen, "listen")
         socks_at = _address(socks, "socks")
@@ -195,7 +198,7 @@ class Exposure(_Tunnel):
                  turn_user: str | None = None, turn_password: str | None = None,
                  ca: str | None = None, policy: ICERestartPolicy | None = None,
                  liveness: Mapping[str, float] | None = None, events: Any = None,
-                 watch_network: bool = False, mux: SignalingMux | None = None,
+                 watch_network: bool | SharedMonitor = False, mux: SignalingMux | None = None,
                  core: Any = "aiortc") -> None:
         allow_list = AllowList.parse(allow) if allow else None
         kwargs: dict[str, Any] = {}
@@ -223,7 +226,8 @@ def connect(name: str, *, signal: str | Sequence[str], token: str, secret: str,
     a SOCKS5 server there (``socks_users``: {user: password}, required off loopback);
     ``wait``: seconds ``async with`` waits for the tunnel to open (None: do not wait).
     Further options: ``loopback``, ``ice_servers``, ``turn_user``, ``turn_password``,
-    ``ca``, ``policy`` (an :class:`ICERestartPolicy`), ``liveness``, ``watch_network``,
+    ``ca``, ``policy`` (an :class:`ICERestartPolicy`), ``liveness``, ``watch_network``
+    (True, or a :class:`tether.netmon.SharedMonitor` shared with other tunnels),
     ``mux`` (a shared :class:`SignalingMux` for the same relay URLs and token), ``core``
     ("aiortc", the default, or "keeper"; or a core object).
     """

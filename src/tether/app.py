@@ -32,7 +32,7 @@ import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import signals
 from .connection_manager import (
@@ -52,6 +52,9 @@ from .signaling.client import SignalingError
 from .tunnel import Tunnel, format_hostport, reasons
 from .tunnel.reasons import DENIED, Refusal
 from .tubestats import SideStats
+
+if TYPE_CHECKING:  # pyroute2 loads with the monitor, off the loop (see Side.start)
+    from .netmon import SharedMonitor
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +110,7 @@ class Side:
         policy: ICERestartPolicy | None = None,
         window: int | None = None,
         events: EventLog | None = None,
-        watch_network: bool = False,
+        watch_network: bool | SharedMonitor = False,
         secret: str | None = None,
         ca_file: str | None = None,
     ) -> None:
@@ -135,7 +138,10 @@ class Side:
             self.managers, reply=self._send, on_unknown_tube=self._on_unknown_tube
         )
         self.monitor: Any = None
-        if watch_network:
+        # True: a monitor of our own; a netmon.SharedMonitor: one shared with the process's
+        # other tunnels (tether up).
+        self._network: Any = watch_network if hasattr(watch_network, "subscribe") else None
+        if watch_network and self._network is None:
             from .netmon import NetworkMonitor
 
             self.monitor = NetworkMonitor(self._on_network_change)
@@ -150,8 +156,11 @@ class Side:
     async def start(self) -> None:
         # The network monitor starts while signaling connects: the first offer need not
         # wait for netlink (pyroute2 alone takes ~0.2 s to load).
-        monitor = (asyncio.create_task(self.monitor.start(), name="tether-netmon-start")
-                   if self.monitor is not None else None)
+        watching = (self.monitor.start() if self.monitor is not None
+                    else self._network.subscribe(self._on_network_change)
+                    if self._network is not None else None)
+        monitor = (asyncio.create_task(watching, name="tether-netmon-start")
+                   if watching is not None else None)
         try:
             await self.client.start()
         except BaseException:
@@ -174,6 +183,8 @@ class Side:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.monitor is not None:
             await self.monitor.close()
+        if self._network is not None:
+            await self._network.unsubscribe(self._on_network_change)
         for tube_id in list(self.tubes):
             await self._drop_tube(tube_id, "shutting down", tell=SHUTDOWN)
         if self.client.connected:

@@ -7,7 +7,8 @@ on the first, i.e. both ends of one tunnel in this process). On :meth:`Fleet.rel
 tunnels no longer listed stop (leaving their conversation; the others on the connection go
 on), new ones start, and changed ones (their entry, or the relay, token, ICE or policy
 settings they inherit) restart; unchanged ones go on untouched, streams and all. A shared
-connection no tunnel uses any more is closed.
+connection no tunnel uses any more is closed. All tunnels share one network monitor
+(:class:`~tether.netmon.SharedMonitor`): a change reaches every tunnel at once.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ class Fleet:
         self.token = token  # overrides the config's (--token / TETHER_TOKEN)
         self.loopback = loopback
         self.watch_network = watch_network
+        self.network: Any = None
+        """One network monitor for every tunnel (a SharedMonitor), made on first use."""
         self.running: dict[tuple[str, str], Running] = {}
         self.muxes: dict[tuple[Any, ...], list[SignalingMux]] = {}
         """Shared signaling connections by (relay URLs, token, CA)."""
@@ -61,13 +64,22 @@ class Fleet:
             loopback=config.loopback if self.loopback is None else self.loopback,
             ice_servers=config.ice_servers, turn_user=config.turn_user,
             turn_password=config.turn_password, policy=policy.restart_policy(),
-            liveness=policy.liveness(), watch_network=self.watch_network,
+            liveness=policy.liveness(), watch_network=self._network(),
             core=config.core_of(tunnel))
         if tunnel.kind == "expose":
             return Exposure(tunnel.name, target=tunnel.target,
                             allow=list(tunnel.allow) or None, **common)
         return Connection(tunnel.name, listen=tunnel.listen, socks=tunnel.socks,
                           socks_users=tunnel.socks_users, wait=None, **common)
+
+    def _network(self) -> Any:
+        if not self.watch_network:
+            return False
+        if self.network is None:
+            from .netmon import SharedMonitor
+
+            self.network = SharedMonitor()
+        return self.network
 
     def _mux_for(self, config: Config, conversation_id: str) -> SignalingMux:
         """The shared connection to this config's relay without that conversation yet."""

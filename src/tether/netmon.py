@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import errno
 import inspect
 import ipaddress
@@ -363,6 +364,50 @@ class NetworkMonitor:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._close_netlink()
+
+
+class SharedMonitor:
+    """One :class:`NetworkMonitor` for every tunnel of a process (``tether up``): it starts
+    with the first subscriber and closes with the last; each change goes to all of them."""
+
+    def __init__(self, **options: Any) -> None:
+        self._options = options
+        self._subscribers: list[Callable[[NetworkChange], Any]] = []
+        self._monitor: NetworkMonitor | None = None
+        self._lock = asyncio.Lock()
+
+    @property
+    def subscribers(self) -> int:
+        return len(self._subscribers)
+
+    async def subscribe(self, on_change: Callable[[NetworkChange], Any]) -> None:
+        async with self._lock:
+            self._subscribers.append(on_change)
+            if self._monitor is None:
+                monitor = NetworkMonitor(self._fan_out, **self._options)
+                await monitor.start()
+                self._monitor = monitor
+
+    async def unsubscribe(self, on_change: Callable[[NetworkChange], Any]) -> None:
+        async with self._lock:
+            with contextlib.suppress(ValueError):
+                self._subscribers.remove(on_change)
+            if not self._subscribers and self._monitor is not None:
+                monitor, self._monitor = self._monitor, None
+                await monitor.close()
+
+    async def _fan_out(self, change: NetworkChange) -> None:
+        """Every subscriber at once: one tunnel's restart must not wait for another's."""
+
+        async def tell(on_change: Callable[[NetworkChange], Any]) -> None:
+            try:
+                result = on_change(change)
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:
+                logger.exception("netmon: a subscriber's on_change raised")
+
+        await asyncio.gather(*(tell(on_change) for on_change in list(self._subscribers)))
 
 
 def _marshal_class() -> type:
