@@ -83,12 +83,49 @@ class SignalRouter:
             # The hot path, inline (no coroutine of its own): see _deliver.
             manager.update_activity()
             try:
-                result = manager.handle_signal(signal)
-                if type(result) is CoroutineType or inspect.isawaitable(result):
+                nowait = getattr(manager, "handle_signal_nowait", None)
+                result = (manager.handle_signal(signal) if nowait is None
+                          else nowait(signal))
+                if result is not None and (
+                        type(result) is CoroutineType or inspect.isawaitable(result)):
                     await result
             except Exception as exc:
                 await self._failed(signal, exc)
             return
+        await self._route_unknown(signal, tube_id)
+
+    def route_nowait(self, signal: signals.Signal) -> Awaitable[None] | None:
+        """:meth:`route` without a coroutine of its own on the hot path: returns None when
+        the signal was handled, else what is left to await (usable as the signaling
+        client's ``on_signal``, which awaits only what is awaitable).
+
+        A signal for a known tube whose manager has ``handle_signal_nowait`` costs no
+        coroutine here unless the manager hands back the core's call (then one, which
+        reports the core's errors as :meth:`route` does).
+        """
+        tube_id = signal.get("tube_id", "")
+        manager = self.managers.get(tube_id)
+        if manager is None:
+            return self._route_unknown(signal, tube_id)
+        nowait = getattr(manager, "handle_signal_nowait", None)
+        if nowait is None:
+            return self._deliver(manager, signal)
+        manager.update_activity()
+        try:
+            result = nowait(signal)
+        except Exception as exc:
+            return self._failed(signal, exc)
+        if result is None:
+            return None
+        return self._finish(signal, result)
+
+    async def _finish(self, signal: signals.Signal, result: Awaitable[None]) -> None:
+        try:
+            await result
+        except Exception as exc:
+            await self._failed(signal, exc)
+
+    async def _route_unknown(self, signal: signals.Signal, tube_id: str) -> None:
         kind = signal.get("kind")
         if kind == signals.ERROR:
             logger.warning("peer or relay reported an error%s: %s",

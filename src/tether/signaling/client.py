@@ -47,6 +47,7 @@ import ssl as ssl_module
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from types import CoroutineType
 from typing import Any, Self
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -596,7 +597,8 @@ class _Conversation(_Lifecycle):
             signal = undelivered.popleft()
             try:
                 result = on_signal(signal)
-                if result is not None and inspect.isawaitable(result):
+                if result is not None and (
+                        type(result) is CoroutineType or inspect.isawaitable(result)):
                     await result
             except asyncio.CancelledError:
                 raise

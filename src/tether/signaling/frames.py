@@ -1,12 +1,22 @@
 """Parsing untrusted text frames without ever raising (relay and client side).
 
+Frames are parsed with orjson (several times faster than ``json``), giving the standard
+library's answers: orjson turns an integer beyond 64 bits into a float, and refuses what
+``json`` accepts (lone surrogate escapes, NaN/Infinity, numbers beyond a double). So a
+frame orjson refuses is parsed again with ``json``, whose answer (value or error message)
+is the one given; so is one where a number may have lost its integer value: an object
+holding a float, or any other frame with a run of 19 or more digits (the shortest such
+integer). On everything else the two agree (tests/test_signaling_frames.py checks it
+against ``json``); our own signals never take the second parse.
+
 ``json.loads`` recurses once per nesting level, so ``"[" * 30000`` raises RecursionError
-deep inside it. :func:`load` parses each frame once and refuses one nested deeper than
-``MAX_DEPTH``: a frame with at most ``MAX_DEPTH`` brackets cannot be, nor an array of objects
-with one bracket per container (the usual frame of signals: two C-level counts); otherwise
-the parsed value is walked, containers only, without recursion. A RecursionError from the
-parser itself means the same. Every parse failure becomes an error message.
-:func:`nesting_depth_exceeds` answers the same question on the text, unparsed.
+deep inside it. :func:`load` refuses a frame nested deeper than ``MAX_DEPTH``: one object
+of scalars (or arrays of scalars) cannot be (C-level passes over its values), nor a frame with at most
+``MAX_DEPTH`` brackets, nor an array of objects with one bracket per container (the usual
+frame of signals: two C-level counts); otherwise the parsed value is walked, containers
+only, without recursion. A RecursionError from the parser itself means the same. Every
+parse failure becomes an error message. :func:`nesting_depth_exceeds` answers the same
+question on the text, unparsed.
 """
 
 from __future__ import annotations
@@ -14,6 +24,8 @@ from __future__ import annotations
 import json
 import re
 from typing import Any
+
+import orjson
 
 from tether.signals import KINDS, SignalError, validate_signal
 
@@ -23,7 +35,18 @@ MAX_DEPTH = 8
 _STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 _BRACKET = re.compile(r"[\[\]{}]")
 _loads = json.JSONDecoder().decode
+_fast_loads = orjson.loads
 _CONTAINERS = frozenset({dict, list})
+_FLAT_EXACT = frozenset({str, int, bool, type(None)})
+"""Value types orjson gives exactly as ``json`` does (an int it gives fits in 64 bits)."""
+_FLAT_OR_LIST = _FLAT_EXACT | {list}
+_DIGITS_AND_OPENERS = bytes(
+    48 if 48 <= b <= 57 else 91 if b == 123 else b for b in range(256)
+)
+"""Maps every digit to ``0`` and ``{`` to ``[``: one pass, then both questions below."""
+_LONG_NUMBER = b"0" * 19
+"""19 digits in a row: the shortest integer orjson may turn into a float (below
+-9223372036854775808; above 18446744073709551615 takes 20)."""
 
 
 def nesting_depth_exceeds(text: str, limit: int = MAX_DEPTH) -> bool:
@@ -62,19 +85,45 @@ def value_depth_exceeds(value: Any, limit: int = MAX_DEPTH) -> bool:
 
 
 def load(text: str | bytes, limit: int = MAX_DEPTH) -> tuple[Any, str | None]:
-    """(payload, None) or (None, why it is not acceptable JSON). Never raises."""
+    """(payload, None) or (None, why it is not acceptable JSON). Never raises.
+
+    The same answers as ``json`` (see the module docstring), from orjson when it can."""
+    try:
+        payload = _fast_loads(text)
+        raw = text.encode() if type(text) is str else text  # valid UTF-8: orjson took it
+    except Exception:  # refused by orjson: json decides, and words the error
+        return _load_exact(text, limit)
+    if type(payload) is dict:
+        types = set(map(type, payload.values()))
+        if types <= _FLAT_EXACT or (
+            # an ack: scalars and arrays of scalars, depth 2
+            limit >= 2 and types <= _FLAT_OR_LIST
+            and all(_FLAT_EXACT.issuperset(map(type, v))
+                    for v in payload.values() if type(v) is list)
+        ):
+            return payload, None  # a signal or an ack: no float, depth at most 2
+    mapped = raw.translate(_DIGITS_AND_OPENERS)
+    if _LONG_NUMBER in mapped:
+        return _load_exact(text, limit)
+    brackets = mapped.count(b"[")  # "[" and "{" (strings' too: an upper bound)
+    if brackets <= limit or (
+        # An array of objects holding no container (the frame of signals): as many
+        # brackets as containers, so nothing nests deeper than 2.
+        type(payload) is list and brackets == len(payload) + 1 and limit >= 2
+        and _CONTAINERS.issuperset(map(type, payload))
+    ) or not value_depth_exceeds(payload, limit):
+        return payload, None
+    return None, f"frame is nested deeper than {limit} levels"
+
+
+def _load_exact(text: str | bytes, limit: int) -> tuple[Any, str | None]:
+    """:func:`load` with the standard library's parser (what orjson cannot answer)."""
     too_deep = f"frame is nested deeper than {limit} levels"
     try:
         if isinstance(text, bytes):
             text = text.decode("utf-8")
         payload = _loads(text)
-        brackets = text.count("[") + text.count("{")
-        if brackets <= limit or (
-            # An array of objects holding no container (the frame of signals): as many
-            # brackets as containers, so nothing nests deeper than 2.
-            type(payload) is list and brackets == len(payload) + 1 and limit >= 2
-            and _CONTAINERS.issuperset(map(type, payload))
-        ) or not value_depth_exceeds(payload, limit):
+        if not value_depth_exceeds(payload, limit):
             return payload, None
         return None, too_deep
     except RecursionError:

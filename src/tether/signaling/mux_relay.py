@@ -209,8 +209,10 @@ async def _on_frame(server: SignalingServer, connection: MuxConnection,
     """Route one frame to its conversation's member; False to stop reading."""
     conversation_id: Any = None
     payload: Any = None
+    parsed: tuple[Any, str | None] | None = None
     if isinstance(message, str):
-        payload, _ = load(message)
+        parsed = load(message)  # (parsed once: handed on to the frame handling)
+        payload = parsed[0]
     if type(payload) is dict:
         control = payload.get(CONTROL)
         if control == JOIN:
@@ -227,7 +229,7 @@ async def _on_frame(server: SignalingServer, connection: MuxConnection,
     if member is None:
         server.metrics.frames += 1
         return _not_joined(server, connection, conversation_id, payload)
-    await server._on_message(member, message)  # type: ignore[arg-type]
+    await server._on_message(member, message, parsed)  # type: ignore[arg-type]
     return not connection.gone
 
 

@@ -221,7 +221,7 @@ from websockets.http11 import Request, Response
 from websockets.protocol import State
 
 from tether import web as web_page
-from tether.signals import ERROR, Signal, SignalError, validate_signal
+from tether.signals import ERROR, KINDS, Signal, SignalError, validate_signal
 
 from . import redact
 from .conversations import (
@@ -264,9 +264,7 @@ WS_SIZE_FACTOR = 4
 MAX_ID_LENGTH = 256
 MAX_ERRORS_PER_FRAME = 20
 WRITE_BATCH_BYTES = 64 * 1024
-"""The writer puts at most this much (whole frames) into one socket write."""
-WRITER_IDLE_EXIT = 2.0
-"""Seconds a connection's writer task waits for more frames before it ends."""
+"""At most this much (whole frames) goes into one socket write."""
 
 
 def error_signal(conversation_id: str, data: str, tube_id: str = "") -> Signal:
@@ -337,17 +335,20 @@ class _Outgoing:
 class _Endpoint:
     """A connected peer: implements ``conversations.Peer`` over a ServerConnection.
 
-    Everything sent to the peer goes through one bounded queue drained by this
-    connection's own writer task, so a stuck socket only ever stalls itself. An idle peer
-    holds no queue, event or task (they exist only while frames wait): thousands of idle
-    peers are what a relay mostly serves, and each empty deque alone costs ~760 bytes.
+    Everything sent to the peer goes through one bounded queue, so a stuck socket only
+    ever stalls itself. The queue is flushed once per event-loop turn by a callback
+    (``_flush``): every frame queued during the turn goes out in one socket write, with no
+    task woken per frame. Only when the socket's buffer is past ``write_limit`` does a writer
+    task exist, to wait (at most ``send_timeout``) for it to drain. An idle peer holds no
+    queue, callback or task (they exist only while frames wait): thousands of idle peers
+    are what a relay mostly serves, and each empty deque alone costs ~760 bytes.
     """
 
     __slots__ = (
         "ws", "conversation_id", "peer_id", "address", "resume", "credential",
         "max_frame_bytes", "queue_frames", "queue_bytes", "send_timeout", "replace_grace",
-        "gone", "peer_json", "_queue", "_queued_bytes", "_writer", "_ready", "_started",
-        "_abort_handle",
+        "gone", "peer_json", "_queue", "_queued_bytes", "_writer", "_flush_handle",
+        "_started", "_abort_handle",
     )
 
     def __init__(
@@ -382,9 +383,9 @@ class _Endpoint:
         """Frames for the writer; None while there are none (created on the first frame)."""
         self._queued_bytes = 0
         self._writer: asyncio.Task[None] | None = None
-        """Runs only while frames come (an idle peer costs no task)."""
-        self._ready: asyncio.Event | None = None
-        """Wakes the writer; exists only while the writer does."""
+        """Exists only while the socket's buffer is full (it waits for it to drain)."""
+        self._flush_handle: asyncio.Handle | None = None
+        """The flush scheduled for the end of this loop turn, if frames wait."""
         self._started = False
         self._abort_handle: asyncio.TimerHandle | None = None
 
@@ -392,18 +393,18 @@ class _Endpoint:
 
     def start(self) -> None:
         self._started = True
-        if self._queue and self._writer is None:
-            self._start_writer()
+        if self._queue:
+            self._schedule_flush()
 
     async def finish(self) -> None:
         self._started = False
+        self._cancel_flush()
         writer, self._writer = self._writer, None
         if writer is not None:
             writer.cancel()
             await asyncio.wait({writer})
             if not writer.cancelled() and writer.exception() is not None:
                 log.error("relay writer failed", exc_info=writer.exception())
-        self._ready = None
         if self._abort_handle is not None:
             self._abort_handle.cancel()
             self._abort_handle = None
@@ -492,6 +493,7 @@ class _Endpoint:
         self.gone = True
         self._queue = None
         self._queued_bytes = 0
+        self._cancel_flush()
         writer = self._writer
         if writer is not None and writer is not asyncio.current_task():
             writer.cancel()
@@ -516,53 +518,65 @@ class _Endpoint:
         else:
             self._queue.extend(items)
         self._queued_bytes += size
-        if self._writer is None:
-            if self._started:
-                self._start_writer()
-        elif self._ready is not None:
-            self._ready.set()
+        if self._flush_handle is None and self._writer is None and self._started:
+            self._schedule_flush()
         return True
 
-    def _start_writer(self) -> None:
-        self._ready = asyncio.Event()
-        self._writer = asyncio.create_task(self._write_loop())
+    def _schedule_flush(self) -> None:
+        if self._flush_handle is None and self._writer is None:
+            self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
+
+    def _cancel_flush(self) -> None:
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+
+    def _flush(self) -> None:
+        """Write what waits (a loop callback: the frames of this whole turn in one write);
+        hand over to a writer task if the socket's buffer fills up."""
+        self._flush_handle = None
+        if self.gone or self._writer is not None:
+            return
+        try:
+            if not self._write_batch():
+                if not self._queue:
+                    self._queue = None  # (emptied by take_undelivered)
+                return
+        except (ConnectionClosed, OSError, RuntimeError) as exc:
+            log.debug("relay write to peer %r failed: %r", self.peer_id, exc)
+            return
+        if self.ws.paused:  # past write_limit: wait for the peer to read, boundedly
+            self._writer = asyncio.get_running_loop().create_task(self._write_loop())
+        elif self._queue:
+            self._schedule_flush()  # more than one batch: let the readers run first
+        else:
+            self._queue = None  # an idle peer keeps no deque
+
+    def _write_batch(self) -> bool:
+        """One socket write of the queued frames (up to ``WRITE_BATCH_BYTES``), through the
+        connection's sans-I/O protocol (``send_text``: ping/pong and closing stay
+        websockets' business). False if nothing could be written."""
+        queue = self._queue  # (take_undelivered() replaces it, never mid-batch)
+        protocol = self.ws.protocol
+        if not queue or protocol.state is not State.OPEN:
+            return False
+        size = 0
+        while queue and size < WRITE_BATCH_BYTES:
+            item = queue.popleft()
+            size += len(item.text)
+            protocol.send_text(item.text.encode())
+        self._queued_bytes -= size
+        chunks = protocol.data_to_send()
+        self.ws.transport.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+        return True
 
     async def _write_loop(self) -> None:
-        """Write queued frames, all that are waiting in one socket write (up to
-        ``WRITE_BATCH_BYTES``): under load that is one system call for many frames instead
-        of one each. Frames go through the connection's sans-I/O protocol (``send_text``),
-        so ping/pong and closing stay websockets' business."""
+        """Wait (at most ``send_timeout``) for the socket's buffer to drain, write more,
+        until the queue is empty; the peer is dropped if it does not read."""
         ws = self.ws
-        protocol = ws.protocol
         try:
             while True:
-                if not self._queue:
-                    # Stay a little for the next frame (a task per frame costs more than a
-                    # timer); an idle connection keeps no writer task, event or queue.
-                    ready = self._ready
-                    assert ready is not None
-                    ready.clear()
-                    try:
-                        async with asyncio.timeout(WRITER_IDLE_EXIT):
-                            await ready.wait()
-                    except TimeoutError:
-                        if not self._queue:
-                            self._queue = None
-                            return
-                    continue
-                if protocol.state is not State.OPEN:
-                    return
-                size = 0
-                queue = self._queue  # (take_undelivered() replaces it, never mid-batch)
-                assert queue is not None
-                while queue and size < WRITE_BATCH_BYTES:
-                    item = queue.popleft()
-                    size += len(item.text)
-                    protocol.send_text(item.text.encode())
-                self._queued_bytes -= size
-                chunks = protocol.data_to_send()
-                ws.transport.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
-                if ws.paused:  # the socket's buffer is past write_limit: wait, boundedly
+                if ws.paused:
                     try:
                         async with asyncio.timeout(self.send_timeout):
                             await ws.drain()
@@ -574,12 +588,15 @@ class _Endpoint:
                         return
                 elif self._queue:
                     await asyncio.sleep(0)  # let the readers run between large batches
+                if not self._write_batch():
+                    return
         except (ConnectionClosed, OSError, RuntimeError):
             return
         finally:
             if self._writer is asyncio.current_task():
                 self._writer = None
-                self._ready = None
+                if not self._queue:
+                    self._queue = None
 
 
 class _Route:
@@ -1038,17 +1055,50 @@ class SignalingServer:
         finally:
             await endpoint.finish()
 
-    async def _on_message(self, endpoint: _Endpoint, message: str | bytes) -> bool:
+    async def _on_message(
+        self,
+        endpoint: _Endpoint,
+        message: str | bytes,
+        parsed: tuple[Any, str | None] | None = None,
+    ) -> bool:
         """Handle one frame; return False when this connection should stop reading.
 
-        Whatever the frame holds, the answer is at most an error reply and ``rejected``
-        notices: a hostile frame never closes the connection with 1011.
+        ``parsed``: ``load(message)``, if the caller already did it (the multiplexed
+        connection reads the conversation from the frame first). Whatever the frame holds,
+        the answer is at most an error reply and ``rejected`` notices: a hostile frame
+        never closes the connection with 1011.
+
+        The common frames are handled right here (no coroutine of their own): one valid
+        signal the relay passes on exactly as it arrived (ASCII, already carrying this
+        connection's peer id and conversation, its transport fields well-formed), and acks.
         """
         if endpoint.gone:
             return False
-        self.metrics.frames += 1
+        metrics = self.metrics
+        metrics.frames += 1
         try:
-            return await self._on_frame(endpoint, message)
+            if (type(message) is str and len(message) <= self.max_message_bytes
+                    and message.isascii()):
+                if parsed is None:
+                    parsed = load(message)
+                payload = parsed[0]
+                if type(payload) is dict and CONTROL in payload:
+                    return await self._on_control(endpoint, payload)  # an ack
+                if (type(payload) is dict
+                        and _plain(payload, endpoint.peer_id, endpoint.conversation_id)):
+                    started = time.perf_counter()
+                    result = await self.table.relay(
+                        endpoint.conversation_id, endpoint, [with_text(payload, message)]
+                    )
+                    if result.superseded:
+                        return False  # a newer connection of this peer took over
+                    if self._time_relay:
+                        metrics.delivery.observe(time.perf_counter() - started)
+                    if not result.rejected:
+                        metrics.signals += 1
+                        return True
+                    return self._rejected(endpoint, result.rejected)
+            return await self._on_frame(endpoint, message, parsed)
         except Exception as exc:
             log.warning(
                 "peer %r conversation %r: failed to handle a frame (%s: %s)",
@@ -1064,7 +1114,12 @@ class SignalingServer:
                 _Refused(),
             )
 
-    async def _on_frame(self, endpoint: _Endpoint, message: str | bytes) -> bool:
+    async def _on_frame(
+        self,
+        endpoint: _Endpoint,
+        message: str | bytes,
+        parsed: tuple[Any, str | None] | None = None,
+    ) -> bool:
         conversation_id = endpoint.conversation_id
         errors: list[Signal] = []
         refused: _Refused = _Refused()
@@ -1097,7 +1152,7 @@ class SignalingServer:
             )
             return self._reply(endpoint, errors, refused)
 
-        payload, problem = load(message)
+        payload, problem = parsed if parsed is not None else load(message)
         if problem is not None:
             errors.append(error_signal(conversation_id, f"{problem}; nothing was relayed"))
             return self._reply(endpoint, errors, refused)
@@ -1202,10 +1257,15 @@ class SignalingServer:
         if not result.rejected:
             metrics.signals += 1
             return True
-        metrics.error("rejected_signal")
+        return self._rejected(endpoint, result.rejected)
+
+    def _rejected(self, endpoint: _Endpoint, rejected: list[tuple[Signal, str]]) -> bool:
+        """Answer a one-signal frame the table did not take (its queue is full)."""
+        self.metrics.error("rejected_signal")
+        refused = _Refused()
         errors = []
-        for signal, reason in result.rejected:
-            errors.append(error_signal(conversation_id, reason, signal["tube_id"]))
+        for signal, reason in rejected:
+            errors.append(error_signal(endpoint.conversation_id, reason, signal["tube_id"]))
             refused.add(signal, retry=True)
         return self._reply(endpoint, errors, refused)
 
@@ -1303,6 +1363,27 @@ class _Refused:
 
 def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _plain(item: dict[str, Any], peer_id: str, conversation_id: str) -> bool:
+    """True for a signal the relay passes on unchanged: valid (``validate_signal``), of
+    this peer and conversation, with well-formed transport fields (``_check_item``), and
+    no ``control`` key (the caller checks). Anything else takes the full path, which
+    also words the error."""
+    tube_id = item.get("tube_id")
+    kind = item.get("kind")
+    seq = item.get(SEQ_FIELD, 0)
+    prev = item.get(PREV_FIELD, 0)
+    return (
+        item.get(PEER_FIELD) == peer_id
+        and item.get("conversation_id") == conversation_id
+        and type(tube_id) is str and tube_id != ""
+        and type(kind) is str and kind in KINDS
+        and type(item.get("data", "")) is str
+        and type(seq) is int and seq >= 0
+        and type(prev) is int and prev >= 0
+        and type(item.get(SESSION_FIELD, "")) is str
+    )
 
 
 _json_string = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]
