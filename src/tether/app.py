@@ -30,7 +30,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -261,21 +261,22 @@ class Side:
 
     # -- signal plumbing -----------------------------------------------------------------
 
-    async def _on_peer_signal(self, wire: signals.Signal) -> None:
+    def _on_peer_signal(self, wire: signals.Signal) -> Awaitable[None] | None:
+        """The signaling client's ``on_signal``: a plain call that returns what is left to
+        await, if anything (the client awaits it), so a candidate costs no coroutine here."""
         signal = self._open(wire)
         if signal is None:
-            return
+            return None
         kind = signal.get("kind")
         if kind == signals.CHANNEL_CLOSED:
-            await self._peer_closed(signal)
-            return
+            return self._peer_closed(signal)
         if self._closed:
             if kind == signals.OFFER:  # a tube offered while we say goodbye: refuse it
-                await self._send(signals.make_signal(
+                return self._send(signals.make_signal(
                     signal["tube_id"], self.name, signals.CHANNEL_CLOSED,
                     "the peer is shutting down", **{CLOSE_REASON: SHUTDOWN}))
-            return
-        await self.router.route(signal)
+            return None
+        return self.router.route_nowait(signal)
 
     async def _on_unknown_tube(self, signal: signals.Signal) -> bool:
         return False
