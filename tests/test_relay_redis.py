@@ -277,7 +277,14 @@ async def test_metrics_address_and_health(tmp_path, redis):
     relay = await Relay.start(tmp_path, "relay", redis, "--metrics",
                               f"127.0.0.1:{metrics_port}")
     try:
-        status, text = await http_get(metrics_port, "/healthz")
+        # The relay's own port is ready; its metrics listener may come a moment later.
+        async with asyncio.timeout(30):
+            while True:
+                try:
+                    status, text = await http_get(metrics_port, "/healthz")
+                    break
+                except ConnectionRefusedError:
+                    await asyncio.sleep(0.1)
         assert (status, text.strip()) == (200, "ready")
         status, text = await http_get(metrics_port, "/metrics")
         assert status == 200 and "tether_relay_connections" in text
