@@ -1,38 +1,25 @@
-"""The per-datagram receive path of aiortc, pushed instead of pulled (a speed patch).
+"""Speed patches on aiortc's per-datagram data path (issue 9), registered in aiortc_speed.
 
-aiortc receives with a loop: ``RTCDtlsTransport.__run`` awaits ``_recv_next``, which awaits
-the ICE transport's ``_recv`` - for tether an asyncio.Queue that IcePath fills from the
-socket callback. Every datagram therefore costs a queue put, a future resolved, a loop turn
-and a task step through four coroutine frames before DTLS even sees it.
+- :func:`batch_sends`: the datagrams one ICE socket sends in a loop turn leave together,
+  with UDP GSO on Linux (tether.cores.udp_batch).
+- :func:`dtls_direct_records`: DTLS application-data records sealed and opened with
+  cryptography's AESGCM (tether.cores.dtls_records) instead of through pyOpenSSL's BIOs.
 
-:func:`push_receive` lets the socket callback run DTLS and SCTP directly while the receive
-loop is idle: IcePath's ``data_received`` calls :func:`_push` (IcePath.push), which decrypts
-the record and runs SCTP's handler to its end right there - it normally never suspends (its
-sends are UDP ``sendto`` calls). Order and error handling stay aiortc's:
-
-- the loop arms the push only when it is idle and nothing is queued, so a pushed datagram
-  never overtakes a queued one;
-- a push whose handler does suspend disarms the push; a task (owned by the DTLS transport)
-  finishes it, and the loop, which now gets the following datagrams from the queue, waits
-  for that task before handling them;
-- an exception in a pushed datagram is handed to the loop (IcePath.wake), which raises it
-  where aiortc's ``_recv_next`` would have, so DTLS closes exactly as before;
-- the handshake, DTLS stop, and a transport that :func:`tether.cores.aiortc_speed.unpatch`
-  gave back to aiortc all stay on the queue.
+A third one, ``push_receive`` (received datagrams run through DTLS and SCTP on the socket
+callback instead of IcePath's queue and DTLS's receive task), was removed: on uvloop it
+cost more CPU per MB than the queue, with and without batched sends (docs/datapath.md).
 """
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import logging
-from collections.abc import Coroutine
 from typing import Any
 
 from aiortc.rtcdtlstransport import SSL, RTCDtlsTransport
 from aiortc.rtcdtlstransport import State as DtlsState
+from aiortc.rtcsctptransport import RTCSctpTransport, SackChunk
 
-from . import aiortc_speed
+from . import aiortc_speed, udp_batch
 from .dtls_records import (
     APPLICATION_DATA,
     HEADER_SIZE,
@@ -44,118 +31,54 @@ from .dtls_records import (
 logger = logging.getLogger(__name__)
 
 
-def push_receive() -> None:
-    """aiortc pulls every received datagram through a queue and its receive task
-    (``RTCDtlsTransport._recv_next``).
+# -- the datagrams of one loop turn sent together ------------------------------------------
 
-    Once the DTLS handshake is done we push instead: the socket callback decrypts the
-    record and runs the SCTP handler synchronously while the receive task is idle (see
-    the module docstring for how order and errors are kept). DTLS (RFC 6347) and SCTP
-    (RFC 4960) see the same datagrams in the same order; only the asyncio hop per
-    datagram is gone. Upstream: aiortc's ICE transport hands datagrams to a DTLS callback
-    (``datagram_received`` style) instead of a queue it polls.
 
-    Opt-in (``TETHER_SPEED_PATCHES=all,push_receive``): on uvloop it measured 10-30 %
-    *more* CPU per MB than the queue, with the same datagrams, SACKs and retransmissions
-    (uvloop reads a burst of datagrams and the queued ones are then handled in one task
-    step, which the push gives up); kept, tested, for asyncio's loop and further work.
+def batch_sends() -> None:
+    """aioice sends every datagram with its own ``transport.sendto``: a system call and
+    the transport's layers per 1200-byte SCTP packet, although SCTP sends a burst per
+    SACK (and a receiver a SACK for every second packet of a burst).
+
+    We collect the datagrams one ICE socket sends in a loop turn and send them at the
+    end of the turn (tether.cores.udp_batch): on Linux, a run of equal-sized datagrams
+    to one address is one ``sendmsg`` with UDP GSO (``UDP_SEGMENT``), which the kernel
+    cuts into the same datagrams in the same order; elsewhere, or when a socket refuses
+    GSO, one ``sendto`` each as before. Correct because the wire sees the same datagrams
+    in the same order (STUN sent on the socket flushes the batch first; a transport with
+    a backlog gets the batch queued behind it), only up to one loop turn later, which
+    SCTP and DTLS cannot tell from network delay. Liveness accounting is unchanged
+    (IcePath counts a send when DTLS hands it over; fault injection drops it there). A
+    TURN relay's datagrams keep aioice's path. After SCTP saw a loss (a SACK with gaps,
+    T3 expiring) the path's sends are spread for udp_batch.SPREAD_AFTER_LOSS: a Linux
+    router on the way drops a GSO send whole, and SCTP recovers from a lost burst much
+    more slowly (the lab's packet_loss measured it). Upstream: aioice (or asyncio) gets a
+    ``sendmsg``-based batched datagram send, as QUIC stacks (quiche, msquic) do.
     """
-    RTCDtlsTransport._recv_next = _recv_next_push  # type: ignore[method-assign]
+    udp_batch.enable()
+    _before_batch["sack"] = RTCSctpTransport._receive_sack_chunk
+    _before_batch["t3"] = RTCSctpTransport._t3_expired
+    RTCSctpTransport._receive_sack_chunk = _receive_sack_noting_loss  # type: ignore[method-assign]
+    RTCSctpTransport._t3_expired = _t3_expired_noting_loss  # type: ignore[method-assign]
 
 
-def _path(dtls: RTCDtlsTransport) -> Any:
-    """The IcePath behind ``dtls`` (None for a bare aiortc ICE transport)."""
-    return getattr(getattr(dtls, "transport", None), "_tether_path", None)
+_before_batch: dict[str, Any] = {}
 
 
-def _quiet() -> bool:
-    return "dtls_quiet_receive" in aiortc_speed.active_patches()
+def _note_loss(sctp: RTCSctpTransport) -> None:
+    path = getattr(getattr(sctp.transport, "transport", None), "_tether_path", None)
+    if path is not None:
+        path.lost()
 
 
-def disarm(dtls: RTCDtlsTransport) -> None:
-    """Send ``dtls``'s datagrams through the queue again (and stop any pushed handler)."""
-    path = _path(dtls)
-    if path is not None and path.push is getattr(dtls, "_tether_pusher", None):
-        path.push = None
-    pending: asyncio.Task[None] | None = getattr(dtls, "_tether_pushed", None)
-    if pending is not None and not pending.done():
-        pending.cancel()
+async def _receive_sack_noting_loss(self: RTCSctpTransport, chunk: SackChunk) -> None:
+    if chunk.gaps:
+        _note_loss(self)
+    await _before_batch["sack"](self, chunk)
 
 
-async def _recv_next_push(self: RTCDtlsTransport) -> None:
-    if not self._RTCDtlsTransport__handshake_done:  # type: ignore[attr-defined]
-        await aiortc_speed._originals["dtls_recv_next"](self)
-        return
-    try:
-        data = await self.transport._recv()
-        pending: asyncio.Task[None] | None = getattr(self, "_tether_pushed", None)
-        if pending is not None:
-            await pending  # a pushed datagram's handler goes first (it never raises)
-            self._tether_pushed = None
-        error: BaseException | None = getattr(self, "_tether_push_error", None)
-        if error is not None:
-            self._tether_push_error = None
-            raise error
-        if data:  # b"" only wakes us (IcePath.wake)
-            await aiortc_speed.receive_datagram(self, data, quiet=_quiet())
-    except BaseException:
-        disarm(self)
-        raise
-    path = _path(self)
-    if path is not None and not path.queued and self._task is not None:
-        pusher = getattr(self, "_tether_pusher", None)
-        if pusher is None:
-            pusher = self._tether_pusher = functools.partial(_push, self, path)
-        path.push = pusher
-
-
-def _push(dtls: RTCDtlsTransport, path: Any, data: bytes) -> None:
-    """IcePath.push: handle one datagram now, on the socket callback."""
-    if dtls._task is None or dtls._state != DtlsState.CONNECTED:  # stopping: aiortc's way
-        path.push = None
-        path.deliver(data)
-        return
-    coro = aiortc_speed.receive_datagram(dtls, data, quiet=_quiet())
-    try:
-        waiting = coro.send(None)
-    except StopIteration:
-        return
-    except Exception as exc:
-        _fail(dtls, path, exc)
-        return
-    # The handler suspended: queue what follows until a task has finished it.
-    path.push = None
-    dtls._tether_pushed = asyncio.ensure_future(_finish(dtls, path, coro, waiting))
-
-
-async def _finish(dtls: RTCDtlsTransport, path: Any, coro: Coroutine[Any, Any, None],
-                  waiting: Any) -> None:
-    """Drive a suspended handler to its end, as its own task would have."""
-    try:
-        while True:
-            if waiting is None:  # a bare yield (asyncio.sleep(0))
-                await asyncio.sleep(0)
-            else:
-                waiting._asyncio_future_blocking = False
-                await asyncio.wait((waiting,))
-            try:
-                waiting = coro.send(None)
-            except StopIteration:
-                return
-    except asyncio.CancelledError:
-        coro.close()
-        raise
-    except Exception as exc:
-        _fail(dtls, path, exc)
-
-
-def _fail(dtls: RTCDtlsTransport, path: Any, exc: BaseException) -> None:
-    """Hand a pushed datagram's exception to the receive loop, which raises it."""
-    if not isinstance(exc, ConnectionError):
-        logger.debug("DTLS receive failed on a pushed datagram", exc_info=exc)
-    path.push = None
-    dtls._tether_push_error = exc
-    path.wake()
+def _t3_expired_noting_loss(self: RTCSctpTransport) -> None:
+    _note_loss(self)
+    _before_batch["t3"](self)
 
 
 # -- DTLS records sealed and opened with cryptography's AESGCM -----------------------------

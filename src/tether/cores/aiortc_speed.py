@@ -21,11 +21,10 @@ on every SACK. The patches, in order of effect:
 6. STUN/DTLS told apart by the first byte, not by a failed parse (:func:`stun_demux`),
 7. one moving T3 deadline instead of a new timer per SACK (:func:`lazy_t3_restart`),
 8. reassembly scans only when a message can complete (:func:`reassemble_on_last_fragment`),
-9. received datagrams pushed from the socket callback through DTLS into SCTP, without a
-   queue and a task step each (:func:`tether.cores.aiortc_fastpath.push_receive`; opt-in:
-   it measured slower under uvloop),
-10. DTLS application-data records sealed and opened with cryptography's AESGCM instead of
-   through pyOpenSSL's BIOs (:func:`tether.cores.aiortc_fastpath.dtls_direct_records`).
+9. DTLS application-data records sealed and opened with cryptography's AESGCM instead of
+   through pyOpenSSL's BIOs (:func:`tether.cores.aiortc_fastpath.dtls_direct_records`),
+10. the datagrams of one loop turn sent together, with UDP GSO on Linux
+   (:func:`tether.cores.aiortc_fastpath.batch_sends`).
 """
 
 from __future__ import annotations
@@ -112,12 +111,8 @@ def check_versions(versions: dict[str, str] | None = None) -> None:
 PATCHES_ENV = "TETHER_SPEED_PATCHES"
 
 
-# Patches applied only when named: measured no faster (see their docstrings).
-OPT_IN = frozenset({"push_receive"})
-
-
 def chosen_patches(value: str | None = None) -> list[str]:
-    """The patches to apply, in PATCHES order: all but the OPT_IN ones, unless
+    """The patches to apply, in PATCHES order: all of them, unless
     ``TETHER_SPEED_PATCHES`` says ``none`` or names some (comma-separated; ``all`` in the
     list stands for the default set), e.g. to measure one against aiortc as shipped."""
     value = os.environ.get(PATCHES_ENV, "all") if value is None else value
@@ -127,7 +122,7 @@ def chosen_patches(value: str | None = None) -> list[str]:
     names = {name.strip() for name in (value or "all").split(",") if name.strip()}
     if "all" in names:
         names.discard("all")
-        names.update(name for name in PATCHES if name not in OPT_IN)
+        names.update(PATCHES)
     unknown = sorted(names - set(PATCHES))
     if unknown:
         raise ValueError(f"{PATCHES_ENV}: unknown patches {unknown}; known: {sorted(PATCHES)}")
@@ -168,7 +163,6 @@ def unpatch(sctp: RTCSctpTransport) -> None:
             setattr(sctp, name, function.__get__(sctp, type(sctp)))
     dtls = sctp.transport
     dtls._recv_next = _originals["dtls_recv_next"].__get__(dtls, type(dtls))
-    aiortc_fastpath.disarm(dtls)
     aiortc_fastpath.give_back(dtls)
 
 
@@ -635,5 +629,5 @@ PATCHES: dict[str, Callable[[], None]] = {
 
 from . import aiortc_fastpath  # noqa: E402  (it uses this module's names at call time)
 
-PATCHES["push_receive"] = aiortc_fastpath.push_receive
 PATCHES["dtls_direct_records"] = aiortc_fastpath.dtls_direct_records
+PATCHES["batch_sends"] = aiortc_fastpath.batch_sends

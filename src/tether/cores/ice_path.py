@@ -22,9 +22,10 @@ When a new generation becomes current, or the old path answers again after an ou
 ``on_resume`` runs at once, so the core can resend what SCTP had in flight instead of
 waiting for its retransmission timer.
 
-Received datagrams reach DTLS through a bounded queue its receive task reads, or, while
-that task is idle and the opt-in ``push_receive`` speed patch is on, through ``push``
-(aiortc_fastpath.py), called straight from the socket callback.
+Received datagrams reach DTLS through a bounded queue its receive task reads. With the
+``batch_sends`` speed patch, the DTLS datagrams a plain UDP socket sends in one loop turn
+leave together at the end of the turn (udp_batch.py; GSO on Linux), below the liveness
+accounting and fault injection here; STUN sent on the socket flushes them first.
 
 ``cut()`` is a fault-injection hook: it black-holes the current generation's sockets in
 both directions inside this process, as a cut cable would.
@@ -44,7 +45,7 @@ from typing import Any
 import aioice
 from aioice import Candidate, stun
 
-from . import gathering
+from . import gathering, udp_batch
 
 logger = logging.getLogger(__name__)
 
@@ -299,9 +300,6 @@ class IcePath:
         self._reported_alive = True
         self._first_remote_ufrag: str | None = None
         self._received: asyncio.Queue[bytes | None] = asyncio.Queue(RECEIVE_QUEUE_LIMIT)
-        # Set by the DTLS fast path (aiortc_fastpath.push_receive) while its receive loop
-        # is idle: datagrams then go straight to it instead of through the queue.
-        self.push: Callable[[bytes], None] | None = None
         self._closed = False
         self._cut: aioice.Connection | None = None
         self._probes: dict[bytes, _Probe] = {}
@@ -322,23 +320,12 @@ class IcePath:
             raise ConnectionError("ICE path closed")
         return data
 
-    @property
-    def queued(self) -> int:
-        """Datagrams waiting for DTLS's receive loop."""
-        return self._received.qsize()
-
     def deliver(self, data: bytes) -> None:
         """Queue a datagram for DTLS's receive loop (dropped, and counted, when it is full)."""
         try:
             self._received.put_nowait(data)
         except asyncio.QueueFull:  # DTLS is behind: lost like an overflowing socket
             self.datagrams_dropped += 1
-
-    def wake(self) -> None:
-        """Wake DTLS's receive loop with an empty datagram (the fast path hands it an error)."""
-        if not self._closed:
-            with contextlib.suppress(asyncio.QueueFull):
-                self._received.put_nowait(b"")
 
     async def send(self, data: bytes) -> None:
         if self._liveness is not None and self.clock.sent(self._loop.time(), self._busy()):
@@ -348,16 +335,19 @@ class IcePath:
             await pair.protocol.send_data(data, pair.remote_addr)
         # No pair: the datagram is lost like any on a dead path; SCTP retransmits it.
 
+    def lost(self) -> None:
+        """SCTP saw a packet lost on the path: its batched sends spread out for a while
+        (udp_batch.SPREAD_AFTER_LOSS)."""
+        pair = self.current._nominated.get(COMPONENT)
+        batch = pair.protocol.__dict__.get("_tether_batch") if pair is not None else None
+        if batch is not None:
+            batch.lost()
+
     def _hook(self, connection: aioice.Connection) -> None:
         """Every generation's datagrams feed the one queue DTLS reads."""
 
         def data_received(data: bytes, component: int) -> None:
-            if self._closed:
-                return
-            push = self.push
-            if push is not None:
-                push(data)
-            else:
+            if not self._closed:
                 self.deliver(data)
 
         connection.data_received = data_received  # type: ignore[method-assign]
@@ -374,6 +364,10 @@ class IcePath:
         receive, send_data, send_stun = (
             protocol.datagram_received, protocol.send_data, protocol.send_stun
         )
+        # DTLS datagrams of one loop turn leave together (udp_batch, the batch_sends
+        # speed patch); only a plain UDP socket's: a TURN relay's protocol is left alone.
+        batch = udp_batch.SendBatch.for_transport(protocol.transport) if (
+            udp_batch.enabled() and type(protocol) is aioice.ice.StunProtocol) else None
 
         def datagram_received(data: bytes, addr: tuple[Any, ...]) -> None:
             if self._cut is gen:
@@ -398,6 +392,32 @@ class IcePath:
         protocol.datagram_received = datagram_received
         protocol.send_data = cut_send_data
         protocol.send_stun = cut_send_stun
+        if batch is None:
+            return
+
+        async def batch_send_data(data: bytes, addr: tuple[str, int]) -> None:
+            if self._cut is not gen:
+                batch.add(data, addr)
+
+        def batch_send_stun(message: stun.Message, addr: tuple[str, int]) -> None:
+            batch.flush()  # in order with the DTLS datagrams before it
+            cut_send_stun(message, addr)
+
+        connection_lost, close = protocol.connection_lost, protocol.close
+
+        def batch_connection_lost(exc: Exception | None) -> None:
+            batch.close()
+            connection_lost(exc)
+
+        async def batch_close() -> None:
+            batch.flush()  # what DTLS and SCTP said last (close_notify, ABORT) leaves first
+            await close()
+
+        protocol._tether_batch = batch
+        protocol.send_data = batch_send_data
+        protocol.send_stun = batch_send_stun
+        protocol.connection_lost = batch_connection_lost
+        protocol.close = batch_close
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -439,7 +459,6 @@ class IcePath:
         if self._closed:
             return
         self._closed = True
-        self.push = None
         for task in (self._liveness, self._connecting, *self._retiring):
             if task is not None:
                 task.cancel()
@@ -696,6 +715,9 @@ class IcePath:
 
 def _close_sockets(protocols: Sequence[Any]) -> None:
     for protocol in protocols:
+        batch = getattr(protocol, "_tether_batch", None)
+        if batch is not None:
+            batch.flush()
         transport = getattr(protocol, "transport", None)
         if transport is not None:
             transport.close()
