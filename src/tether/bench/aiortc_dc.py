@@ -23,7 +23,8 @@ PEER = Path(__file__).with_name("aiortc_peer.py")
 
 async def _line(proc: asyncio.subprocess.Process, timeout: float, log: Path) -> dict[str, Any]:
     assert proc.stdout is not None
-    line = await asyncio.wait_for(proc.stdout.readline(), timeout)
+    async with asyncio.timeout(timeout):
+        line = await proc.stdout.readline()
     if not line:
         tail = log.read_text(errors="replace")[-400:] if log.exists() else ""
         raise RuntimeError(f"bare aiortc peer ended ({await proc.wait()}): {tail}")

@@ -69,7 +69,8 @@ async def offer(size: int, seed: int) -> None:
     emit({"sdp": pc.localDescription.sdp, "type": "offer"})
     answer = await read_line()
     await pc.setRemoteDescription(RTCSessionDescription(answer["sdp"], "answer"))
-    await asyncio.wait_for(opened.wait(), 30)
+    async with asyncio.timeout(30):
+        await opened.wait()
     connect_ms = (time.perf_counter() - t0) * 1000.0
     cpu0, t1 = cpu(), time.perf_counter()
     view = memoryview(data)
@@ -78,7 +79,8 @@ async def offer(size: int, seed: int) -> None:
             low.clear()
             await low.wait()
         channel.send(bytes(view[start:start + MESSAGE]))
-    got = await asyncio.wait_for(answered, 300)
+    async with asyncio.timeout(300):
+        got = await answered
     seconds = time.perf_counter() - t1
     emit({"ok": got == digest, "seconds": seconds, "connect_ms": connect_ms,
           "cpu_s": cpu() - cpu0})
@@ -113,7 +115,8 @@ async def answer() -> None:
     await pc.setRemoteDescription(RTCSessionDescription(remote["sdp"], "offer"))
     await pc.setLocalDescription(await pc.createAnswer())
     emit({"sdp": pc.localDescription.sdp, "type": "answer"})
-    await asyncio.wait_for(done.wait(), 300)
+    async with asyncio.timeout(300):
+        await done.wait()
     await asyncio.sleep(0.5)  # let the digest leave before closing
     emit({"cpu_s": state["cpu_s"]})
     await pc.close()

@@ -17,7 +17,8 @@ async def measure(mb: float, timeout: float = 300.0) -> dict[str, Any]:
         "--mb", f"{mb:g}", stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+        async with asyncio.timeout(timeout):
+            out, err = await proc.communicate()
     finally:
         await stop(proc)
     if proc.returncode != 0:

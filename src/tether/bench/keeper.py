@@ -66,7 +66,8 @@ async def measure(mb: float, seed: int = 7, timeout: float | None = None) -> dic
             str(mb), str(seed), stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         try:
-            out, err = await asyncio.wait_for(proc.communicate(), timeout or 120.0 + 4.0 * mb)
+            async with asyncio.timeout(timeout or 120.0 + 4.0 * mb):
+                out, err = await proc.communicate()
         except BaseException:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
@@ -114,7 +115,8 @@ async def _pump(source: _Peer, other: asyncio.Future[_Peer], own: asyncio.Queue)
 
 
 async def _expect(queue: asyncio.Queue, key: str, timeout: float) -> dict[str, Any]:
-    record = await asyncio.wait_for(queue.get(), timeout)
+    async with asyncio.timeout(timeout):
+        record = await queue.get()
     if key not in record:
         raise RuntimeError(f"Rust core peer: expected {key!r}, got {record}")
     return record
@@ -162,7 +164,8 @@ async def _run_inside(mb: float, seed: int) -> dict[str, Any]:
         for peer in (offerer, answerer):
             if peer is not None:
                 try:
-                    await asyncio.wait_for(peer.proc.wait(), 5)
+                    async with asyncio.timeout(5):
+                        await peer.proc.wait()
                 except TimeoutError:
                     peer.proc.kill()
                     await peer.proc.wait()

@@ -59,7 +59,8 @@ async def measure(mb: float, seed: int = 5, timeout: float | None = None) -> dic
             str(mb), str(seed), stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         try:
-            out, err = await asyncio.wait_for(proc.communicate(), timeout or 150.0 + 4.0 * mb)
+            async with asyncio.timeout(timeout or 150.0 + 4.0 * mb):
+                out, err = await proc.communicate()
         except BaseException:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()

@@ -139,7 +139,8 @@ async def stop(process: asyncio.subprocess.Process) -> None:
     if process.returncode is None:
         process.terminate()
         try:
-            await asyncio.wait_for(process.wait(), 10)
+            async with asyncio.timeout(10):
+                await process.wait()
         except TimeoutError:
             process.kill()
             await process.wait()
@@ -295,7 +296,8 @@ async def open_peer(port: int, conversation: str, peer: str, ack: str | None = N
         f"Authorization: Bearer {TOKEN}\r\n\r\n"
     ).encode()
     await loop.create_connection(lambda: protocol, "127.0.0.1", port)
-    await asyncio.wait_for(protocol.open, 30)
+    async with asyncio.timeout(30):
+        await protocol.open
     return protocol
 
 

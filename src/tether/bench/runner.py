@@ -56,7 +56,8 @@ async def _relay(quick: bool) -> dict[str, Any]:
     else:
         budget = timeout(quick) * 0.75
         try:
-            return await asyncio.wait_for(relay.measure(quick), budget)
+            async with asyncio.timeout(budget):
+                return await relay.measure(quick)
         except TimeoutError:
             note = f"tether.bench.relay did not finish in {budget:.0f} s"
         except Exception as exc:  # its failure must not hide the relay figure
@@ -151,7 +152,8 @@ async def run(figures: Sequence[Figure], *, quick: bool, runs: int | None,
             if index > 0 and quick and runs is None and not figure.every_round:
                 continue
             try:
-                result = await asyncio.wait_for(figure.measure(quick), timeout(quick))
+                async with asyncio.timeout(timeout(quick)):
+                    result = await figure.measure(quick)
             except keeper.Skip as exc:
                 collected.fail(figure.keys, f"skipped: {exc}")
                 skipped.add(figure.name)

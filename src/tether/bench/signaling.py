@@ -255,14 +255,18 @@ async def measure_handler(total: int, *, sealed: bool | None = None) -> dict[str
                              on_signal, proxy=None)
     pump: asyncio.Task[None] | None = None
     try:
-        await asyncio.wait_for(client.start(), 30)
+        async with asyncio.timeout(30):
+            await client.start()
         relay = relays[0]
-        await asyncio.wait_for(relay.opened, 30)
+        async with asyncio.timeout(30):
+            await relay.opened
         pump = asyncio.create_task(relay.pump())
-        finished, finished_cpu = await asyncio.wait_for(core.done, 120)
+        async with asyncio.timeout(120):
+            finished, finished_cpu = await core.done
         seconds = finished - relay.started_at
         cpu_seconds = finished_cpu - relay.started_cpu
-        await asyncio.wait_for(pump, 30)
+        async with asyncio.timeout(30):
+            await pump
     finally:
         if pump is not None and not pump.done():
             pump.cancel()
@@ -307,7 +311,8 @@ async def stop(proc: asyncio.subprocess.Process) -> None:
         with contextlib.suppress(ProcessLookupError):
             proc.terminate()
         try:
-            await asyncio.wait_for(proc.wait(), 5)
+            async with asyncio.timeout(5):
+                await proc.wait()
         except TimeoutError:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
@@ -368,7 +373,8 @@ class _Peers:
     async def send(self, t: float) -> None:
         while self.sent - self.acked >= WINDOW:
             self.acked_changed.clear()
-            await asyncio.wait_for(self.acked_changed.wait(), 30)
+            async with asyncio.timeout(30):
+                await self.acked_changed.wait()
         self.sent += 1
         await self.a.send(json.dumps({
             "tube_id": "bench-tube", "conversation_id": "", "kind": "icecandidate",
@@ -379,7 +385,8 @@ class _Peers:
         got = 0
         last = time.perf_counter()
         while got < total:
-            message = json.loads(await asyncio.wait_for(self.b.recv(), 30))
+            async with asyncio.timeout(30):
+                message = json.loads(await self.b.recv())
             items = message if isinstance(message, list) else [message]
             now = time.perf_counter()
             seqs = []

@@ -733,7 +733,8 @@ class AiortcTubeRegistry:
             return
         try:
             tube.outbox.put_nowait(None)
-            await asyncio.wait_for(asyncio.shield(tube.pump), timeout=2.0)
+            async with asyncio.timeout(2.0):
+                await asyncio.shield(tube.pump)
         except (asyncio.QueueFull, TimeoutError):
             tube.pump.cancel()
         try:

@@ -632,7 +632,8 @@ class KeeperTubeRegistry:
             return
         try:
             tube.outbox.put_nowait(None)
-            await asyncio.wait_for(asyncio.shield(pump), timeout=2.0)
+            async with asyncio.timeout(2.0):
+                await asyncio.shield(pump)
         except (asyncio.QueueFull, TimeoutError):
             pump.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -42,7 +42,8 @@ async def run(*argv: str, input: bytes | None = None, check: bool = True,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
     try:
-        out, err = await asyncio.wait_for(proc.communicate(input), timeout)
+        async with asyncio.timeout(timeout):
+            out, err = await proc.communicate(input)
     except BaseException:
         with contextlib.suppress(ProcessLookupError):
             proc.kill()

@@ -242,7 +242,8 @@ class EchoChecker:
         if stdin is not None:
             stdin.close()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(self._reader), timeout)
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(self._reader)
         await self.close()
 
     async def close(self) -> None:

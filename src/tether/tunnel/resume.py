@@ -424,7 +424,8 @@ class ResumeClient:
                 session.end(f"no carrier for {limit:g} s")
                 return
             try:
-                attached, path = await asyncio.wait_for(self._dial(session), left)
+                async with asyncio.timeout(left):
+                    attached, path = await self._dial(session)
             except TimeoutError:
                 continue  # the limit check above ends it
             if attached:
@@ -437,7 +438,8 @@ class ResumeClient:
             delay = REDIAL_DELAYS[min(failures, len(REDIAL_DELAYS) - 1)]
             failures += 1
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(path.wait(), delay)
+                async with asyncio.timeout(delay):
+                    await path.wait()
 
     async def _dial(self, session: Session) -> tuple[bool, asyncio.Event]:
         """One carrier attempt: (attached or the session ended, the path event it used)."""
@@ -445,8 +447,8 @@ class ResumeClient:
         path = self._path  # a later path_changed() means a newer tube than this address
         session.dials += 1
         try:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(*address),
-                                                    self.hello_timeout)
+            async with asyncio.timeout(self.hello_timeout):
+                reader, writer = await asyncio.open_connection(*address)
         except (OSError, TimeoutError) as exc:
             logger.debug("session %s: carrier dial to %s failed: %r", session.name, address,
                          exc)
@@ -564,7 +566,8 @@ class ResumeGateway:
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            hello = await asyncio.wait_for(read_frame(reader), self.hello_timeout)
+            async with asyncio.timeout(self.hello_timeout):
+                hello = await read_frame(reader)
         except (TimeoutError, asyncio.IncompleteReadError, ConnectionError, OSError) as exc:
             logger.debug("resume gateway: no hello: %r", exc)
             _abort(writer)
@@ -584,8 +587,8 @@ class ResumeGateway:
                 self._refuse(writer, f"too many sessions: {self.max_sessions} open")
                 return
             try:
-                up_reader, up_writer = await asyncio.wait_for(
-                    asyncio.open_connection(*self.target), self.dial_timeout)
+                async with asyncio.timeout(self.dial_timeout):
+                    up_reader, up_writer = await asyncio.open_connection(*self.target)
             except (OSError, TimeoutError) as exc:
                 self._refuse(writer, f"target refused: {self.target[0]}:{self.target[1]}: "
                                      f"{exc!r}")
@@ -623,7 +626,8 @@ class ResumeGateway:
                         session.end(f"no carrier for {self.detach_limit:g} s")
                         break
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(session.changed.wait(), left)
+                        async with asyncio.timeout(left):
+                            await session.changed.wait()
                 else:
                     await session.changed.wait()
         finally:

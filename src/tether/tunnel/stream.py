@@ -193,7 +193,8 @@ class Stream:
             return
         writer.close()
         try:
-            await asyncio.wait_for(writer.wait_closed(), CLOSE_LINGER)
+            async with asyncio.timeout(CLOSE_LINGER):
+                await writer.wait_closed()
         except (TimeoutError, ConnectionError, OSError):
             writer.transport.abort()
         except asyncio.CancelledError:
@@ -234,7 +235,8 @@ class Stream:
             return False
         timeout = self.tunnel.open_timeout
         try:
-            reply = await asyncio.wait_for(self._reply, timeout)
+            async with asyncio.timeout(timeout):
+                reply = await self._reply
         except TimeoutError:
             self.open_failed = True
             self.tunnel._open_failures += 1
@@ -272,7 +274,8 @@ class Stream:
             where = format_hostport(*self.target)
             assert tunnel.dial_policy is not None
             try:
-                addresses = await asyncio.wait_for(tunnel.dial_policy(*self.target), timeout)
+                async with asyncio.timeout(timeout):
+                    addresses = await tunnel.dial_policy(*self.target)
             except Refusal as exc:
                 reason, code = f"target {where}: {exc}", exc.code
                 if exc.code == reasons.DENIED:
@@ -316,8 +319,8 @@ class Stream:
             if left <= 0:
                 break
             try:
-                self.reader, self.writer = await asyncio.wait_for(
-                    asyncio.open_connection(host, port), left)
+                async with asyncio.timeout(left):
+                    self.reader, self.writer = await asyncio.open_connection(host, port)
                 return None, None
             except TimeoutError:
                 last = (f"target {where} did not answer within {timeout:g} s", reasons.TIMEOUT)
