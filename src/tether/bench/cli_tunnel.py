@@ -17,6 +17,8 @@ import secrets
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -66,11 +68,25 @@ def _connect_ms(path: Path, record: dict[str, Any]) -> float | None:
     return None if offered is None else (record["ts"] - offered) * 1000.0
 
 
-async def measure(mb: float, seed: int = 3) -> dict[str, Any]:
-    payload = Payload.make(int(mb * checked.MB), seed)
-    target = _Target(payload)
-    server = await asyncio.start_server(target.handle, "127.0.0.1", 0)
-    target_port = server.sockets[0].getsockname()[1]
+@dataclass
+class Running:
+    """A tunnel of real CLI processes, open: where to connect, and who to measure."""
+
+    address: tuple[str, int]
+    expose_pid: int
+    connect_pid: int
+    connect_ms: float | None
+    start_to_open_ms: float
+
+    def cpu(self) -> list[float | None]:
+        return [cpu_seconds(self.expose_pid), cpu_seconds(self.connect_pid)]
+
+
+@contextlib.asynccontextmanager
+async def cli_tunnel(target_port: int, flags: Sequence[str]) -> AsyncIterator[Running]:
+    """``serve`` + ``expose`` (to ``target_port``) + ``connect`` as real processes with
+    ``flags`` on both tunnel ends; yields once the connecting side's tunnel is open, stops
+    them all after."""
     serve_port, listen_port = free_port(), free_port()
     env = {**os.environ, "TETHER_TOKEN": secrets.token_urlsafe(16),
            "TETHER_SECRET": secrets.token_urlsafe(32)}
@@ -92,10 +108,10 @@ async def measure(mb: float, seed: int = 3) -> dict[str, Any]:
             serve = await start("serve", "--host", "127.0.0.1", "--port", str(serve_port))
             await wait_port(serve_port, serve)
             expose = await start("expose", "bench", "--target", f"127.0.0.1:{target_port}",
-                                 "--signal", signal, "--loopback")
+                                 "--signal", signal, *flags)
             t_start = time.perf_counter()
             connect = await start("connect", "bench", "--listen", f"127.0.0.1:{listen_port}",
-                                  "--signal", signal, "--loopback", "--events", str(events))
+                                  "--signal", signal, *flags, "--events", str(events))
             deadline = time.monotonic() + OPEN_TIMEOUT
             while (record := _open_event(events)) is None:
                 for name, proc in procs.items():
@@ -105,30 +121,45 @@ async def measure(mb: float, seed: int = 3) -> dict[str, Any]:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"no tunnel open after {OPEN_TIMEOUT:.0f} s")
                 await asyncio.sleep(0.02)
-            first_open_s = time.perf_counter() - t_start
-            address = ("127.0.0.1", listen_port)
-            out: dict[str, Any] = {"connect_ms": _connect_ms(events, record),
-                                   "cli_start_to_open_ms": first_open_s * 1000.0}
+            yield Running(("127.0.0.1", listen_port), expose.pid, connect.pid,
+                          _connect_ms(events, record),
+                          (time.perf_counter() - t_start) * 1000.0)
+        finally:
+            for proc in reversed(list(procs.values())):
+                await stop(proc)
+
+
+def cpu_ms_per_mb(before: list[float | None], after: list[float | None],
+                  mb: float) -> dict[str, float]:
+    """CPU ms per MB of each side ("expose", "connect") that /proc could read."""
+    return {side: (b - a) * 1000.0 / mb
+            for side, a, b in zip(("expose", "connect"), before, after)
+            if a is not None and b is not None}
+
+
+async def measure(mb: float, seed: int = 3) -> dict[str, Any]:
+    payload = Payload.make(int(mb * checked.MB), seed)
+    target = _Target(payload)
+    server = await asyncio.start_server(target.handle, "127.0.0.1", 0)
+    try:
+        async with cli_tunnel(server.sockets[0].getsockname()[1], ["--loopback"]) as run:
+            out: dict[str, Any] = {"connect_ms": run.connect_ms,
+                                   "cli_start_to_open_ms": run.start_to_open_ms}
             for mode in ("push", "pull"):
                 target.mode = mode
-                cpu0 = [cpu_seconds(expose.pid), cpu_seconds(connect.pid)]
+                cpu0 = run.cpu()
                 if mode == "push":
-                    seconds = await checked.push(address, payload)
+                    seconds = await checked.push(run.address, payload)
                 else:
-                    seconds = await checked.pull(address, payload)
-                cpu1 = [cpu_seconds(expose.pid), cpu_seconds(connect.pid)]
+                    seconds = await checked.pull(run.address, payload)
+                per_side = cpu_ms_per_mb(cpu0, run.cpu(), payload.mb)
                 key = "tunnel_mb_s" if mode == "push" else "tunnel_pull_mb_s"
                 out[key] = payload.mb / seconds
-                per_side = {side: (b - a) * 1000.0 / payload.mb
-                            for side, a, b in zip(("expose", "connect"), cpu0, cpu1)
-                            if a is not None and b is not None}
                 for side, value in per_side.items():
                     out[f"cpu_ms_per_mb_{mode}_{side}"] = value
                 if mode == "push" and per_side:
                     out["cpu_ms_per_mb"] = max(per_side.values())
             return out
-        finally:
-            for proc in reversed(list(procs.values())):
-                await stop(proc)
-            server.close()
-            await server.wait_closed()
+    finally:
+        server.close()
+        await server.wait_closed()

@@ -46,13 +46,22 @@ def unavailable() -> str | None:
 
 
 async def measure(mb: float, seed: int = 7, timeout: float | None = None) -> dict[str, Any]:
+    return await in_lo_namespace("tbk", "tether.bench.keeper", mb, seed,
+                                 timeout or 120.0 + 4.0 * mb, "Rust core run")
+
+
+async def in_lo_namespace(prefix: str, module: str, mb: float, seed: int, timeout: float,
+                          what: str) -> dict[str, Any]:
+    """``python -m MODULE MB SEED`` in a fresh namespace whose lo has a 10.x.y.z/32 (the Rust
+    core gathers no 127.0.0.1); its last JSON line is the result. The namespace is removed
+    after, whatever happened."""
     from ..lab import netns
 
     why = unavailable()
     if why:
         raise Skip(why)
     suffix = netns.new_suffix()
-    ns = f"tbk-{suffix}"
+    ns = f"{prefix}-{suffix}"
     address = f"10.{int(suffix[:2], 16)}.{int(suffix[2:4], 16)}.{max(1, int(suffix[4:], 16))}"
     try:
         try:
@@ -62,11 +71,11 @@ async def measure(mb: float, seed: int = 7, timeout: float | None = None) -> dic
         await netns.run("ip", "-n", ns, "link", "set", "lo", "up")
         await netns.run("ip", "-n", ns, "addr", "add", f"{address}/32", "dev", "lo")
         proc = await asyncio.create_subprocess_exec(
-            "ip", "netns", "exec", ns, sys.executable, "-m", "tether.bench.keeper",
+            "ip", "netns", "exec", ns, sys.executable, "-m", module,
             str(mb), str(seed), stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         try:
-            async with asyncio.timeout(timeout or 120.0 + 4.0 * mb):
+            async with asyncio.timeout(timeout):
                 out, err = await proc.communicate()
         except BaseException:
             with contextlib.suppress(ProcessLookupError):
@@ -75,7 +84,7 @@ async def measure(mb: float, seed: int = 7, timeout: float | None = None) -> dic
             raise
         lines = [x for x in out.decode(errors="replace").splitlines() if x.startswith("{")]
         if proc.returncode != 0 or not lines:
-            raise RuntimeError(f"Rust core run failed ({proc.returncode}): "
+            raise RuntimeError(f"{what} failed ({proc.returncode}): "
                                f"{err.decode(errors='replace')[-400:]}")
         return json.loads(lines[-1])
     finally:
