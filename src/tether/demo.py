@@ -254,7 +254,9 @@ async def run_demo(
             detected_ms=_ms_since(progress.broken_at, progress.detected_at),
             recovered_ms=_ms_since(progress.broken_at, progress.recovered_at),
             bytes_lost=progress.bytes_sent - progress.bytes_verified,
-            restarts=handle.manager.metrics.restarts_succeeded,
+            # Either side may have started the restart that healed the tube (or both: glare).
+            restarts=sum(m.metrics.restarts_succeeded for m in (
+                handle.manager, expose.managers.get(handle.tube_id)) if m is not None),
         )
 
 
