@@ -687,7 +687,8 @@ class _Conversation(_Lifecycle):
         else:
             log.debug("signaling %s: ignored presence event %r", self._name(), event)
             return
-        log.info("signaling %s: relay says the other peer %s", self._name(), event)
+        log.info("signaling %s: relay says the other peer %s", self._name(),
+                 event if event in (JOINED, LEFT) else f"is {event}")
         self._wake.set()
         self._notify()
         if tell is not None:
