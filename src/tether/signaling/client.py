@@ -45,6 +45,7 @@ import secrets
 import socket
 import ssl as ssl_module
 import time
+from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from types import CoroutineType
@@ -151,7 +152,7 @@ class SignalTooLargeError(SignalingError, ValueError):
     """send(): one signal is larger than max_message_bytes once encoded."""
 
 
-class _Lifecycle:
+class _Lifecycle(ABC):
     """What every signaling object shares: its owned task, close(), state callbacks and the
     change notification its waiters use (a conversation, a connection, or both at once)."""
 
@@ -235,11 +236,13 @@ class _Lifecycle:
     async def __aexit__(self, *exc_info: Any) -> None:
         await self.close()
 
+    @abstractmethod
     async def _run(self) -> None:
-        raise NotImplementedError
+        """The object's loop, run under :meth:`_supervise`."""
 
+    @abstractmethod
     def _name(self) -> str:
-        raise NotImplementedError
+        """How logs name this object."""
 
     async def _supervise(self, body: Callable[[], Awaitable[None]]) -> None:
         """Run the object's loop: a SignalingError fails it (``error``, state "failed"),
@@ -828,9 +831,9 @@ class _Connection(_Lifecycle):
                 return False  # close() ended the check
             raise
 
+    @abstractmethod
     async def _serve(self, ws: ClientConnection) -> tuple[int | None, str | None]:
         """Run one connection until it ends; return its close code and reason."""
-        raise NotImplementedError
 
     def _ended(self, close_code: int | None, close_reason: str | None) -> None:
         """A connection ended with this close code: raise a SignalingError if fatal."""
