@@ -226,10 +226,17 @@ class TunnelConnectionManager:
         core and no coroutine here. Errors the core raises come out of the awaitable.
         """
         kind = signal.get("kind")
+        self._machine.activity(self._time())  # something arrived for this tube
+        if (kind == signals.ICE_CANDIDATE and not self._in_thread and not self._closed
+                and signal.get("tube_id", self.tube_id) == self.tube_id):
+            # The most frequent signal first: _on_candidate inline, no coroutine of our own.
+            result = self.tube_registry.add_ice_candidate(self.tube_id, signal.get("data", ""))
+            if type(result) is CoroutineType or inspect.isawaitable(result):
+                return result  # type: ignore[no-any-return]
+            return None
         if from_peer is None:
             from_peer = PEER_KEY in signal
         if from_peer and kind in PEER_INFORMATION:
-            self._machine.activity(self._time())
             logger.info("tube %s: the peer reports %s %r", self.tube_id, kind,
                         signal.get("data", ""))
             return None
@@ -244,13 +251,6 @@ class TunnelConnectionManager:
         if handler is None:
             logger.info("tube %s: %r signal not handled by the manager; ignored",
                         self.tube_id, kind)
-            return None
-        self._machine.activity(self._time())
-        if kind == signals.ICE_CANDIDATE and not self._in_thread:
-            # The most frequent signal: _on_candidate inline, no coroutine of our own.
-            result = self.tube_registry.add_ice_candidate(self.tube_id, signal.get("data", ""))
-            if type(result) is CoroutineType or inspect.isawaitable(result):
-                return result  # type: ignore[no-any-return]
             return None
         return handler(self, signal)  # type: ignore[no-any-return]
 

@@ -110,8 +110,7 @@ class SignalRouter:
         nowait = getattr(manager, "handle_signal_nowait", None)
         if nowait is None:
             return self._deliver(manager, signal)
-        manager.update_activity()
-        try:
+        try:  # records the activity itself
             result = nowait(signal)
         except Exception as exc:
             return self._failed(signal, exc)
