@@ -189,35 +189,3 @@ def test_exactly_once_in_order_whatever_the_channel_does(ops):
     assert len(box) == 0, "everything kept was acknowledged in the end"
     expected = [seq for seq in sorted(tubes) if seq not in discarded_undelivered]
     assert [seq for seq in delivered if seq not in discarded_undelivered] == expected
-
-
-def _delivered_one_by_one(inbox: Inbox, frame: list[dict]) -> list[int]:
-    return [s["seq"] for s in frame
-            if inbox.classify(s["peer"], s["session"], s["seq"], s["prev"]) == DELIVER]
-
-
-@settings(max_examples=300, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 12), st.integers(1, 5), st.sampled_from("pq"),
-                          st.booleans(), st.sampled_from([None, 0, -1, 1])),
-                max_size=12))
-def test_a_frame_taken_as_a_run_delivers_exactly_what_classify_would(shape) -> None:
-    """The client's fast path (``_in_order_run`` + ``Inbox.take_run``) against classify per
-    signal, on frames that are in order, repeated, gapped, mixed or oddly numbered."""
-    from tether.signaling.client import _in_order_run
-
-    fast, slow = Inbox(), Inbox()
-    for start, size, peer, mix, prev_shift in shape:
-        frame = [{"peer": peer, "session": "s", "seq": seq,
-                  "prev": None if prev_shift is None else seq - 1 + prev_shift}
-                 for seq in range(start, start + size)]
-        if mix and size > 1:
-            frame[-1]["peer"] = "other"
-        expected = _delivered_one_by_one(slow, [s for s in frame if s["peer"] == peer])
-        run = _in_order_run(frame)
-        if run is not None and fast.take_run(*run):
-            got = list(range(run[2], run[3] + 1))
-        else:
-            got = _delivered_one_by_one(fast, [s for s in frame if s["peer"] == peer])
-        assert got == expected
-        assert fast.last(peer, "s") == slow.last(peer, "s")
-        assert fast.last("other", "s") == slow.last("other", "s") == 0

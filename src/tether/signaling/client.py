@@ -40,7 +40,6 @@ import asyncio
 import inspect
 import json
 import logging
-import operator
 import random
 import secrets
 import socket
@@ -531,12 +530,6 @@ class _Conversation(_Lifecycle):
         acks: dict[tuple[str, str], list[int]] = {}
         accepted: list[Signal] = []
         for signals in frames:
-            run = _in_order_run(signals)
-            if run is not None and self._inbox.take_run(*run):
-                # The usual frame: the next seqs of one sender, in order, all delivered.
-                acks.setdefault(run[:2], []).extend(range(run[2], run[3] + 1))
-                accepted += signals
-                continue
             key: tuple[str, str] | None = None  # the one (peer, session) of this frame
             seqs: list[int] = []
             for signal in signals:
@@ -1180,28 +1173,6 @@ def backoff(base: float, maximum: float, attempt: int, retry_after: float = 0.0)
     delay = min(maximum, base * (2**attempt))
     delay = delay / 2 + random.uniform(0, delay / 2)
     return max(delay, min(retry_after, MAX_RETRY_AFTER))
-
-
-def _in_order_run(signals: list[Signal]) -> tuple[str, str, int, int] | None:
-    """(peer, session, first seq, last seq) if every signal of a frame is from one sender
-    and session, with consecutive seqs each naming the one before as ``prev``; else None.
-    Checked with a few C-level passes instead of a loop per signal."""
-    try:
-        peers, sessions, seqs, prevs = zip(*map(_TRANSPORT_FIELDS, signals))
-    except KeyError:
-        return None
-    peer, session, start, n = peers[0], sessions[0], seqs[0], len(seqs)
-    if (type(peer) is not str or type(session) is not str or type(start) is not int
-            or seqs != tuple(range(start, start + n))
-            or prevs != tuple(range(start - 1, start - 1 + n))
-            or not _INTS.issuperset(map(type, seqs)) or not _INTS.issuperset(map(type, prevs))
-            or peers.count(peer) != n or sessions.count(session) != n):
-        return None
-    return peer, session, start, start + n - 1
-
-
-_TRANSPORT_FIELDS = operator.itemgetter(PEER_FIELD, SESSION_FIELD, SEQ_FIELD, PREV_FIELD)
-_INTS = frozenset({int})
 
 
 def _is_count(value: Any) -> bool:

@@ -151,20 +151,6 @@ class Inbox:
             self._last.popitem(last=False)
         return DELIVER
 
-    def take_run(self, peer: str, session: str, first: int, last: int) -> bool:
-        """Deliver seqs ``first``..``last`` at once if they are exactly the next ones (each
-        naming its predecessor as ``prev``; the caller checked that): what
-        :meth:`classify` would say DELIVER to one by one. False: nothing changed, classify
-        each."""
-        key = (peer, session)
-        if first < 1 or last < first or self._last.get(key, 0) != first - 1:
-            return False
-        self._last[key] = last
-        self._last.move_to_end(key)
-        while len(self._last) > self._limit:
-            self._last.popitem(last=False)
-        return True
-
 
 class ResendTimer:
     """When to resend unacknowledged signals if no other event (reconnect, peer joined) does.
