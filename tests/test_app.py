@@ -342,3 +342,33 @@ async def test_connect_waits_for_an_absent_peer_instead_of_offering(relay, echo_
             assert list(connect.tubes) == [handle.tube_id]
             payload = os.urandom(10_000)
             assert await echo_once(connect.listen_address, payload) == payload
+
+
+async def test_a_failed_offer_is_retried_when_signaling_is_back(relay, echo_address):
+    """An offer that went nowhere fails; the retry would wait 600 s, but our signaling
+    coming back (the peer never left, so no 'joined' wakes us) retries it at once."""
+    from tether.connection_manager import ICERestartPolicy
+
+    url = f"ws://127.0.0.1:{relay.port}"
+    common = {"signal_url": url, "token": "t0ken", "host_addresses": LOOPBACK}
+    expose = ExposeSide("retry", target=echo_address, **common)
+    connect = ConnectSide("retry", listen=("127.0.0.1", 0), retry_delays=(600.0,),
+                          policy=ICERestartPolicy(connect_timeout=1.0), **common)
+    answer_offer = expose.router._on_unknown_tube
+    dropped: list[str] = []
+
+    async def drop_first_offer(signal):
+        if signal["kind"] == "offer" and not dropped:
+            dropped.append(signal["tube_id"])  # lost on the way, as if our network was down
+            return True
+        return await answer_offer(signal)
+
+    expose.router._on_unknown_tube = drop_first_offer
+    async with expose, connect:
+        await until(lambda: dropped and dropped[0] not in connect.tubes, 20)
+        assert connect.current is None or connect.current.tube_id == dropped[0]
+        connect.client.reconnect("test: our network came back")
+        handle = await connect.wait_ready(timeout=20)
+        assert handle.tube_id != dropped[0]
+        payload = os.urandom(10_000)
+        assert await echo_once(connect.listen_address, payload) == payload

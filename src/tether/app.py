@@ -595,7 +595,9 @@ class ConnectSide(Side):
         self.server: asyncio.Server | None = None
         self.current: TubeHandle | None = None
         self._ready = asyncio.Event()
-        self._peer_back = asyncio.Event()
+        # Set when the peer joins or our signaling is back after a drop: the reasons an
+        # offer that failed may now work, so a retry need not wait out its delay.
+        self._try_now = asyncio.Event()
         self._streams: set[asyncio.Task[Any]] = set()
 
     @property
@@ -661,14 +663,15 @@ class ConnectSide(Side):
         """Offer a tube; when it ends, offer another (at once if the peer closed it)."""
         failures = 0
         while not self._closed:
-            self._peer_back.clear()
+            self._try_now.clear()
             if self.client.peer_present is False:
                 # An offer to nobody would time out every connect_timeout with a warning,
                 # and go stale: offer when the other end joins.
                 logger.info("waiting for the other end of %r to join the relay (`tether "
                             "expose %s`, same relay and secret)", self.name, self.name)
-                await self._peer_back.wait()
-                self._peer_back.clear()
+                while self.client.peer_present is False:
+                    await self._try_now.wait()
+                    self._try_now.clear()
             handle = await self._offer_tube()
             await handle.ended.wait()
             self._ready.clear()
@@ -686,10 +689,11 @@ class ConnectSide(Side):
             failures += 1
             delay = self.retry_delays[min(failures - 1, len(self.retry_delays) - 1)]
             logger.info("tube %s ended (%s); offering a new tube in %.0f s, or as soon as "
-                        "the peer is back", handle.tube_id, handle.end_reason, delay)
+                        "the peer or our signaling is back", handle.tube_id, handle.end_reason,
+                        delay)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(delay):
-                    await self._peer_back.wait()
+                    await self._try_now.wait()
 
     async def _offer_tube(self) -> TubeHandle:
         tube_id = secrets.token_urlsafe(12)
@@ -704,12 +708,19 @@ class ConnectSide(Side):
         self._attach_tunnel(handle, None)
         return handle
 
+    def _on_signaling_state(self, state: str) -> None:
+        super()._on_signaling_state(state)
+        if state == "connected":
+            # Back after a drop (our network was down?): retry a failed offer now, not at
+            # the end of its backoff. The relay's presence message follows at once.
+            self._try_now.set()
+
     def _on_peer_presence(self, what: str) -> None:
         """A peer joined the relay: maybe a restarted one. Ask it about our tube at once."""
         super()._on_peer_presence(what)
         if what != "joined":
             return
-        self._peer_back.set()
+        self._try_now.set()
         handle = self.current
         if handle is None or handle.tube_id not in self.tubes:
             return

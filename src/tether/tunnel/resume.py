@@ -58,7 +58,8 @@ ACK_BYTES = 128 * 1024           # ack at least this often while data flows
 ACK_INTERVAL = 1.0               # and every second anyway (the carrier's heartbeat)
 CARRIER_SILENCE = 10.0           # a carrier silent this long is lost
 HELLO_TIMEOUT = 5.0
-DETACH_LIMIT = 60.0              # a session waits this long for a new carrier
+DETACH_LIMIT = 300.0             # a session waits this long for a new carrier (an outage of
+                                 # minutes, as aiortc-core streams survive; MAX_DETACHED bounds it)
 MAX_DETACHED = 256               # the oldest detached session beyond this is ended
 MAX_SESSIONS = 4096
 DIAL_TIMEOUT = 10.0
