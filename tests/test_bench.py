@@ -112,6 +112,7 @@ async def test_handler_path_counts_every_signal() -> None:
     assert result["handler_signals_per_s"] > 0 and result["handler_signals_per_cpu_s"] > 0
     assert result["handler_sealed_signals_per_s"] > 0
     assert 0 < result["handler_ack_frames_per_frame"] <= 1  # coalesced: at most 1 per frame
+    assert result["router_signals_per_s"] > 0
 
 
 async def test_bare_aiortc_two_processes() -> None:
