@@ -295,7 +295,8 @@ async def measure_router(total: int) -> dict[str, Any]:
     for seq, wire in enumerate(wires, 1):
         wire.update(peer=SENDER, session=SESSION, seq=seq, prev=seq - 1)
     registry = ManagerRegistry()
-    managers = make_managers(TUBES, NullCore())
+    core = CountingCore(3 * total)
+    managers = make_managers(TUBES, core)
     for manager in managers:
         registry.register(manager)
     await connect_all(managers)
@@ -315,6 +316,8 @@ async def measure_router(total: int) -> dict[str, Any]:
             best = min(best, time.perf_counter() - started)
     finally:
         await registry.close()
+    if core.candidates != 3 * total:
+        raise RuntimeError(f"the router delivered {core.candidates} of {3 * total} candidates")
     return {"router_signals_per_s": total / best}
 
 
