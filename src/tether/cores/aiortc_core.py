@@ -30,7 +30,7 @@ import inspect
 import logging
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -699,11 +699,12 @@ class AiortcTubeRegistry:
             return
         send_chunk = sctp._send_chunk
 
-        async def counting_send_chunk(chunk: Any) -> None:
+        def counting_send_chunk(chunk: Any) -> Awaitable[None]:
+            # Not a coroutine: it hands back send_chunk's, one frame less per chunk sent.
             tube.chunks_sent += 1
             if getattr(chunk, "_sent_count", 1) > 1:
                 tube.chunks_resent += 1
-            await send_chunk(chunk)
+            return send_chunk(chunk)
 
         sctp._send_chunk = counting_send_chunk
 

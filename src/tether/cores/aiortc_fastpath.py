@@ -4,6 +4,8 @@
   with UDP GSO on Linux (tether.cores.udp_batch).
 - :func:`dtls_direct_records`: DTLS application-data records sealed and opened with
   cryptography's AESGCM (tether.cores.dtls_records) instead of through pyOpenSSL's BIOs.
+- :func:`send_data_direct`: a DATA chunk serialised, sealed and queued on the ICE path in
+  one call, without a coroutine per layer (needs the two above).
 
 A third one, ``push_receive`` (received datagrams run through DTLS and SCTP on the socket
 callback instead of IcePath's queue and DTLS's receive task), was removed: on uvloop it
@@ -13,11 +15,14 @@ cost more CPU per MB than the queue, with and without batched sends (docs/datapa
 from __future__ import annotations
 
 import logging
+import struct
 from typing import Any
+
+from google_crc32c import value as crc32c
 
 from aiortc.rtcdtlstransport import SSL, RTCDtlsTransport
 from aiortc.rtcdtlstransport import State as DtlsState
-from aiortc.rtcsctptransport import RTCSctpTransport, SackChunk
+from aiortc.rtcsctptransport import DataChunk, RTCSctpTransport, SackChunk
 
 from . import aiortc_speed, udp_batch
 from .dtls_records import (
@@ -200,3 +205,71 @@ def give_back(dtls: RTCDtlsTransport) -> None:
     dtls._tether_records = None
     dtls._send_data = aiortc_speed._originals["dtls_send_data"].__get__(dtls, type(dtls))
     dtls._write_ssl = aiortc_speed._originals["dtls_write_ssl"].__get__(dtls, type(dtls))
+
+
+# -- a DATA chunk serialised, sealed and handed to the path in one call --------------------
+
+_DATA_PACKET = struct.Struct("!HHLLBBHLHHL")  # common header (checksum 0) + DATA chunk header
+_CHECKSUM = struct.Struct("<L")
+_PAD = (b"", b"\x00\x00\x00", b"\x00\x00", b"\x00")
+
+
+def data_packet(sport: int, dport: int, tag: int, chunk: DataChunk) -> bytes:
+    """The SCTP packet holding only ``chunk``: the same bytes as aiortc's
+    ``serialize_packet(sport, dport, tag, chunk)`` (RFC 4960 sections 3.1, 3.3.1, CRC32c
+    of appendix B over the packet with a zero checksum field)."""
+    user_data = chunk.user_data
+    length = 16 + len(user_data)
+    body = _DATA_PACKET.pack(sport, dport, tag, 0, 0, chunk.flags, length, chunk.tsn,
+                             chunk.stream_id, chunk.stream_seq, chunk.protocol)
+    body += user_data
+    if length & 3:
+        body += _PAD[length & 3]
+    return body[:8] + _CHECKSUM.pack(crc32c(body)) + body[12:]
+
+
+def send_data_direct() -> None:
+    """aiortc sends each DATA chunk through four coroutine layers: ``_send_chunk`` builds a
+    ``serialize_packet`` (the chunk's ``bytes()``, the header, a concatenation for the
+    checksum and one for the packet), awaits DTLS's ``_send_data`` (dtls_direct_records:
+    seal), which awaits the ICE transport's ``_send`` (tether's IcePath: liveness), which
+    awaits the socket protocol's ``send_data`` (batch_sends: queue the datagram).
+    ``_send_chunk`` was 17 % of the sending side's samples, sealing 6 % and serialising
+    4 % of it; the rest is those layers.
+
+    For a DATA chunk, once DTLS records are sealed by us (dtls_direct_records) and the
+    ICE path queues sends synchronously (batch_sends), we build the packet in one pack
+    and one checksum (:func:`data_packet`, the same bytes as aiortc's), seal it, count
+    it in DTLS's statistics and hand it to ``IcePath.send_now`` (the same liveness
+    accounting and cut check as ``IcePath.send``), without a coroutine per layer. Every
+    other chunk, and a DATA chunk before those conditions hold (handshake, OpenSSL
+    records, TURN relays, no pair), takes aiortc's path. The wire sees the same
+    datagrams in the same order. Upstream: aiortc serialises a one-chunk packet
+    without the intermediate copies; the layer merge is tether's own (its layers).
+    """
+    _before_direct.setdefault("send_chunk", RTCSctpTransport._send_chunk)
+    RTCSctpTransport._send_chunk = _send_chunk_direct  # type: ignore[method-assign]
+
+
+# aiortc's _send_chunk (unpatch leaves this patch in place: give_back turns our records
+# off, and without them every chunk takes this path).
+_before_direct: dict[str, Any] = {}
+
+
+async def _send_chunk_direct(self: RTCSctpTransport, chunk: Any) -> None:
+    if type(chunk) is DataChunk:
+        dtls = self._RTCSctpTransport__transport  # type: ignore[attr-defined]
+        layer = dtls.__dict__.get("_tether_records")
+        if (layer is not None and layer.opened and dtls.__dict__.get("_tether_direct_send")
+                and dtls._state is DtlsState.CONNECTED):
+            path = dtls.transport.__dict__.get("_tether_path")
+            if path is not None:
+                self._RTCSctpTransport__log_debug("> %s", chunk)  # type: ignore[attr-defined]
+                record = layer.seal(APPLICATION_DATA, data_packet(
+                    self._local_port, self._remote_port, self._remote_verification_tag, chunk))
+                dtls._RTCDtlsTransport__tx_bytes += len(record)
+                dtls._RTCDtlsTransport__tx_packets += 1
+                if not path.send_now(record):
+                    await path.send(record)
+                return
+    await _before_direct["send_chunk"](self, chunk)

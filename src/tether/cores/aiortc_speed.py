@@ -28,7 +28,12 @@ on every SACK. The patches, in order of effect:
 11. one SACK per receive burst (at most SACK_BURST_MAX packets) instead of one per two
    packets (:func:`sack_per_burst`),
 12. a SACK without gap blocks handled inline on the sender (:func:`sack_fast_path`),
-13. the cyclic garbage collector run less often (:func:`gc_less_often`).
+13. the cyclic garbage collector run less often (:func:`gc_less_often`),
+14. a packet holding one DATA chunk parsed by a short path and handed straight to the
+   DATA handler (:func:`receive_single_data`),
+15. a DATA chunk serialised, sealed and queued on the path in one call, without a
+   coroutine per layer (:func:`tether.cores.aiortc_fastpath.send_data_direct`),
+16. DTLS's receive task handling every queued datagram per call (:func:`receive_drained`).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import asyncio
 import gc
 import logging
 import os
+import struct
 import time
 from collections.abc import Callable, Coroutine
 from importlib import metadata
@@ -57,6 +63,7 @@ from aiortc.rtcsctptransport import (
     parse_packet,
 )
 from aiortc.utils import uint32_gt
+from google_crc32c import value as crc32c
 
 logger = logging.getLogger(__name__)
 
@@ -206,6 +213,16 @@ def may_delay_sack(sctp: RTCSctpTransport, only_data: bool) -> bool:
 async def _receive_packet(self: RTCSctpTransport, data: bytes) -> bool | None:
     """Hand a packet's chunks to aiortc as ``_handle_data`` does; whether it carried only
     DATA and filled no gap (None: dropped, bad packet or verification tag)."""
+    if _single_data[0]:
+        parsed = parse_single_data(data)
+        if parsed is not None:  # the common packet: one DATA chunk (receive_single_data)
+            tag, chunk = parsed
+            if tag != self._local_verification_tag:
+                return None
+            only_data = not self._sack_misordered
+            self._RTCSctpTransport__log_debug("< %s", chunk)  # type: ignore[attr-defined]
+            await self._receive_data_chunk(chunk)
+            return only_data
     try:
         _, _, verification_tag, chunks = parse_packet(data)
     except ValueError:
@@ -279,6 +296,51 @@ def _set_state_cancelling(self: RTCSctpTransport, state: Any) -> None:
                 setattr(self, name, None)
         for task in list(getattr(self, "_tether_tasks", ())):
             task.cancel()
+
+
+# -- 1a. a packet holding one DATA chunk, parsed and dispatched directly ------------------
+
+
+def receive_single_data() -> None:
+    """aiortc's ``parse_packet`` is generic: a loop over the chunks, a chunk class looked up
+    by type, a body slice that ``DataChunk.__init__`` slices again, and a checksum over two
+    concatenations; then ``_receive_chunk`` logs and walks an isinstance chain to reach
+    ``_receive_data_chunk``. Nearly every packet of a stream holds exactly one DATA chunk.
+
+    For such a packet (:func:`parse_single_data`: a DATA chunk of at least its header's
+    length that ends the packet, as ``parse_packet``'s loop would find it) we check the
+    same CRC32c, make the same DataChunk (flags, TSN, stream, sequence, PPID, user data)
+    and call ``_receive_data_chunk`` directly, after the same verification tag check and
+    debug log. Any other packet, or one whose checksum fails, takes the generic path,
+    which drops or handles it as before. Upstream: a single-chunk fast path in
+    ``parse_packet`` and a dispatch table in ``_receive_chunk``.
+    """
+    _single_data[0] = True
+
+
+_single_data = [False]  # receive_single_data is on (read by _receive_packet)
+_DATA_HEADER = struct.Struct("!LHHL")  # TSN, stream id, stream sequence, PPID
+_ZERO_CHECKSUM = b"\x00\x00\x00\x00"
+
+
+def parse_single_data(data: bytes) -> tuple[int, DataChunk] | None:
+    """The verification tag and DATA chunk of a packet that holds exactly that one chunk,
+    as ``parse_packet`` would return them; None for any other packet, and for one whose
+    checksum fails (``parse_packet`` then decides)."""
+    length = len(data)
+    if length < 28 or data[12] != 0:
+        return None
+    chunk_length = (data[14] << 8) | data[15]
+    end = 12 + chunk_length
+    if chunk_length < 16 or end > length or end + (-chunk_length & 3) <= length - 4:
+        return None  # too short, too long, or another chunk follows
+    if int.from_bytes(data[8:12], "little") != crc32c(data[:8] + _ZERO_CHECKSUM + data[12:]):
+        return None
+    chunk = DataChunk.__new__(DataChunk)
+    chunk.flags = data[13]
+    chunk.tsn, chunk.stream_id, chunk.stream_seq, chunk.protocol = _DATA_HEADER.unpack_from(data, 16)
+    chunk.user_data = data[28:end]
+    return int.from_bytes(data[4:8], "big"), chunk
 
 
 # -- 1b. one SACK per receive burst -------------------------------------------------------
@@ -644,7 +706,36 @@ async def _recv_next_quiet(self: RTCDtlsTransport) -> None:
     if not self._RTCDtlsTransport__handshake_done:  # type: ignore[attr-defined]
         await _originals["dtls_recv_next"](self)
         return
-    await receive_datagram(self, await self.transport._recv(), quiet=True)
+    ice = self.transport
+    await receive_datagram(self, await ice._recv(), quiet=True)
+    path = ice.__dict__.get("_tether_path") if _drain[0] else None
+    if path is not None:  # what else is queued, without a receive call each (receive_drained)
+        for _ in range(DRAIN_MAX):
+            data = path.recv_nowait()
+            if data is None:
+                break
+            await receive_datagram(self, data, quiet=True)
+
+
+def receive_drained() -> None:
+    """aiortc's DTLS receive task calls ``_recv_next`` once per datagram: a coroutine that
+    awaits the ICE transport's ``_recv`` (tether's IcePath.recv), which awaits its
+    queue's ``get``: three coroutine layers per datagram, although uvloop hands over up
+    to 32 datagrams per wakeup and they wait in that queue together.
+
+    After the handshake (with dtls_quiet_receive), once ``_recv_next`` has handled the
+    datagram it waited for, it handles up to DRAIN_MAX more that are already queued
+    (``IcePath.recv_nowait``), each exactly as before (receive_datagram). The same
+    datagrams are handled in the same order in the same loop step: ``Queue.get`` on a
+    non-empty queue never suspends, so the task did not yield between them before
+    either; a closed path still raises ConnectionError. Upstream: aiortc's receive loop
+    drains what its transport has queued (an ``RTCIceTransport`` batch receive).
+    """
+    _drain[0] = True
+
+
+_drain = [False]  # receive_drained is on (read by _recv_next_quiet)
+DRAIN_MAX = 64  # datagrams handled per _recv_next call at most
 
 
 async def receive_datagram(self: RTCDtlsTransport, data: bytes, quiet: bool) -> None:
@@ -836,3 +927,6 @@ PATCHES["dtls_direct_records"] = aiortc_fastpath.dtls_direct_records
 PATCHES["batch_sends"] = aiortc_fastpath.batch_sends
 PATCHES["sack_fast_path"] = sack_fast_path  # after batch_sends: it wraps its SACK hook
 PATCHES["gc_less_often"] = gc_less_often
+PATCHES["receive_single_data"] = receive_single_data
+PATCHES["send_data_direct"] = aiortc_fastpath.send_data_direct
+PATCHES["receive_drained"] = receive_drained

@@ -320,6 +320,16 @@ class IcePath:
             raise ConnectionError("ICE path closed")
         return data
 
+    def recv_nowait(self) -> bytes | None:
+        """The next queued datagram without waiting (None: none is queued)."""
+        try:
+            data = self._received.get_nowait()
+        except asyncio.QueueEmpty:
+            return None
+        if data is None:
+            raise ConnectionError("ICE path closed")
+        return data
+
     def deliver(self, data: bytes) -> None:
         """Queue a datagram for DTLS's receive loop (dropped, and counted, when it is full)."""
         try:
@@ -334,6 +344,21 @@ class IcePath:
         if pair is not None:
             await pair.protocol.send_data(data, pair.remote_addr)
         # No pair: the datagram is lost like any on a dead path; SCTP retransmits it.
+
+    def send_now(self, data: bytes) -> bool:
+        """``send`` without a coroutine, when the pair's socket batches its sends
+        (batch_sends); False, having done nothing, when ``send`` must do it."""
+        pair = self.current._nominated.get(COMPONENT)
+        if pair is None:
+            return False
+        hooks = pair.protocol.__dict__
+        add = hooks.get("_tether_add")
+        if add is None or hooks.get("send_data") is not add[0]:
+            return False  # no batch, or someone wrapped send_data since: go through it
+        if self._liveness is not None and self.clock.sent(self._loop.time(), self._busy()):
+            self._kick.set()
+        add[1](data, pair.remote_addr)
+        return True
 
     def lost(self) -> None:
         """SCTP saw a packet lost on the path: its batched sends spread out for a while
@@ -395,9 +420,12 @@ class IcePath:
         if batch is None:
             return
 
-        async def batch_send_data(data: bytes, addr: tuple[str, int]) -> None:
+        def batch_add(data: bytes, addr: tuple[str, int]) -> None:
             if self._cut is not gen:
                 batch.add(data, addr)
+
+        async def batch_send_data(data: bytes, addr: tuple[str, int]) -> None:
+            batch_add(data, addr)
 
         def batch_send_stun(message: stun.Message, addr: tuple[str, int]) -> None:
             batch.flush()  # in order with the DTLS datagrams before it
@@ -414,6 +442,7 @@ class IcePath:
             await close()
 
         protocol._tether_batch = batch
+        protocol._tether_add = (batch_send_data, batch_add)
         protocol.send_data = batch_send_data
         protocol.send_stun = batch_send_stun
         protocol.connection_lost = batch_connection_lost
