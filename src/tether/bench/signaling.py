@@ -201,6 +201,20 @@ class CountingCore(NullCore):
             self.done.set_result((time.perf_counter(), time.process_time()))
 
 
+async def _router_into(core: NullCore) -> tuple[ManagerRegistry, SignalRouter]:
+    """TUBES registered, CONNECTED managers on ``core``, and a router to them."""
+    registry = ManagerRegistry()
+    managers = make_managers(TUBES, core)
+    for manager in managers:
+        registry.register(manager)
+    await connect_all(managers)
+
+    async def reply(signal: dict[str, Any]) -> None:
+        return None
+
+    return registry, SignalRouter(registry, reply=reply)
+
+
 async def measure_handler(total: int, *, sealed: bool | None = None) -> dict[str, Any]:
     """Signals per second from WebSocket frames through the client into the managers' core.
 
@@ -225,16 +239,7 @@ async def measure_handler(total: int, *, sealed: bool | None = None) -> dict[str
     frames = [server_frame(f) for f in _frames(total, conversation, wire_sealer)]
 
     core = CountingCore(total)
-    registry = ManagerRegistry()
-    managers = make_managers(TUBES, core)
-    for manager in managers:
-        registry.register(manager)
-    await connect_all(managers)
-
-    async def reply(signal: dict[str, Any]) -> None:
-        return None
-
-    router = SignalRouter(registry, reply=reply)
+    registry, router = await _router_into(core)
     # route_nowait: the router's entry for an on_signal that may return None (no
     # coroutine of its own for a candidate to a known tube; route() costs one more).
     on_signal: Any = router.route_nowait
@@ -294,17 +299,9 @@ async def measure_router(total: int) -> dict[str, Any]:
     wires = _signals(total, "bench")
     for seq, wire in enumerate(wires, 1):
         wire.update(peer=SENDER, session=SESSION, seq=seq, prev=seq - 1)
-    registry = ManagerRegistry()
     core = CountingCore(3 * total)
-    managers = make_managers(TUBES, core)
-    for manager in managers:
-        registry.register(manager)
-    await connect_all(managers)
-
-    async def reply(signal: dict[str, Any]) -> None:
-        return None
-
-    route = SignalRouter(registry, reply=reply).route_nowait
+    registry, router = await _router_into(core)
+    route = router.route_nowait
     best = math.inf
     try:
         for _ in range(3):
