@@ -132,6 +132,7 @@ def make_sctp(sack: str = "burst") -> tuple[RTCSctpTransport, list[Any], FakeTim
     sctp._local_verification_tag = LOCAL_TAG
     sctp._remote_port = 5000
     sctp._last_received_tsn = PEER_TSN - 1
+    sctp._srtt, sctp._rttvar = 0.002, 0.001  # a short path: bursts may be acknowledged together
     sent: list[Any] = []
 
     async def capture(chunk: Any) -> None:
@@ -349,6 +350,22 @@ async def test_burst_stretch_waits_after_a_gap() -> None:
         await sctp._handle_data(packet(data_chunk(PEER_TSN + i)))
     assert [s.cumulative_tsn for s in sacks(sent)] == [PEER_TSN + 9]  # SACK_BURST_MAX
     assert aiortc_speed.SACK_BURST_MAX == 4
+
+
+async def test_burst_stretch_only_on_a_short_known_round_trip() -> None:
+    """A long or unknown round trip: one SACK per second packet, as delayed_sack (slow
+    start grows by one MTU per SACK, which costs a long path many round trips)."""
+    for srtt in (None, aiortc_speed.STRETCH_MAX_RTT, 0.6):
+        sctp, sent, timers = make_sctp()
+        sctp._srtt = srtt
+        for i in range(4):  # one burst
+            await sctp._handle_data(packet(data_chunk(PEER_TSN + i)))
+        assert [s.cumulative_tsn for s in sacks(sent)] == [PEER_TSN + 1, PEER_TSN + 3], srtt
+    sctp, sent, timers = make_sctp()
+    sctp._srtt = aiortc_speed.STRETCH_MAX_RTT / 2
+    for i in range(4):
+        await sctp._handle_data(packet(data_chunk(PEER_TSN + i)))
+    assert [s.cumulative_tsn for s in sacks(sent)] == [PEER_TSN + 3]
 
 
 async def test_burst_gap_acknowledged_at_once() -> None:
