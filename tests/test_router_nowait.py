@@ -10,6 +10,8 @@ from tether import signals
 from tether.connection_manager import ManagerRegistry, TunnelConnectionManager
 from tether.router import CLOSE_REASON, UNKNOWN_TUBE, SignalRouter
 
+from .test_router import Recorder
+
 
 class Core:
     """Contract 2, asyncio-native; add_ice_candidate refuses candidates containing 'bad'."""
@@ -146,27 +148,13 @@ async def test_a_shut_down_manager_ignores_the_candidate():
         await registry.close()
 
 
-class OnlyAsync:
-    """A manager without handle_signal_nowait (route_nowait falls back to handle_signal)."""
-
-    def __init__(self) -> None:
-        self.handled: list[dict[str, Any]] = []
-        self.activity = 0
-
-    def update_activity(self) -> None:
-        self.activity += 1
-
-    async def handle_signal(self, signal: dict[str, Any]) -> None:
-        self.handled.append(signal)
-
-
 async def test_a_manager_without_nowait_still_gets_its_signals():
     replies: list[dict[str, Any]] = []
 
     async def reply(signal: dict[str, Any]) -> None:
         replies.append(signal)
 
-    manager = OnlyAsync()
+    manager = Recorder()  # no handle_signal_nowait: route_nowait falls back to handle_signal
     router = SignalRouter({"t1": manager}, reply=reply)
     await finish(router.route_nowait(candidate("candidate:1")))
     assert [s["data"] for s in manager.handled] == ["candidate:1"]

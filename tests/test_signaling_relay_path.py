@@ -10,28 +10,18 @@ import secrets
 import socket
 
 import pytest
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import ClientConnection
 
 from tether.signaling import SignalingServer
 from tether.signaling import server as server_module
 
-TOKEN = "relay-path-token"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
+from .test_signaling_liveness import TOKEN, raw_join
 
 
 async def join(relay: SignalingServer, peer: str, rcvbuf: int | None = None) -> ClientConnection:
-    """A bare websockets peer of conversation "conv"; ``rcvbuf`` shrinks its socket's
-    receive buffer (so that a pause in reading soon fills the relay's side)."""
-    sock = None
-    if rcvbuf is not None:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        sock.setblocking(False)
-        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", relay.port))
-    ws = await connect(
-        f"ws://127.0.0.1:{relay.port}/?conversation=conv&peer={peer}",
-        additional_headers=AUTH, proxy=None, ping_interval=None, sock=sock,
-    )
+    """A bare websockets peer of conversation "conv" (raw_join), past the relay's first
+    presence message; ``rcvbuf`` shrinks its socket's receive buffer."""
+    ws = await raw_join(relay, peer, rcvbuf=rcvbuf)
     first = json.loads(await asyncio.wait_for(ws.recv(), 10))
     assert first["control"] == "peer"
     return ws
