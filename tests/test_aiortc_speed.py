@@ -204,7 +204,7 @@ def test_patch_selection() -> None:
 
 def test_gc_less_often() -> None:
     """The default set raises the cyclic collector's thresholds; cycles are still found."""
-    assert gc.get_threshold() == aiortc_speed.GC_THRESHOLDS
+    assert gc.get_threshold() == runloop.GC_THRESHOLDS
     assert gc.isenabled()
     cycle: list[Any] = []
     cycle.append(cycle)

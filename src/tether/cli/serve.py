@@ -95,6 +95,7 @@ def serve(
     import ssl
     from pathlib import Path
 
+    from .. import runloop
     from ..metrics_http import MetricsHTTPServer
     from ..signaling import SignalingServer
 
@@ -142,6 +143,7 @@ def serve(
                 max_conversations_per_address=limits.max_conversations_per_address,
             )
             await table.start()
+        runloop.collect_less_often()  # the relay is what this process is for
         server = SignalingServer(host=host, port=port, token=token, ssl_context=context,
                                  limits=limits, table=table, web=web)
         side = None

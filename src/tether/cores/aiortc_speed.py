@@ -39,7 +39,6 @@ on every SACK. The patches, in order of effect:
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import os
 import struct
@@ -64,6 +63,8 @@ from aiortc.rtcsctptransport import (
 )
 from aiortc.utils import uint32_gt
 from google_crc32c import value as crc32c
+
+from .. import runloop
 
 logger = logging.getLogger(__name__)
 
@@ -901,7 +902,6 @@ async def _receive_data_chunk_lazy(self: RTCSctpTransport, chunk: DataChunk) -> 
 
 # -- 13. the cyclic garbage collector less often -------------------------------------------
 
-GC_THRESHOLDS = (20000, 50, 100)  # CPython's defaults: (700, 10, 10)
 
 
 def gc_less_often() -> None:
@@ -912,14 +912,15 @@ def gc_less_often() -> None:
     only to find them gone: 4-5 % of each side's CPU in perf (gc_collect_main,
     visit_decref, visit_reachable).
 
-    We raise the thresholds to GC_THRESHOLDS (generation 0 every 20000 net allocations,
-    older generations every 50 and 100 of those). Cycles are still collected, only later;
+    We raise the thresholds to ``runloop.GC_THRESHOLDS`` (generation 0 every 20000 net
+    allocations, older generations every 50 and 100 of those), as ``tether serve`` does for
+    the relay. Cycles are still collected, only later;
     what waits for a pass is bounded by the thresholds. The setting is process-wide: the
     core is what a tether process is for, and it is applied once, when the first aiortc
     core is made. Upstream: nothing in aiortc; this is an application's tuning knob
     (``gc.set_threshold``), as other long-running Python servers use it.
     """
-    gc.set_threshold(*GC_THRESHOLDS)
+    runloop.collect_less_often()
 
 
 PATCHES: dict[str, Callable[[], None]] = {
