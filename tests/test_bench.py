@@ -13,8 +13,9 @@ import sys
 import time
 
 import pytest
+from cryptography.exceptions import InvalidTag
 
-from tether.bench import aiortc_dc, checked, signaling
+from tether.bench import aiortc_dc, checked, floor, signaling
 from tether.bench.procstat import cpu_seconds
 from tether.bench.stats import REQUIRED_KEYS, Collected, Spread, summary
 
@@ -70,6 +71,9 @@ def test_summary_null_with_reason_and_ratios() -> None:
     assert out["keeper_mb_s_why"] == "skipped: not root"
     assert out["loss5_mb_s_why"] == "failed: boom"
     assert "flag" not in out["spread"] and "nan" not in out["spread"]
+    assert "tunnel_cpu_vs_floor" not in out  # the floor was not measured: no such ratio
+    c.add({"cpu_ms_per_mb": 50.0, "floor_cpu_ms_per_mb_busier": 20.0})
+    assert summary(c)["tunnel_cpu_vs_floor"] == 2.5
     assert Spread.of([]) is None
     assert Spread.of([3, 1, 2]) == Spread(1.0, 2.0, 3.0, 3)
 
@@ -113,6 +117,30 @@ async def test_handler_path_counts_every_signal() -> None:
     assert result["handler_sealed_signals_per_s"] > 0
     assert 0 < result["handler_ack_frames_per_frame"] <= 1  # coalesced: at most 1 per frame
     assert result["router_signals_per_s"] > 0
+
+
+async def test_floor_moves_every_byte_between_two_processes() -> None:
+    result = await asyncio.wait_for(floor.measure(2), 90)
+    assert result["floor_mb_s"] > 0 and result["floor_cpu_ms_per_mb_busier"] > 0
+    assert result["floor_cpu_ms_per_mb_busier"] == max(result["floor_cpu_ms_per_mb_send"],
+                                                        result["floor_cpu_ms_per_mb_receive"])
+    assert 0 <= result["floor_sys_ms_per_mb_receive"] <= result["floor_cpu_ms_per_mb_receive"]
+
+
+def test_floor_records_and_packets_refuse_what_was_changed() -> None:
+    """The floor does the checks a real path does: a changed byte fails the AEAD tag, a
+    changed chunk fails the CRC32c."""
+    chunk = floor.DATA_HEADER.pack(0, floor.FLAG_BEGIN, 16 + 5, 1, 0, 0, 51) + b"hello"
+    packet = floor._packet(chunk)
+    assert floor._check(packet) == chunk
+    with pytest.raises(ValueError, match="CRC32c"):
+        floor._check(packet[:-1] + b"!")
+    record = floor._keys("data").seal(packet)
+    assert floor._keys("data").open(record) == packet
+    with pytest.raises(InvalidTag):
+        floor._keys("data").open(record[:-1] + bytes([record[-1] ^ 1]))
+    with pytest.raises(InvalidTag):  # the other direction's key
+        floor._keys("sack").open(record)
 
 
 async def test_bare_aiortc_two_processes() -> None:

@@ -84,7 +84,8 @@ def bench(
     ] = False,
     only: Annotated[list[str] | None, typer.Option(
         "--only", metavar="FIGURES", help="Figures to measure (repeat or comma-separate): tcp, aiortc, cli, "
-                       "demo, keeper, loss, ip_change, handler, relay, manager.")] = None,
+                       "floor, demo, keeper, keeper_tether, loss, ip_change, handler, relay, "
+                       "manager.")] = None,
     runs: Annotated[int | None, typer.Option(
         "--runs", min=1, metavar="N", help="Rounds (default 3; with --quick the slow figures run once).")
     ] = None,

@@ -16,7 +16,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from . import aiortc_dc, cli_tunnel, demo, keeper, keeper_tether, lab, managers, signaling, tcp
+from . import (aiortc_dc, cli_tunnel, demo, floor, keeper, keeper_tether, lab, managers,
+               signaling, tcp)
 from .stats import Collected, summary
 
 logger = logging.getLogger(__name__)
@@ -37,8 +38,8 @@ class Figure:
 def _sizes(quick: bool) -> dict[str, float]:
     """MiB per transfer."""
     if quick:
-        return {"tcp": 16, "aiortc": 8, "cli": 8, "demo": 4, "keeper": 8, "loss": 2}
-    return {"tcp": 64, "aiortc": 32, "cli": 64, "demo": 32, "keeper": 64, "loss": 8}
+        return {"tcp": 16, "aiortc": 8, "cli": 8, "demo": 4, "keeper": 8, "loss": 2, "floor": 8}
+    return {"tcp": 64, "aiortc": 32, "cli": 64, "demo": 32, "keeper": 64, "loss": 8, "floor": 64}
 
 
 def timeout(quick: bool) -> float:
@@ -77,6 +78,10 @@ FIGURES: dict[str, Figure] = {f.name: f for f in [
     Figure("cli", "tether serve + expose + connect (loopback): push, pull, CPU, connect",
            ("tunnel_mb_s", "tunnel_pull_mb_s", "cpu_ms_per_mb", "connect_ms"),
            lambda q: cli_tunnel.measure(_sizes(q)["cli"])),
+    Figure("floor", "the least Python a packet path can do: AEAD records, SCTP-shaped "
+           "DATA and SACKs, GSO sends, one process per side; CPU per MB",
+           ("floor_mb_s", "floor_cpu_ms_per_mb_send", "floor_cpu_ms_per_mb_receive"),
+           lambda q: floor.measure(_sizes(q)["floor"])),
     Figure("demo", "tether demo --json (one process, echo)", ("demo_mb_s",),
            lambda q: demo.measure(_sizes(q)["demo"])),
     Figure("keeper", "Rust core, its own tunnel mode, one process per peer (netns)",

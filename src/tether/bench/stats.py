@@ -99,7 +99,11 @@ def summary(collected: Collected, extra_keys: Iterable[str] = ()) -> dict[str, A
     out: dict[str, Any] = {}
     keys = list(REQUIRED_KEYS) + [k for k in extra_keys if k not in REQUIRED_KEYS]
     derived = {"tunnel_vs_aiortc": ("tunnel_mb_s", "aiortc_dc_mb_s"),
-               "tunnel_vs_keeper": ("tunnel_mb_s", "keeper_mb_s")}
+               "tunnel_vs_keeper": ("tunnel_mb_s", "keeper_mb_s"),
+               "tunnel_cpu_vs_floor": ("cpu_ms_per_mb", "floor_cpu_ms_per_mb_busier")}
+    # A ratio beyond the required ones is shown when both of its figures were measured.
+    keys += [k for k, (a, b) in derived.items() if k not in keys
+             and collected.spread(a) is not None and collected.spread(b) is not None]
     for key in keys:
         if key in derived:
             a, b = derived[key]
