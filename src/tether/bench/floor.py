@@ -12,8 +12,10 @@ RFC 5246/6347), and sends the datagrams of a loop turn in one UDP GSO ``sendmsg`
 receiver (uvloop's datagram transport) opens each record, checks the CRC, takes the chunk
 in TSN order, and once per loop turn writes the messages completed in it to a TCP
 connection in one write and answers with one SACK-shaped packet (cumulative TSN) sealed the
-same way (fewer than tether sends: its peers' Max.Burst needs one per 4 packets). A window of unacknowledged
-bytes paces the sender; a go-back-N resend after silence covers a datagram lost on loopback.
+same way (fewer SACKs than tether sends: its peers' Max.Burst needs one per 4 packets). A
+window of unacknowledged bytes paces the sender; a go-back-N resend after silence covers a
+datagram lost on loopback. The sink reads as fast as it can, so the receiver's writes
+need no flow control of their own.
 
 What it leaves out, on purpose: congestion control, gap reports, stream and message
 bookkeeping beyond one stream, every object per chunk. So no real protocol can be cheaper;
@@ -351,10 +353,11 @@ async def measure(mb: float, seed: int = 9) -> dict[str, Any]:
             size, digest, finished = await got
             sent = json.loads(await sender.stdout.readline())
             received = json.loads(await receiver.stdout.readline())
-    except (TimeoutError, ValueError, KeyError) as exc:
+    except (TimeoutError, ValueError, KeyError) as exc:  # a side died or hung: say why
         errors = []
         for proc in (receiver, sender):
-            if proc is not None and proc.stderr is not None and proc.returncode is not None:
+            if proc is not None and proc.stderr is not None:
+                await stop(proc)
                 errors.append((await proc.stderr.read()).decode(errors="replace")[-300:])
         raise RuntimeError(f"the floor's transfer did not complete ({exc!r}) {errors}") from None
     finally:
