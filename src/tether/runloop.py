@@ -38,11 +38,10 @@ def collect_less_often() -> None:
     tether's hot paths (a datagram of the tunnel, a frame through the relay) allocate
     dozens of container objects each - frames, coroutines, dicts, tuples - that reference
     counting frees at once. With the default thresholds a generation-0 pass ran every few
-    dozen datagrams or signals only to find them gone: 4-5 % of a tunnel side's CPU, 3-4 % of
-    the relay's (docs/datapath.md, docs/sigspeed.md). Cycles are still collected,
-    later; what waits for a pass is bounded by the thresholds. Process-wide, so only the
-    owner of a process calls it: ``tether serve``, and the aiortc core's ``gc_less_often``
-    patch.
+    dozen datagrams or signals only to find them gone: 4-5 % of a tunnel side's CPU, 3-4 %
+    of the relay's (docs/datapath.md, docs/sigspeed.md). Cycles are still collected, later;
+    what waits for a pass is bounded by the thresholds. Process-wide, so only the owner of
+    a process calls it: ``tether serve``, and the aiortc core's ``gc_less_often`` patch.
     """
     gc.set_threshold(*GC_THRESHOLDS)
 
