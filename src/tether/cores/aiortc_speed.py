@@ -914,9 +914,8 @@ def gc_less_often() -> None:
     We raise the thresholds to ``runloop.GC_THRESHOLDS`` (generation 0 every 20000 net
     allocations, older generations every 50 and 100 of those), as ``tether serve`` does for
     the relay. Cycles are still collected, only later; what waits for a pass is bounded by
-    the thresholds. The setting is process-wide: the
-    core is what a tether process is for, and it is applied once, when the first aiortc
-    core is made. Upstream: nothing in aiortc; this is an application's tuning knob
+    the thresholds. The setting is process-wide: the core is what a tether process is for,
+    and it is applied once, when the first aiortc core is made. Upstream: nothing in aiortc; this is an application's tuning knob
     (``gc.set_threshold``), as other long-running Python servers use it.
     """
     runloop.collect_less_often()
