@@ -7,8 +7,8 @@ protocol machinery above it (aiortc's SCTP and DTLS objects, tether's patches in
 Two processes, one per side, run the same wire shape as tether's tunnel and nothing more:
 the sender reads a TCP connection, cuts 16 KiB messages into 1200-byte DATA chunks, frames
 each as an SCTP packet (common header, DATA chunk header, CRC32c) in a DTLS 1.2
-application-data record sealed with AES-128-GCM (explicit nonce, additional data as in
-RFC 5246/6347), and sends the datagrams of a loop turn in one UDP GSO ``sendmsg``; the
+application-data record sealed with AES-128-GCM by tether's own record layer
+(``tether.cores.dtls_records``, replay window included), and sends the datagrams of a loop turn in one UDP GSO ``sendmsg``; the
 receiver (uvloop's datagram transport) opens each record, checks the CRC, takes the chunk
 in TSN order, and once per loop turn writes the messages completed in it to a TCP
 connection in one write and answers with one SACK-shaped packet (cumulative TSN) sealed the
@@ -46,6 +46,7 @@ from typing import Any
 
 from google_crc32c import value as crc32c
 
+from ..cores.dtls_records import APPLICATION_DATA, Keys, RecordLayer
 from .checked import Payload, start_source
 
 MESSAGE = 16 * 1024          # one tunnel DATA frame per message, as tether's MAX_DATA
@@ -56,14 +57,10 @@ LINGER = 1.0                 # the receiver answers resends this long after the 
 GSO_RUN = 32                 # datagrams per GSO send at most (tether's MAX_SEGMENTS)
 UDP_SEGMENT = 103
 
-RECORD = struct.Struct("!BHHHIH")        # DTLS record: type, version, epoch, seq (16+32), length
 SCTP_COMMON = struct.Struct("!HHII")      # ports, verification tag, checksum
 DATA_HEADER = struct.Struct("!BBHIHHI")   # type, flags, length, TSN, stream, SSN, PPID
 SACK = struct.Struct("!BBHIIHH")          # type 3, flags, length 16, cum TSN, a_rwnd, 0, 0
-AD = struct.Struct("!HHIBHH")             # epoch, seq (16+32), type, version, length
 FLAG_BEGIN, FLAG_END = 0x02, 0x01
-DTLS12, APPLICATION_DATA = 0xFEFD, 23
-TAG = 16
 
 
 def _cpu() -> float:
@@ -76,35 +73,12 @@ def _system() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_stime
 
 
-class Records:
-    """DTLS 1.2 AES-128-GCM records in one direction each (the key is a bench constant)."""
-
-    def __init__(self, key: bytes, salt: bytes) -> None:
-        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
-        self._aead = AESGCM(key)
-        self._salt = salt
-        self._seq = 0
-
-    def seal(self, plain: bytes) -> bytes:
-        seq = self._seq = self._seq + 1
-        explicit = seq.to_bytes(8, "big")
-        ad = AD.pack(1, seq >> 32, seq & 0xFFFFFFFF, APPLICATION_DATA, DTLS12, len(plain))
-        sealed = self._aead.encrypt(self._salt + explicit, plain, ad)
-        header = RECORD.pack(APPLICATION_DATA, DTLS12, 1, seq >> 32, seq & 0xFFFFFFFF,
-                             8 + len(sealed))
-        return header + explicit + sealed
-
-    def open(self, record: bytes) -> bytes:
-        _, _, epoch, high, low, length = RECORD.unpack_from(record)
-        explicit = record[13:21]
-        ad = AD.pack(epoch, high, low, APPLICATION_DATA, DTLS12, length - 8 - TAG)
-        return self._aead.decrypt(self._salt + explicit, record[21:], ad)
-
-
-def _keys(direction: str) -> Records:
-    seed = hashlib.sha256(b"tether floor " + direction.encode()).digest()
-    return Records(seed[:16], seed[16:20])
+def _layer(is_client: bool) -> RecordLayer:
+    """tether's own record layer (the one its tunnel seals with), keyed by a bench constant;
+    the sender is the client side, the receiver the server side."""
+    block = hashlib.sha512(b"tether floor").digest()
+    keys = Keys(block[:16], block[16:32], block[32:36], block[36:40])
+    return RecordLayer(keys, is_client, epoch=1, next_seq=1)
 
 
 def _packet(chunk: bytes) -> bytes:
@@ -124,8 +98,7 @@ def _check(packet: bytes) -> bytes:
 class _Receiver(asyncio.DatagramProtocol):
     def __init__(self, writer: asyncio.StreamWriter) -> None:
         self.writer = writer
-        self.opener = _keys("data")
-        self.sealer = _keys("sack")
+        self.records = _layer(is_client=False)
         self.transport: asyncio.DatagramTransport | None = None
         self.next_tsn = 1
         self.parts: list[bytes] = []   # the message being reassembled
@@ -146,8 +119,11 @@ class _Receiver(asyncio.DatagramProtocol):
             self.started, self.cpu0, self.sys0 = time.perf_counter(), _cpu(), _system()
         self.peer = addr
         try:
-            chunk = _check(self.opener.open(data))
-        except Exception:
+            plain = self.records.open(data)
+            chunk = _check(plain) if plain is not None else None
+        except ValueError:  # not a whole record, or a bad CRC32c
+            chunk = None
+        if chunk is None:
             self.bad += 1
             return
         _, flags, length, tsn, _, _, ppid = DATA_HEADER.unpack_from(chunk)
@@ -172,7 +148,7 @@ class _Receiver(asyncio.DatagramProtocol):
             self.ready = []
         assert self.transport is not None
         sack = SACK.pack(3, 0, 16, self.next_tsn - 1, 1 << 20, 0, 0)
-        self.transport.sendto(self.sealer.seal(_packet(sack)), self.peer)
+        self.transport.sendto(self.records.seal(APPLICATION_DATA, _packet(sack)), self.peer)
         if self.ended and not self.done.done():
             self.writer.write_eof()
             self.done.set_result(None)
@@ -199,8 +175,7 @@ class _Sender(asyncio.DatagramProtocol):
     def __init__(self, peer: tuple[str, int]) -> None:
         self.sock: Any = None  # our own descriptor of the transport's socket
         self.peer = peer
-        self.sealer = _keys("data")
-        self.opener = _keys("sack")
+        self.records = _layer(is_client=True)
         self.sent: list[bytes] = []      # sealed datagrams not yet acknowledged, from TSN base
         self.base = 1                    # TSN of sent[0]
         self.next_tsn = 1
@@ -213,8 +188,11 @@ class _Sender(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         try:
-            chunk = _check(self.opener.open(data))
-        except Exception:
+            plain = self.records.open(data)
+            chunk = _check(plain) if plain is not None else None
+        except ValueError:
+            return
+        if chunk is None:
             return
         cumulative = SACK.unpack_from(chunk)[3]
         done = cumulative + 1 - self.base
@@ -232,7 +210,7 @@ class _Sender(asyncio.DatagramProtocol):
         tsn = self.next_tsn
         self.next_tsn += 1
         chunk = DATA_HEADER.pack(0, flags, 16 + len(payload), tsn, 0, 0, ppid) + payload
-        datagram = self.sealer.seal(_packet(chunk))
+        datagram = self.records.seal(APPLICATION_DATA, _packet(chunk))
         self.sent.append(datagram)
         self._queue(datagram)
 
