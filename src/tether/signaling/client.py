@@ -68,6 +68,7 @@ from . import redact
 from .conversations import ABSENT, JOINED, LEFT, PRESENT
 from .delivery import DELIVER, GAP, Inbox, Outbox, ResendTimer
 from .frames import read_frame
+from .ws_fastpath import FastClientConnection
 from .redact import RESUME_HEADER, RESUME_PREFIX
 from .server import (
     ACK,
@@ -769,6 +770,7 @@ class _Connection(_Lifecycle):
             # No permessage-deflate: signals are small (sealed ones hardly compress), and
             # deflating every frame cost both ends (and the relay) more than the bytes saved.
             compression=None,
+            create_connection=FastClientConnection,  # plain frames without the generators
         )
         self._link: ClientConnection | None = None
         self._connecting: asyncio.Task[ClientConnection] | None = None

@@ -232,6 +232,7 @@ from .conversations import (
     MemoryConversationTable,
 )
 from .frames import load, text_of, with_text
+from .ws_fastpath import FastServerConnection
 from .limits import BucketTable, RelayLimits, address_key, retry_after
 from ..metrics_http import CONTENT_TYPE
 from .metrics import RelayMetrics
@@ -723,6 +724,7 @@ class SignalingServer:
             max_size=WS_SIZE_FACTOR * max_message_bytes,
             # Browsers: answer "tether.v1" when offered (a page's offer with no answer fails).
             select_subprotocol=web_page.select_subprotocol,
+            create_connection=FastServerConnection,  # plain frames without the generators
         )
         self._server: Server | None = None
         self._expirer: asyncio.Task[None] | None = None
