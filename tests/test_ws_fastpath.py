@@ -261,3 +261,21 @@ def test_truncated_frame_at_eof_fails_as_websockets_does() -> None:
         assert outcomes[0] == outcomes[1]
 
     asyncio.run(run())
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.text(max_size=40) | st.sampled_from(["a" * 125, "b" * 126, "c" * 65535,
+                                                        "d" * 65536, "é" * 63]),
+                max_size=6))
+def test_written_text_frames_are_websockets_frames(texts) -> None:
+    """write_texts frames by hand what websockets' send_text frames: byte for byte, after
+    what websockets had waiting (here a pong)."""
+    async def run() -> None:
+        conn, wire = _open(FastServerConnection, server=True)
+        conn.protocol.send_pong(b"first")
+        conn.write_texts(texts)
+        expected = Frame(Opcode.PONG, b"first").serialize(mask=False) + b"".join(
+            Frame(Opcode.TEXT, text.encode()).serialize(mask=False) for text in texts)
+        assert bytes(wire.out) == expected
+
+    asyncio.run(run())

@@ -354,7 +354,7 @@ class _Endpoint:
 
     def __init__(
         self,
-        ws: ServerConnection,
+        ws: FastServerConnection,
         conversation_id: str,
         peer_id: str,
         *,
@@ -554,21 +554,20 @@ class _Endpoint:
             self._queue = None  # an idle peer keeps no deque
 
     def _write_batch(self) -> bool:
-        """One socket write of the queued frames (up to ``WRITE_BATCH_BYTES``), through the
-        connection's sans-I/O protocol (``send_text``: ping/pong and closing stay
+        """One socket write of the queued frames (up to ``WRITE_BATCH_BYTES``), framed by
+        the connection (``FastServerConnection.write_texts``; ping/pong and closing stay
         websockets' business). False if nothing could be written."""
         queue = self._queue  # (take_undelivered() replaces it, never mid-batch)
-        protocol = self.ws.protocol
-        if not queue or protocol.state is not State.OPEN:
+        if not queue or self.ws.protocol.state is not State.OPEN:
             return False
         size = 0
+        texts = []
         while queue and size < WRITE_BATCH_BYTES:
-            item = queue.popleft()
-            size += len(item.text)
-            protocol.send_text(item.text.encode())
+            text = queue.popleft().text
+            size += len(text)
+            texts.append(text)
         self._queued_bytes -= size
-        chunks = protocol.data_to_send()
-        self.ws.transport.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+        self.ws.write_texts(texts)
         return True
 
     async def _write_loop(self) -> None:

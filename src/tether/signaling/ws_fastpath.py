@@ -148,9 +148,42 @@ class _FastFrames:
 
 
 class FastServerConnection(_FastFrames, ServerConnection):
-    """websockets' server connection with plain frames read by :class:`_FastFrames`."""
+    """websockets' server connection with plain frames read by :class:`_FastFrames`, and
+    text frames written in batches by :meth:`write_texts`."""
 
     _masked = 0x80
+
+    def write_texts(self, texts: list[str]) -> None:
+        """Send each of ``texts`` as one text frame, all in one transport write, on an open
+        connection. A server's frames are not masked, so a plain frame is a 2-10 byte
+        header and the UTF-8 payload (RFC 6455 section 5.2): we write those ourselves,
+        after whatever websockets has waiting to send. With an extension (deflate) or
+        debug logging, websockets frames them (``send_text``), as always."""
+        protocol = self.protocol
+        chunks = protocol.data_to_send()
+        if protocol.extensions or protocol.debug:
+            for text in texts:
+                protocol.send_text(text.encode())
+            chunks += protocol.data_to_send()
+        else:
+            append = chunks.append
+            for text in texts:
+                payload = text.encode()
+                append(text_frame_header(len(payload)))
+                append(payload)
+        self.transport.write(b"".join(chunks))
+
+
+_SHORT_HEADERS = [bytes((0x81, n)) for n in range(126)]
+
+
+def text_frame_header(length: int) -> bytes:
+    """The header of an unmasked, unfragmented text frame carrying ``length`` bytes."""
+    if length < 126:
+        return _SHORT_HEADERS[length]
+    if length < 65536:
+        return b"\x81\x7e" + length.to_bytes(2, "big")
+    return b"\x81\x7f" + length.to_bytes(8, "big")
 
 
 class FastClientConnection(_FastFrames, ClientConnection):
