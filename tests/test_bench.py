@@ -14,8 +14,9 @@ import time
 
 import pytest
 
-from tether.bench import aiortc_dc, checked, floor, signaling
+from tether.bench import aiortc_dc, checked, floor, sctp_receive, signaling
 from tether.bench.procstat import cpu_seconds
+from tether.cores import aiortc_speed
 from tether.bench.stats import REQUIRED_KEYS, Collected, Spread, summary
 
 
@@ -116,6 +117,19 @@ async def test_handler_path_counts_every_signal() -> None:
     assert result["handler_sealed_signals_per_s"] > 0
     assert 0 < result["handler_ack_frames_per_frame"] <= 1  # coalesced: at most 1 per frame
     assert result["router_signals_per_s"] > 0
+
+
+async def test_sctp_receive_step_both_ways_same_sacks() -> None:
+    """The receive step's A/B: both ways handle the same packets and send the same SACKs
+    (one per 4 packets: bursts of 8 on a short path), and the patch is left as it was."""
+    aiortc_speed.install()
+    before = aiortc_speed._in_order[0]
+    result = await sctp_receive.measure(messages=20)
+    assert aiortc_speed._in_order[0] == before
+    assert result["sctp_rx_packets"] == 20 * sctp_receive.FRAGMENTS
+    assert result["sctp_rx_sacks"] == result["sctp_rx_packets"] // 4
+    assert result["sctp_rx_us_per_packet_before"] > 0 and result["sctp_rx_us_per_packet_in_order"] > 0
+    assert result["sctp_rx_in_order_vs_before"] > 0
 
 
 async def test_floor_moves_every_byte_between_two_processes() -> None:

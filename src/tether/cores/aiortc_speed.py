@@ -33,7 +33,8 @@ on every SACK. The patches, in order of effect:
    DATA handler (:func:`receive_single_data`),
 15. a DATA chunk serialised, sealed and queued on the path in one call, without a
    coroutine per layer (:func:`tether.cores.aiortc_fastpath.send_data_direct`),
-16. DTLS's receive task handling every queued datagram per call (:func:`receive_drained`).
+16. DTLS's receive task handling every queued datagram per call (:func:`receive_drained`),
+17. the common in-order DATA packet taken in one call (:func:`receive_in_order`).
 """
 
 from __future__ import annotations
@@ -407,6 +408,12 @@ def sack_limit(sctp: RTCSctpTransport) -> int:
 
 
 async def _handle_data_burst_sack(self: RTCSctpTransport, data: bytes) -> None:
+    if _in_order[0]:  # receive_in_order
+        taken = take_in_order(self, data)
+        if taken is not None:
+            if taken:
+                await self._send_sack()
+            return
     only_data = await _receive_packet(self, data)
     if only_data is None:
         return
@@ -763,9 +770,19 @@ async def receive_datagram(self: RTCDtlsTransport, data: bytes, quiet: bool) -> 
         if layer is not None:
             plains = aiortc_fastpath.open_records(self, layer, data)
             if plains is not None:
-                if self._data_receiver:
+                receiver = self._data_receiver
+                if receiver:
+                    handle = receiver._handle_data
+                    inline = (_in_order[0]
+                              and getattr(handle, "__func__", None) is _handle_data_burst_sack)
                     for plain in plains:
-                        await self._data_receiver._handle_data(plain)
+                        if inline:  # receive_in_order, without the _handle_data coroutine
+                            taken = take_in_order(receiver, plain)
+                            if taken is not None:
+                                if taken:
+                                    await receiver._send_sack()
+                                continue
+                        await handle(plain)
                 return
     if 19 < first_byte < 64:  # DTLS
         self._ssl.bio_write(data)
@@ -921,6 +938,74 @@ def gc_less_often() -> None:
     runloop.collect_less_often()
 
 
+# -- 17. an in-order DATA packet taken in one call ----------------------------------------
+
+
+def receive_in_order() -> None:
+    """With the patches above, a received packet still goes ``_handle_data`` ->
+    ``_receive_packet`` -> ``_receive_data_chunk`` -> ``_reset_deferred_streams``: four
+    coroutines, a debug log call, a stream lookup and the SACK rule's attribute
+    look-ups, for what in a stream is nearly always the same step - the next TSN, a
+    fragment that is not a message's last, on an established association with nothing
+    out of order.
+
+    For exactly that packet (:func:`take_in_order`: one DATA chunk, this association's
+    tag, the next TSN, no gap or duplicate pending, not a last fragment, a stream that
+    exists, no stream reset waiting) we log it as aiortc does and make the same state
+    changes in one plain call - the chunk appended to its stream, the cumulative TSN
+    advanced, the window reduced, ``_sack_needed`` set - and apply sack_per_burst's rule
+    (the same counters and timers, the SACK sent at once when the burst is full). A last
+    fragment (a message completes: reassembly and delivery) and every other packet take
+    the path above, so the state after each packet is what it would have been
+    (tests/test_aiortc_speed.py compares them packet by packet). DTLS's receive path
+    (:func:`receive_datagram`) calls it directly, without the ``_handle_data``
+    coroutine. Upstream: aiortc's receive path gets a fast path for in-order chunks,
+    as kernel SCTP and usrsctp have.
+    """
+    _in_order[0] = True
+
+
+_in_order = [False]  # receive_in_order is on (read by _handle_data_burst_sack, receive_datagram)
+_ESTABLISHED = RTCSctpTransport.State.ESTABLISHED
+
+
+def take_in_order(sctp: RTCSctpTransport, data: bytes) -> bool | None:
+    """Take ``data`` if it is the common in-order packet (see :func:`receive_in_order`):
+    None if it was not taken (nothing changed), else whether a SACK is due now (the
+    caller awaits ``_send_sack``)."""
+    if (sctp._association_state is not _ESTABLISHED or sctp._sack_misordered
+            or sctp._sack_duplicates or sctp._reconfig_deferred is not None):
+        return None
+    parsed = parse_single_data(data)
+    if parsed is None:
+        return None
+    tag, chunk = parsed
+    last = sctp._last_received_tsn
+    if (tag != sctp._local_verification_tag or chunk.flags & SCTP_DATA_LAST_FRAG
+            or last is None or chunk.tsn != (last + 1) % SCTP_TSN_MODULO):
+        return None
+    stream = sctp._inbound_streams.get(chunk.stream_id)
+    if stream is None:
+        return None
+    sctp._RTCSctpTransport__log_debug("< %s", chunk)  # type: ignore[attr-defined]
+    # _receive_data_chunk_lazy, for a chunk that is the next TSN and not a last fragment:
+    # every chunk held has an earlier TSN (nothing is out of order), so it is appended.
+    sctp._sack_needed = True
+    sctp._last_received_tsn = chunk.tsn
+    stream.reassembly.append(chunk)
+    sctp._advertised_rwnd -= len(chunk.user_data)
+    # _handle_data_burst_sack's rule for a packet of DATA only, no gap and no duplicate:
+    unacked = getattr(sctp, "_tether_unacked", 0) + 1
+    if unacked >= sack_limit(sctp):
+        return True
+    sctp._tether_unacked = unacked
+    if getattr(sctp, "_tether_burst_end", None) is None:
+        sctp._tether_burst_end = sctp._loop.call_soon(_burst_ended, sctp)
+    if getattr(sctp, "_tether_sack_timer", None) is None:
+        sctp._tether_sack_timer = sctp._loop.call_later(SACK_DELAY, _sack_timer_fired, sctp)
+    return False
+
+
 PATCHES: dict[str, Callable[[], None]] = {
     "delayed_sack": delayed_sack,
     "sack_per_burst": sack_per_burst,
@@ -942,3 +1027,4 @@ PATCHES["gc_less_often"] = gc_less_often
 PATCHES["receive_single_data"] = receive_single_data
 PATCHES["send_data_direct"] = aiortc_fastpath.send_data_direct
 PATCHES["receive_drained"] = receive_drained
+PATCHES["receive_in_order"] = receive_in_order
