@@ -247,6 +247,27 @@ def test_plain_frames_skip_websockets_parser() -> None:
     asyncio.run(run())
 
 
+def test_a_frame_a_byte_at_a_time_is_held_in_place() -> None:
+    """A peer trickling a large frame byte by byte must not make us copy what we hold on
+    every byte (quadratic work): the bytes are appended in place and the frame is looked
+    at once, when it is whole."""
+    async def run() -> None:
+        conn, wire = _open(FastServerConnection, server=True)
+        frame = _raw(0x81, b"t" * 900, True)
+        header = 2 + 2 + 4  # (a 16-bit length and a mask)
+        for i in range(header + 1):  # a header cut short is looked at again per byte
+            conn.data_received(frame[i:i + 1])
+        held = conn._held
+        for i in range(header + 1, len(frame) - 1):
+            conn.data_received(frame[i:i + 1])
+            assert conn._held is held and len(held) == i + 1
+        conn.data_received(frame[-1:])
+        assert conn._held is None
+        assert [bytes(f.data) for f in conn.recv_messages.frames.queue] == [b"t" * 900]
+
+    asyncio.run(run())
+
+
 def test_truncated_frame_at_eof_fails_as_websockets_does() -> None:
     async def run() -> None:
         outcomes = []

@@ -22,8 +22,9 @@ websockets' parser, which does what it always does. That is why this is safe:
   only appends it to the events), so putting it into the assembler is all that parsing
   it would have done; UTF-8 is checked where it always is, when the message is read;
 - a frame split across reads waits in ``_held`` (bounded by the size limit: a header
-  declaring more goes to websockets at once, which refuses it), and at EOF what is held
-  goes to websockets first, so a truncated frame ends the connection as before.
+  declaring more goes to websockets at once, which refuses it; grown in place, and looked
+  at again only once the whole frame is there), and at EOF what is held goes to
+  websockets first, so a truncated frame ends the connection as before.
 
 Relies on websockets' private structure (``Protocol.parser``, ``reader``,
 ``current_size``, ``Connection.recv_messages``), so websockets is pinned exactly;
@@ -57,8 +58,11 @@ class _FastFrames:
 
     _masked = 0
     """0x80 if the peer must mask its frames (it is a client), else 0."""
-    _held: bytes = b""
-    """The start of a frame whose end has not arrived yet (only when read here)."""
+    _held: bytearray | None = None
+    """The start of a frame whose end has not arrived yet (only when read here); it grows
+    in place, so a frame arriving a byte at a time costs no more than websockets' buffer."""
+    _need = 0
+    """How long ``_held`` must be before it is worth looking at again."""
 
     protocol: Any
     recv_messages: Any
@@ -84,9 +88,13 @@ class _FastFrames:
         return (1 << 63) if limit is None else limit
 
     def data_received(self, data: bytes) -> None:
-        if self._held:
-            data = self._held + data
-            self._held = b""
+        held = self._held
+        if held is not None:
+            held += data
+            if len(held) < self._need:
+                return
+            data = bytes(held)
+            self._held = None
         limit = self._frame_limit()
         if limit is None:
             super().data_received(data)  # type: ignore[misc]
@@ -117,7 +125,7 @@ class _FastFrames:
             payload_at = start + 4 if head2 & 0x80 else start
             stop = payload_at + length
             if stop > end:
-                self._held = data[at:]  # the rest of this frame is still on its way
+                self._hold(data[at:], stop - at)  # the rest of this frame is on its way
                 return
             opcode = _PLAIN.get(head1)
             if opcode is not None and head2 & 0x80 == masked:
@@ -138,12 +146,17 @@ class _FastFrames:
             if limit is None or refused:
                 super().data_received(data[at:])  # type: ignore[misc]
             else:
-                self._held = data[at:]  # a header cut short
+                self._hold(data[at:], end - at + 1)  # a header cut short
+
+    def _hold(self, start: bytes, need: int) -> None:
+        self._held = bytearray(start)
+        self._need = need
 
     def eof_received(self) -> bool | None:
-        if self._held:
-            held, self._held = self._held, b""
-            super().data_received(held)  # type: ignore[misc]
+        held = self._held
+        if held is not None:
+            self._held = None
+            super().data_received(bytes(held))  # type: ignore[misc]
         return super().eof_received()  # type: ignore[misc]
 
 
