@@ -300,3 +300,44 @@ def test_written_text_frames_are_websockets_frames(texts) -> None:
         assert bytes(wire.out) == expected
 
     asyncio.run(run())
+
+
+async def test_recv_batch_over_a_real_connection() -> None:
+    """Real sockets: messages written together come out of one recv_batch in order; a
+    fragmented one is left for the next call, which assembles it; text that is not UTF-8
+    fails the connection with 1007 as websockets does, after what came before it."""
+    from websockets.asyncio.client import connect
+    from websockets.asyncio.server import serve
+    from websockets.exceptions import ConnectionClosedError
+
+    batches: list[list] = []
+    ended: list[BaseException] = []
+    got = asyncio.Event()
+
+    async def handler(ws: FastServerConnection) -> None:
+        try:
+            while True:
+                batches.append(await ws.recv_batch())
+                got.set()
+        except ConnectionClosedError as exc:
+            ended.append(exc)
+
+    async with serve(handler, "127.0.0.1", 0, create_connection=FastServerConnection) as server:
+        port = server.sockets[0].getsockname()[1]
+        async with connect(f"ws://127.0.0.1:{port}", compression=None) as client:
+            client.transport.write(b"".join(_raw(0x81, f"m{i}".encode(), True) for i in range(5)))
+            await asyncio.wait_for(got.wait(), 5)
+            got.clear()
+            client.transport.write(_raw(0x81, b"a", True) + _raw(0x01, b"frag", True)
+                                   + _raw(0x80, b"ment", True) + _raw(0x82, b"\x00", True))
+            while sum(map(len, batches)) < 8:
+                await asyncio.wait_for(got.wait(), 5)
+                got.clear()
+            client.transport.write(_raw(0x81, b"ok", True) + _raw(0x81, b"\xff", True))
+            await asyncio.wait_for(client.wait_closed(), 5)
+            assert client.close_code == 1007
+    flat = [message for batch in batches for message in batch]
+    assert flat == [f"m{i}" for i in range(5)] + ["a", "fragment", b"\x00", "ok"]
+    assert max(map(len, batches)) > 1  # (one write on loopback is normally one read)
+    assert any(batch[0] == "fragment" for batch in batches)  # assembled by recv(), first
+    assert len(ended) == 1 and ended[0].rcvd is None and ended[0].sent.code == 1007

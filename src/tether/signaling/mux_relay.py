@@ -16,13 +16,13 @@ import logging
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
-from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from tether.signals import Signal
 
 from .conversations import ABSENT, PRESENT, JoinRefused, Refusal
 from .frames import load, text_of
+from .ws_fastpath import FastServerConnection
 from .server import (
     CLOSE_REPLACED,
     CONTROL,
@@ -59,7 +59,7 @@ class MuxConnection(_Endpoint):
 
     __slots__ = ("members",)
 
-    def __init__(self, ws: ServerConnection, **options: Any) -> None:
+    def __init__(self, ws: FastServerConnection, **options: Any) -> None:
         super().__init__(ws, "", "", **options)
         self.members: dict[str, MuxMember] = {}
 
@@ -180,16 +180,14 @@ class MuxMember:
         return self.connection.reply(message)  # error signals carry conversation_id
 
 
-async def serve_mux(server: SignalingServer, ws: ServerConnection, route: _Route) -> None:
+async def serve_mux(server: SignalingServer, ws: FastServerConnection, route: _Route) -> None:
     """Run one multiplexed connection until it ends; then leave every conversation."""
     connection = MuxConnection(ws, address=route.address, **server._endpoint_options)
     connection.start()
     log.info("multiplexed connection from %s", _remote(ws))
     try:
         try:
-            async for message in ws:
-                if connection.gone or not await _on_frame(server, connection, message):
-                    break
+            await _read(server, connection, ws)
         except ConnectionClosed:
             pass
         finally:
@@ -202,6 +200,15 @@ async def serve_mux(server: SignalingServer, ws: ServerConnection, route: _Route
                      _remote(ws), ws.close_code, len(members))
     finally:
         await connection.finish()
+
+
+async def _read(server: SignalingServer, connection: MuxConnection,
+                ws: FastServerConnection) -> None:
+    """Route the connection's frames in order until it closes or must stop being read."""
+    while True:
+        for message in await ws.recv_batch():
+            if connection.gone or not await _on_frame(server, connection, message):
+                return
 
 
 async def _on_frame(server: SignalingServer, connection: MuxConnection,

@@ -997,7 +997,7 @@ class SignalingServer:
 
     # connection
 
-    async def _handle(self, ws: ServerConnection) -> None:
+    async def _handle(self, ws: FastServerConnection) -> None:
         route = self._routes.pop(ws)
         _forget_handshake_headers(ws)
         if route.mux:
@@ -1039,9 +1039,7 @@ class SignalingServer:
                 " (replacing its previous connection)" if replaced else "",
             )
             try:
-                async for message in ws:
-                    if not await self._on_message(endpoint, message):
-                        break
+                await self._read(ws, endpoint)
             except ConnectionClosed:
                 pass
             finally:
@@ -1055,6 +1053,14 @@ class SignalingServer:
                 )
         finally:
             await endpoint.finish()
+
+    async def _read(self, ws: FastServerConnection, endpoint: _Endpoint) -> None:
+        """Handle the peer's frames in order until it closes or must stop being read
+        (the messages that arrived together are taken in one ``recv_batch``)."""
+        while True:
+            for message in await ws.recv_batch():
+                if not await self._on_message(endpoint, message):
+                    return
 
     async def _on_message(
         self,

@@ -51,6 +51,8 @@ except ImportError:  # websockets built without its C extension
 _OPEN = State.OPEN
 _AT_BOUNDARY = StreamReader.at_eof.__code__
 _PLAIN = {0x81: Opcode.TEXT, 0x82: Opcode.BINARY}  # FIN, no RSV bits, text or binary
+_TEXT = Opcode.TEXT
+_WHOLE = (Opcode.TEXT, Opcode.BINARY)
 
 
 class _FastFrames:
@@ -151,6 +153,30 @@ class _FastFrames:
     def _hold(self, start: bytes, need: int) -> None:
         self._held = bytearray(start)
         self._need = need
+
+    async def recv_batch(self, most: int = 64) -> list[str | bytes]:
+        """``recv()``, and with it up to ``most - 1`` whole messages already waiting behind
+        the first, without a ``recv`` each (one wake-up of the reader per read from the
+        network, not per message). A fragmented message, or text that is not valid UTF-8,
+        is left for the next ``recv()``, which assembles it or fails the connection exactly
+        as websockets does. Raises what ``recv()`` raises."""
+        batch: list[str | bytes] = [await self.recv()]  # type: ignore[attr-defined]
+        assembler = self.recv_messages
+        waiting = assembler.frames.queue
+        while waiting and len(batch) < most:
+            frame = waiting[0]
+            if not frame.fin or frame.opcode not in _WHOLE:
+                break
+            if frame.opcode is _TEXT:
+                try:
+                    batch.append(frame.data.decode())
+                except UnicodeDecodeError:
+                    break
+            else:
+                batch.append(bytes(frame.data))
+            waiting.popleft()
+        assembler.maybe_resume()
+        return batch
 
     def eof_received(self) -> bool | None:
         held = self._held
