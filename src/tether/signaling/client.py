@@ -68,7 +68,6 @@ from . import redact
 from .conversations import ABSENT, JOINED, LEFT, PRESENT
 from .delivery import DELIVER, GAP, Inbox, Outbox, ResendTimer
 from .frames import read_frame
-from .ws_fastpath import FastClientConnection
 from .redact import RESUME_HEADER, RESUME_PREFIX
 from .server import (
     ACK,
@@ -88,6 +87,7 @@ from .server import (
     encode,
     frames_of,
 )
+from .ws_fastpath import FastClientConnection
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,6 @@ from tether.signals import Signal
 
 from .conversations import ABSENT, PRESENT, JoinRefused, Refusal
 from .frames import load, text_of
-from .ws_fastpath import FastServerConnection
 from .server import (
     CLOSE_REPLACED,
     CONTROL,
@@ -39,6 +38,7 @@ from .server import (
     encode,
     error_signal,
 )
+from .ws_fastpath import FastServerConnection
 
 if TYPE_CHECKING:
     from .server import SignalingServer, _Route

@@ -232,11 +232,11 @@ from .conversations import (
     MemoryConversationTable,
 )
 from .frames import load, text_of, with_text
-from .ws_fastpath import FastServerConnection
 from .limits import BucketTable, RelayLimits, address_key, retry_after
 from ..metrics_http import CONTENT_TYPE
 from .metrics import RelayMetrics
 from .redact import RESUME_HEADER
+from .ws_fastpath import FastServerConnection
 
 log = logging.getLogger(__name__)
 
