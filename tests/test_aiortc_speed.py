@@ -142,6 +142,18 @@ def make_sctp(sack: str = "burst") -> tuple[RTCSctpTransport, list[Any], FakeTim
     return sctp, sent, timers
 
 
+def delivering_sctp() -> tuple[RTCSctpTransport, list[Any], FakeTimers, list[tuple[int, int, bytes]]]:
+    """make_sctp()'s receiver, whose delivered messages land in a list too."""
+    sctp, sent, timers = make_sctp()
+    delivered: list[tuple[int, int, bytes]] = []
+
+    async def record(stream_id: int, pp_id: int, data: bytes) -> None:
+        delivered.append((stream_id, pp_id, data))
+
+    sctp._receive = record  # type: ignore[method-assign]
+    return sctp, sent, timers, delivered
+
+
 def data_chunk(tsn: int, payload: bytes = b"x" * 100, stream_id: int = 7) -> DataChunk:
     chunk = DataChunk(flags=0x03)  # one unfragmented message
     chunk.tsn = tsn
@@ -1394,14 +1406,7 @@ async def test_single_data_receiver_matches_aiortc() -> None:
         for fast in (True, False):
             aiortc_speed._single_data[0] = fast
             try:
-                sctp, sent, timers = make_sctp()
-                delivered: list[tuple[int, int, bytes]] = []
-
-                async def record(stream_id: int, pp_id: int, data: bytes,
-                                 out: list = delivered) -> None:
-                    out.append((stream_id, pp_id, data))
-
-                sctp._receive = record  # type: ignore[method-assign]
+                sctp, sent, timers, delivered = delivering_sctp()
                 states = []
                 for data in packets:
                     await sctp._handle_data(data)
@@ -1500,13 +1505,8 @@ def fragmented_stream(gen: random.Random, messages: int) -> list[DataChunk]:
     return chunks
 
 
-async def test_in_order_receiver_matches_aiortc(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Fragmented messages on two streams arriving mostly in order, with swaps, losses
-    made good later, duplicates and bundles, loop turns and the SACK timer in between:
-    with and without receive_in_order the receiver delivers the same messages, sends the
-    same SACKs and holds the same state after every packet; and most packets took the
-    in-order call."""
-    gen = random.Random(31)
+def count_in_order(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Count the packets take_in_order takes (its callers look it up at call time)."""
     taken = {"n": 0}
     take = aiortc_speed.take_in_order
 
@@ -1516,6 +1516,17 @@ async def test_in_order_receiver_matches_aiortc(monkeypatch: pytest.MonkeyPatch)
         return result
 
     monkeypatch.setattr(aiortc_speed, "take_in_order", counting)
+    return taken
+
+
+async def test_in_order_receiver_matches_aiortc(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fragmented messages on two streams arriving mostly in order, with swaps, losses
+    made good later, duplicates and bundles, loop turns and the SACK timer in between:
+    with and without receive_in_order the receiver delivers the same messages, sends the
+    same SACKs and holds the same state after every packet; and most packets took the
+    in-order call."""
+    gen = random.Random(31)
+    taken = count_in_order(monkeypatch)
     packets_total = 0
     for _ in range(40):
         chunks = fragmented_stream(gen, 12)
@@ -1536,14 +1547,7 @@ async def test_in_order_receiver_matches_aiortc(monkeypatch: pytest.MonkeyPatch)
         runs = {}
         for in_order in (True, False):
             monkeypatch.setattr(aiortc_speed, "_in_order", [in_order])
-            sctp, sent, timers = make_sctp()
-            delivered: list[tuple[int, int, bytes]] = []
-
-            async def record(stream_id: int, pp_id: int, data: bytes,
-                             out: list = delivered) -> None:
-                out.append((stream_id, pp_id, data))
-
-            sctp._receive = record  # type: ignore[method-assign]
+            sctp, sent, timers, delivered = delivering_sctp()
             states = []
             for data, step in zip(packets, steps, strict=True):
                 await sctp._handle_data(data)
@@ -1569,15 +1573,7 @@ async def test_in_order_receive_between_real_peers(fast_cores: Any,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """Between real patched peers DTLS's receive path takes most DATA packets with
     take_in_order, and every byte arrives."""
-    taken = {"n": 0}
-    take = aiortc_speed.take_in_order
-
-    def counting(sctp: Any, data: bytes) -> bool | None:
-        result = take(sctp, data)
-        taken["n"] += result is not None
-        return result
-
-    monkeypatch.setattr(aiortc_speed, "take_in_order", counting)
+    taken = count_in_order(monkeypatch)
     a, b = fast_cores
     tube_id = await connect_tubes(a, b)
     sent = count_chunks(a, tube_id)

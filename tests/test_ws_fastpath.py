@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import struct
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from websockets.asyncio.client import ClientConnection
@@ -210,20 +211,14 @@ def _compare(server: bool, stream: bytes, points: list[int], eof: bool) -> None:
     asyncio.run(run())
 
 
+@pytest.mark.parametrize("server", [True, False], ids=["server side", "client side"])
 @settings(max_examples=300, deadline=None)
 @given(st.data(), st.lists(st.integers(min_value=0, max_value=10**6), max_size=12),
        st.booleans())
-def test_server_side_matches_websockets(data, points, eof) -> None:
-    frames = data.draw(st.lists(_frame_bytes(masked=True), max_size=8))
-    _compare(True, b"".join(frames), points, eof)
-
-
-@settings(max_examples=300, deadline=None)
-@given(st.data(), st.lists(st.integers(min_value=0, max_value=10**6), max_size=12),
-       st.booleans())
-def test_client_side_matches_websockets(data, points, eof) -> None:
-    frames = data.draw(st.lists(_frame_bytes(masked=False), max_size=8))
-    _compare(False, b"".join(frames), points, eof)
+def test_matches_websockets(server, data, points, eof) -> None:
+    """(A server reads masked frames from its client, a client unmasked ones.)"""
+    frames = data.draw(st.lists(_frame_bytes(masked=server), max_size=8))
+    _compare(server, b"".join(frames), points, eof)
 
 
 def test_plain_frames_skip_websockets_parser() -> None:
