@@ -90,7 +90,6 @@ def load(text: str | bytes, limit: int = MAX_DEPTH) -> tuple[Any, str | None]:
     The same answers as ``json`` (see the module docstring), from orjson when it can."""
     try:
         payload = _fast_loads(text)
-        raw = text.encode() if type(text) is str else text  # valid UTF-8: orjson took it
     except Exception:  # refused by orjson: json decides, and words the error
         return _load_exact(text, limit)
     if type(payload) is dict:
@@ -102,6 +101,7 @@ def load(text: str | bytes, limit: int = MAX_DEPTH) -> tuple[Any, str | None]:
                     for v in payload.values() if type(v) is list)
         ):
             return payload, None  # a signal or an ack: no float, depth at most 2
+    raw = text.encode() if type(text) is str else text  # valid UTF-8: orjson took it
     mapped = raw.translate(_DIGITS_AND_OPENERS)
     if _LONG_NUMBER in mapped:
         return _load_exact(text, limit)
