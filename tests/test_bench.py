@@ -132,6 +132,12 @@ async def test_sctp_receive_step_both_ways_same_sacks() -> None:
     assert result["sctp_rx_in_order_vs_before"] > 0
 
 
+def test_floor_cuts_chunks_as_aiortc_does() -> None:
+    from aiortc.rtcsctptransport import USERDATA_MAX_LENGTH
+
+    assert floor.CHUNK == USERDATA_MAX_LENGTH == sctp_receive.CHUNK
+
+
 async def test_floor_moves_every_byte_between_two_processes() -> None:
     result = await asyncio.wait_for(floor.measure(2), 90)
     assert result["floor_mb_s"] > 0 and result["floor_cpu_ms_per_mb_busier"] > 0

@@ -5,10 +5,11 @@ per MB is the unavoidable price of moving packets in Python here, and how much i
 protocol machinery above it (aiortc's SCTP and DTLS objects, tether's patches included).
 
 Two processes, one per side, run the same wire shape as tether's tunnel and nothing more:
-the sender reads a TCP connection, cuts 16 KiB messages into 1200-byte DATA chunks, frames
-each as an SCTP packet (common header, DATA chunk header, CRC32c) in a DTLS 1.2
-application-data record sealed with AES-128-GCM by tether's own record layer
-(``tether.cores.dtls_records``, replay window included), and sends the datagrams of a loop turn in one UDP GSO ``sendmsg``; the
+the sender reads a TCP connection, cuts 16 KiB messages into DATA chunks of 1,160 bytes
+(aiortc's), frames each as an SCTP packet (common header, DATA chunk header, CRC32c) in a
+DTLS 1.2 application-data record sealed with AES-128-GCM by tether's own record layer
+(``tether.cores.dtls_records``, replay window included), and sends the datagrams of a loop
+turn in one UDP GSO ``sendmsg``; the
 receiver (uvloop's datagram transport) opens each record, checks the CRC, takes the chunk
 in TSN order, and once per loop turn writes the messages completed in it to a TCP
 connection in one write and answers with one SACK-shaped packet (cumulative TSN) sealed the
@@ -50,7 +51,7 @@ from ..cores.dtls_records import APPLICATION_DATA, Keys, RecordLayer
 from .checked import Payload, start_source
 
 MESSAGE = 16 * 1024          # one tunnel DATA frame per message, as tether's MAX_DATA
-CHUNK = 1200                 # aiortc's USERDATA_MAX_LENGTH
+CHUNK = 1160                 # aiortc's USERDATA_MAX_LENGTH (a 1,188-byte SCTP packet; tested)
 WINDOW = 128 * 1024          # unacknowledged bytes the sender allows itself
 RESEND_AFTER = 0.2           # seconds without progress before the window is sent again
 LINGER = 1.0                 # the receiver answers resends this long after the end
