@@ -421,17 +421,26 @@ async def _handle_data_burst_sack(self: RTCSctpTransport, data: bytes) -> None:
         self._tether_gap_at = self._loop.time()
     if not self._sack_needed:
         return
-    unacked = getattr(self, "_tether_unacked", 0) + 1
-    if (only_data and unacked < sack_limit(self) and not self._sack_misordered
-            and not self._sack_duplicates
-            and self._association_state == RTCSctpTransport.State.ESTABLISHED):
-        self._tether_unacked = unacked
-        if getattr(self, "_tether_burst_end", None) is None:
-            self._tether_burst_end = self._loop.call_soon(_burst_ended, self)
-        if getattr(self, "_tether_sack_timer", None) is None:
-            self._tether_sack_timer = self._loop.call_later(SACK_DELAY, _sack_timer_fired, self)
+    if (only_data and not self._sack_misordered and not self._sack_duplicates
+            and self._association_state == RTCSctpTransport.State.ESTABLISHED
+            and _sack_may_wait(self)):
         return
     await self._send_sack()
+
+
+def _sack_may_wait(sctp: RTCSctpTransport) -> bool:
+    """Count one more packet of DATA (no gap, no duplicate, ESTABLISHED) into the burst's
+    SACK: True if the SACK may wait (the end of the loop turn and the SACK_DELAY timer are
+    armed), False if it is due now (the burst reached sack_limit)."""
+    unacked = getattr(sctp, "_tether_unacked", 0) + 1
+    if unacked >= sack_limit(sctp):
+        return False
+    sctp._tether_unacked = unacked
+    if getattr(sctp, "_tether_burst_end", None) is None:
+        sctp._tether_burst_end = sctp._loop.call_soon(_burst_ended, sctp)
+    if getattr(sctp, "_tether_sack_timer", None) is None:
+        sctp._tether_sack_timer = sctp._loop.call_later(SACK_DELAY, _sack_timer_fired, sctp)
+    return True
 
 
 def _burst_ended(sctp: RTCSctpTransport) -> None:
@@ -994,16 +1003,7 @@ def take_in_order(sctp: RTCSctpTransport, data: bytes) -> bool | None:
     sctp._last_received_tsn = chunk.tsn
     stream.reassembly.append(chunk)
     sctp._advertised_rwnd -= len(chunk.user_data)
-    # _handle_data_burst_sack's rule for a packet of DATA only, no gap and no duplicate:
-    unacked = getattr(sctp, "_tether_unacked", 0) + 1
-    if unacked >= sack_limit(sctp):
-        return True
-    sctp._tether_unacked = unacked
-    if getattr(sctp, "_tether_burst_end", None) is None:
-        sctp._tether_burst_end = sctp._loop.call_soon(_burst_ended, sctp)
-    if getattr(sctp, "_tether_sack_timer", None) is None:
-        sctp._tether_sack_timer = sctp._loop.call_later(SACK_DELAY, _sack_timer_fired, sctp)
-    return False
+    return not _sack_may_wait(sctp)  # sack_per_burst's rule (a packet of DATA only)
 
 
 PATCHES: dict[str, Callable[[], None]] = {
