@@ -55,6 +55,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import (
     ConnectionClosed,
+    ConnectionClosedOK,
     InvalidHandshake,
     InvalidMessage,
     InvalidStatus,
@@ -1150,21 +1151,31 @@ class SignalingClient(_Conversation, _Connection):
         # signals) and answered together: one ack per sender and session, before the
         # application works on any of them (so a slow on_signal does not hold up the
         # sender), then every signal handed over in order. A control frame ends a burst.
+        # The whole frames that arrived together come in one recv_batch (one wake-up).
         await self._flush(ws, [])  # what a cancelled reader left, first
         waiting = _waiting_frames(ws)
+        recv_batch = getattr(ws, "recv_batch", None)
         burst: list[list[Signal]] = []
         size = 0
-        async for message in ws:
-            frames = len(burst)
-            control = self._on_frame(message, burst)
-            if control is not None:
-                await self._flush(ws, burst)
-                size = 0
-                await self._on_control(control)
-                continue
-            if len(burst) > frames:
-                size += len(burst[-1])
-            if size >= MAX_BURST or not waiting():
+        while True:
+            try:
+                messages = await recv_batch() if recv_batch is not None else [await ws.recv()]
+            except ConnectionClosedOK:
+                return  # as ``async for`` ends; other closes raise to _serve
+            for message in messages:
+                frames = len(burst)
+                control = self._on_frame(message, burst)
+                if control is not None:
+                    await self._flush(ws, burst)
+                    size = 0
+                    await self._on_control(control)
+                    continue
+                if len(burst) > frames:
+                    size += len(burst[-1])
+                if size >= MAX_BURST:
+                    await self._flush(ws, burst)
+                    size = 0
+            if not waiting():
                 await self._flush(ws, burst)
                 size = 0
 
