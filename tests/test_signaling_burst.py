@@ -142,3 +142,16 @@ async def test_what_a_cancelled_reader_accepted_is_handed_over_after_the_reconne
         await eventually(lambda: len(h.relays) == 2 and seen[-1:] == ["s10"])
         assert seen == [f"s{seq}" for seq in range(1, 11)]
         assert sorted(seq for a in h.acks for seq in a["seqs"]) == list(range(1, 11))
+
+
+async def test_more_frames_than_one_read_takes_are_all_delivered_in_order() -> None:
+    # 300 frames in one write: several recv_batch calls (64 frames each at most) and more
+    # signals than one burst holds (MAX_BURST 512), so at least two acks, never one per frame.
+    async with Harness() as h:
+        frames = [frame(range(start, start + 2)) for start in range(1, 601, 2)]
+        h.write(*frames)
+        await eventually(lambda: len(h.data()) == 600)
+        await eventually(lambda: sum(len(a["seqs"]) for a in h.acks) == 600)
+        assert h.data() == [f"s{seq}" for seq in range(1, 601)]
+        assert [seq for a in h.acks for seq in a["seqs"]] == list(range(1, 601))
+        assert 2 <= len(h.acks) < len(frames) // 10
