@@ -40,12 +40,16 @@ class RawPeer:
     def __init__(self, channel: RTCDataChannel) -> None:
         self.channel = channel
         self.frames: list[Frame] = []
+        self.settings: list[Frame] = []  # the tunnel's SETTINGS, apart from stream frames
         self.arrived: dict[tuple[FrameType, int], float] = {}
         self._changed = asyncio.Event()
         channel.on("message", self._on_message)
 
     def _on_message(self, message: bytes | str) -> None:
         frame = frames.decode(message)  # the tunnel under test only sends valid frames
+        if frame.type is FrameType.SETTINGS:
+            self.settings.append(frame)
+            return
         self.frames.append(frame)
         self.arrived.setdefault((frame.type, frame.stream_id), time.monotonic())
         self._changed.set()
@@ -264,7 +268,7 @@ async def test_stream_limit_end_to_end_clients_fail_fast() -> None:
 MALFORMED_OPENS: list[tuple[str, bytes, str]] = [
     ("oversized target", HEADER.pack(1, BIG_ID + 1) + (65536).to_bytes(4, "big") + b"\x00"
      + b"h" * (MAX_TARGET + 1000), "OPEN target of 2024 bytes exceeds 1024"),
-    ("target beyond the frame limit", HEADER.pack(1, BIG_ID + 2) + b"\x00" * 20000,
+    ("target beyond the frame limit", HEADER.pack(1, BIG_ID + 2) + b"\x00" * frames.MAX_FRAME,
      "frame too large"),
     ("old-style target over 1 KiB", HEADER.pack(1, BIG_ID + 3) + (65536).to_bytes(4, "big")
      + b"h" * 1100, "OPEN target of 1099 bytes exceeds 1024"),
@@ -408,6 +412,7 @@ async def test_a_storm_of_random_frames_leaves_the_tunnel_bounded_and_working() 
             FrameType.WINDOW: lambda: frames.encode_window(sid, rng.randrange(1, 1 << 32)),
             FrameType.FIN: lambda: frames.encode_fin(sid),
             FrameType.RESET: lambda: frames.encode_reset(sid, "bye"),
+            FrameType.SETTINGS: lambda: frames.encode_settings(rng.randrange(1 << 32)),
         }[ftype]
         return frame()
 

@@ -19,9 +19,12 @@ ROUND_TRIP = [
     Frame(FrameType.OPEN_FAIL, 3, text=""),
     Frame(FrameType.DATA, 0xFFFFFFFF, data=b"x"),
     Frame(FrameType.DATA, 2, data=bytes(range(256)) * 64),  # exactly MAX_DATA
+    Frame(FrameType.DATA, 2, data=bytes(range(256)) * 240),  # exactly MAX_DATA_LARGE
     Frame(FrameType.WINDOW, 5, value=65536),
     Frame(FrameType.FIN, 9),
     Frame(FrameType.RESET, 4, text="réinitialisé: connexion perdue"),
+    Frame(FrameType.SETTINGS, 0, value=60 * 1024),
+    Frame(FrameType.SETTINGS, 0),  # no setting at all
 ]
 
 
@@ -38,8 +41,12 @@ def test_round_trip(frame: Frame) -> None:
 def test_every_type_is_covered_and_sizes() -> None:
     assert {fr.type for fr in ROUND_TRIP} == set(FrameType)
     assert f.HEADER_SIZE == 5
-    assert f.MAX_DATA == 16 * 1024
-    assert len(f.encode_data(1, b"a" * f.MAX_DATA)) == f.MAX_FRAME
+    assert f.MAX_DATA == 16 * 1024  # the base every peer accepts: part of the protocol
+    assert f.MAX_DATA_LARGE == 60 * 1024
+    assert len(f.encode_data(1, b"a" * f.MAX_DATA_LARGE)) == f.MAX_FRAME
+    # One SCTP message within aiortc's (and the SDP's default) 64 KiB maximum.
+    assert f.MAX_FRAME <= 65536
+    assert f.encode_settings(0x0102) == bytes([8, 0, 0, 0, 0, 0, 1, 0, 0, 1, 2])
     assert len(f.encode_window(1, 1)) == 9
     assert len(f.encode_fin(1)) == 5
     assert f.encode_open_ok(0x01020304, 0x0A0B0C0D) == bytes([2, 1, 2, 3, 4, 10, 11, 12, 13])
@@ -59,7 +66,10 @@ def test_long_reason_is_cut_on_a_character_boundary() -> None:
         (b"\x04\x00\x00\x01", "too short", None),
         (b"\x63\x00\x00\x00\x05payload", "unknown frame type 0x63", 5),
         (b"\x00\x00\x00\x00\x05", "unknown frame type 0x00", 5),
-        (f.HEADER.pack(4, 3) + b"x" * (f.MAX_DATA + 1), "too large", 3),
+        (f.HEADER.pack(4, 3) + b"x" * (f.MAX_DATA_LARGE + 1), "too large", 3),
+        (f.HEADER.pack(8, 3) + b"\x00\x01\x00\x00\xf0\x00", "SETTINGS on stream id 3", 3),
+        (f.HEADER.pack(8, 0) + b"\x00\x01\x00\x00\xf0", "whole 6-byte pairs", 0),
+        (f.HEADER.pack(8, 0) + b"\x00\x09\x00\x00\x00\x01" * 17, "at most 16", 0),
         (f.HEADER.pack(4, 3), "empty DATA", 3),
         (f.HEADER.pack(5, 3) + b"\x00\x00\x01", "WINDOW frame payload of 3 bytes, expected 4", 3),
         (f.HEADER.pack(5, 3) + b"\x00\x00\x00\x00", "zero increment", 3),
@@ -79,6 +89,15 @@ def test_malformed_input_raises_a_clear_error(raw: bytes, message: str, stream_i
     assert isinstance(info.value, ValueError)
 
 
+def test_settings_keep_what_this_side_knows_and_ignore_the_rest() -> None:
+    pair = struct.Struct(">HI").pack
+    raw = f.HEADER.pack(8, 0) + pair(7, 123) + pair(1, 40_000) + pair(0xFFFF, 0xFFFFFFFF)
+    assert f.decode(raw) == Frame(FrameType.SETTINGS, 0, value=40_000)
+    assert f.decode(f.HEADER.pack(8, 0) + pair(7, 123)) == Frame(FrameType.SETTINGS, 0)
+    with pytest.raises(ValueError, match="stream id 0"):
+        f.encode(Frame(FrameType.SETTINGS, 1, value=1))
+
+
 def test_text_message_is_not_a_frame() -> None:
     with pytest.raises(FrameError, match="binary"):
         f.decode("hello")  # type: ignore[arg-type]
@@ -94,7 +113,7 @@ def test_encoders_reject_bad_arguments() -> None:
     with pytest.raises(ValueError, match="DATA payload"):
         f.encode_data(1, b"")
     with pytest.raises(ValueError, match="DATA payload"):
-        f.encode_data(1, b"x" * (f.MAX_DATA + 1))
+        f.encode_data(1, b"x" * (f.MAX_DATA_LARGE + 1))
     with pytest.raises(ValueError, match="window increment"):
         f.encode_window(1, 0)
     with pytest.raises(ValueError, match="stream id"):

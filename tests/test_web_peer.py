@@ -299,6 +299,8 @@ async def test_demo_page_echoes_through_a_real_tunnel(web):
     elapsed = time.monotonic() - started
     received = await web.evaluate("demo.received")
     assert received == expected  # every byte, in order, nothing more
+    # `tether expose` announced its larger DATA frames (SETTINGS), and the page took it.
+    assert await web.evaluate("demo.peer.tube.tunnel.peerMaxData") == 60 * 1024
     print(f"  page: {MESSAGES} messages ({total} bytes) echoed through `tether expose` in "
           f"{elapsed * 1000:.0f} ms")
 

@@ -5,7 +5,7 @@ per MB is the unavoidable price of moving packets in Python here, and how much i
 protocol machinery above it (aiortc's SCTP and DTLS objects, tether's patches included).
 
 Two processes, one per side, run the same wire shape as tether's tunnel and nothing more:
-the sender reads a TCP connection, cuts 16 KiB messages into DATA chunks of 1,160 bytes
+the sender reads a TCP connection, cuts 60 KiB messages into DATA chunks of 1,160 bytes
 (aiortc's), frames each as an SCTP packet (common header, DATA chunk header, CRC32c) in a
 DTLS 1.2 application-data record sealed with AES-128-GCM by tether's own record layer
 (``tether.cores.dtls_records``, replay window included), and sends the datagrams of a loop
@@ -48,9 +48,10 @@ from typing import Any
 from google_crc32c import value as crc32c
 
 from ..cores.dtls_records import APPLICATION_DATA, Keys, RecordLayer
+from ..tunnel.frames import MAX_DATA_LARGE
 from .checked import Payload, start_source
 
-MESSAGE = 16 * 1024          # one tunnel DATA frame per message, as tether's MAX_DATA
+MESSAGE = MAX_DATA_LARGE      # one tunnel DATA frame per message, as two tether peers send
 CHUNK = 1160                 # aiortc's USERDATA_MAX_LENGTH (a 1,188-byte SCTP packet; tested)
 WINDOW = 128 * 1024          # unacknowledged bytes the sender allows itself
 RESEND_AFTER = 0.2           # seconds without progress before the window is sent again

@@ -2,6 +2,7 @@
 
 from .frames import (
     MAX_DATA,
+    MAX_DATA_LARGE,
     MAX_FRAME,
     MAX_WINDOW,
     MIN_WINDOW,
@@ -36,6 +37,7 @@ __all__ = [
     "DEFAULT_OPEN_RATE",
     "DEFAULT_WINDOW",
     "MAX_DATA",
+    "MAX_DATA_LARGE",
     "MAX_FRAME",
     "MAX_WINDOW",
     "MIN_WINDOW",

@@ -31,7 +31,6 @@ from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from . import frames, reasons
-from .frames import MAX_DATA
 from .reasons import Refusal
 
 if TYPE_CHECKING:
@@ -355,7 +354,8 @@ class Stream:
                 self._credit_event.clear()
                 await self._credit_event.wait()
             await tunnel._wait_writable()
-            data = await reader.read(min(self.credit, MAX_DATA))
+            # The peer's largest DATA frame (16 KiB, or 60 KiB once its SETTINGS said so).
+            data = await reader.read(min(self.credit, tunnel.peer_max_data))
             if not data:
                 break
             # Reading may have taken a while; other streams may have filled the channel.

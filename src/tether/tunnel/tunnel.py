@@ -11,7 +11,8 @@ Memory is bounded at every hop:
 
 - per stream and direction, at most ``window`` bytes are in flight between the sender's
   TCP read and the receiver's drained TCP write (credit-based, like HTTP/2 or SSH), plus at
-  most one DATA payload (MAX_DATA) in the sender's hands;
+  most one DATA payload (MAX_DATA, or up to MAX_DATA_LARGE once the peer's SETTINGS
+  allow it) in the sender's hands;
 - the channel: aiortc's ``RTCDataChannel.send`` queues without limit, so DATA is sent only
   while ``channel.bufferedAmount`` is below ``high_water``, waiting for the
   "bufferedamountlow" event (threshold ``low_water``) otherwise. Control frames (OPEN,
@@ -198,6 +199,10 @@ class Tunnel:
         self._refusal_log = LogThrottle(clock=clock)
         self._bad_frame_log = LogThrottle(clock=clock)
         self._drop_log = LogThrottle(clock=clock)
+        # The largest DATA payload the peer accepts: the protocol's base until its SETTINGS.
+        self.peer_max_data = frames.MAX_DATA
+        self._announced = False  # our SETTINGS sent (with our first frame)
+        self._largest_data_sent = 0
 
         self._streams: dict[int, Stream] = {}
         self._next_id = 1
@@ -284,6 +289,8 @@ class Tunnel:
             "buffered_waits": self._buffered_waits,
             "high_water": self.high_water,
             "window": self.window,
+            "peer_max_data": self.peer_max_data,
+            "largest_data_sent": self._largest_data_sent,
             "outstanding": sum(s.outstanding for s in streams),
             "queued": sum(s.queued for s in streams),
         }
@@ -309,6 +316,18 @@ class Tunnel:
         logger.debug("tube %s: tunnel started (%s side, window %d, high water %d)",
                      self.name, "exposing" if self.accepts_streams else "connecting",
                      self.window, self.high_water)
+
+    def _settings(self) -> bytes:
+        """What we accept (the larger DATA frames), for the peer: sent just before our first
+        frame, so it precedes every OPEN and OPEN_OK (and so every DATA) of ours; a tunnel
+        that never carries a stream sends nothing. An older peer ignores it."""
+        return frames.encode_settings(frames.MAX_DATA_LARGE)
+
+    def _on_settings(self, max_data: int) -> None:
+        if max_data:
+            self.peer_max_data = max(frames.MAX_DATA, min(max_data, frames.MAX_DATA_LARGE))
+            logger.debug("tube %s: the peer accepts DATA of up to %d bytes; sending up to %d",
+                         self.name, max_data, self.peer_max_data)
 
     async def listen(self, host: str, port: int) -> asyncio.Server:
         """Connecting side: listen on (host, port) and carry every accepted connection."""
@@ -455,8 +474,9 @@ class Tunnel:
         if not self._can_send():
             logger.debug("tube %s: channel not open, dropping a control frame", self.name)
             return False
+        settings = b"" if self._announced else self._settings()
         buffered = self._buffered_amount()
-        if buffered + len(frame) > self.bound:
+        if buffered + len(settings) + len(frame) > self.bound:
             if optional:
                 self._control_dropped += 1
                 self._throttled(self._drop_log, logging.WARNING,
@@ -470,6 +490,9 @@ class Tunnel:
                            f"limit {self.control_limit})")
             return False
         try:
+            if settings:
+                self.channel.send(settings)
+                self._announced = True
             self.channel.send(frame)
         except Exception as exc:  # InvalidStateError during close, ValueError, ...
             logger.debug("tube %s: cannot send a control frame: %r", self.name, exc)
@@ -495,6 +518,8 @@ class Tunnel:
             raise StreamEnded(f"cannot send on the data channel: {exc!r}") from exc
         self._sent()
         self._bytes_to_peer += size
+        if size > self._largest_data_sent:
+            self._largest_data_sent = size
         self._activity()
 
     async def _wait_writable(self) -> None:
@@ -557,6 +582,9 @@ class Tunnel:
             return
         if ftype is FrameType.OPEN:
             self._on_open(frame)
+            return
+        if ftype is FrameType.SETTINGS:
+            self._on_settings(frame.value)
             return
         stream = self._streams.get(frame.stream_id)
         if stream is None:

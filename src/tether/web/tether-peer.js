@@ -607,9 +607,12 @@ export class SignalingLink {
 
 // -- tunnel framing (tether.tunnel.frames) -------------------------------------------------
 
-export const FRAME = { OPEN: 1, OPEN_OK: 2, OPEN_FAIL: 3, DATA: 4, WINDOW: 5, FIN: 6, RESET: 7 };
+export const FRAME = { OPEN: 1, OPEN_OK: 2, OPEN_FAIL: 3, DATA: 4, WINDOW: 5, FIN: 6, RESET: 7, SETTINGS: 8 };
 const FRAME_HEADER = 5;
-const MAX_DATA = 16 * 1024;
+const MAX_DATA = 16 * 1024; // the DATA payload every peer accepts
+const MAX_DATA_LARGE = 60 * 1024; // what we accept, and send to a peer whose SETTINGS allow it
+const SETTING_MAX_DATA = 1;
+const MAX_SETTINGS = 16;
 const MIN_WINDOW = 1024;
 const MAX_WINDOW = 1 << 30;
 const DEFAULT_WINDOW = 256 * 1024;
@@ -732,11 +735,13 @@ export class TunnelChannel {
     this.streams = new Map();
     this.nextId = 1;
     this.pumping = false;
+    this.peerMaxData = MAX_DATA; // until the peer's SETTINGS say more
     channel.binaryType = "arraybuffer";
     channel.bufferedAmountLowThreshold = LOW_WATER;
     channel.addEventListener("message", (event) => this.onMessage(event.data));
     channel.addEventListener("bufferedamountlow", () => this.pump());
     channel.addEventListener("close", () => this.closeAll("the data channel closed"));
+    this.announced = false; // our SETTINGS go just before our first frame
   }
 
   openStream(timeoutMs = CONNECT_TIMEOUT_MS) {
@@ -756,7 +761,16 @@ export class TunnelChannel {
   }
 
   sendControl(bytes) {
-    if (this.channel.readyState === "open") this.channel.send(bytes);
+    if (this.channel.readyState !== "open") return;
+    if (!this.announced) {
+      // SETTINGS (stream id 0): the largest DATA payload we accept; an older peer ignores it.
+      const setting = new Uint8Array(6);
+      new DataView(setting.buffer).setUint16(0, SETTING_MAX_DATA);
+      new DataView(setting.buffer).setUint32(2, MAX_DATA_LARGE);
+      this.channel.send(frame(FRAME.SETTINGS, 0, setting));
+      this.announced = true;
+    }
+    this.channel.send(bytes);
   }
 
   pump() {
@@ -767,7 +781,7 @@ export class TunnelChannel {
       while (stream.queue.length && stream.credit > 0) {
         if (this.channel.bufferedAmount >= HIGH_WATER) return;
         const entry = stream.queue[0];
-        const n = Math.min(entry[0].length, stream.credit, MAX_DATA);
+        const n = Math.min(entry[0].length, stream.credit, this.peerMaxData);
         this.channel.send(frame(FRAME.DATA, stream.id, entry[0].subarray(0, n)));
         stream.credit -= n;
         stream.queued -= n;
@@ -799,6 +813,17 @@ export class TunnelChannel {
     const type = bytes[0];
     const id = view.getUint32(1);
     const payload = bytes.subarray(FRAME_HEADER);
+    if (type === FRAME.SETTINGS) {
+      if (id !== 0 || payload.length % 6 || payload.length > 6 * MAX_SETTINGS) {
+        this.log("a malformed SETTINGS frame ignored");
+        return;
+      }
+      for (let at = FRAME_HEADER; at < bytes.length; at += 6) {
+        if (view.getUint16(at) !== SETTING_MAX_DATA) continue; // ids we do not know
+        this.peerMaxData = Math.max(MAX_DATA, Math.min(view.getUint32(at + 2), MAX_DATA_LARGE));
+      }
+      return;
+    }
     const stream = this.streams.get(id);
     if (type === FRAME.OPEN) {
       this.sendControl(frame(FRAME.OPEN_FAIL, id, reasonBytes("the web page opens streams, it takes none [denied]")));
