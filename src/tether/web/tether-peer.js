@@ -736,12 +736,12 @@ export class TunnelChannel {
     this.nextId = 1;
     this.pumping = false;
     this.peerMaxData = MAX_DATA; // until the peer's SETTINGS say more
+    this.announced = false; // our SETTINGS go just before our first frame
     channel.binaryType = "arraybuffer";
     channel.bufferedAmountLowThreshold = LOW_WATER;
     channel.addEventListener("message", (event) => this.onMessage(event.data));
     channel.addEventListener("bufferedamountlow", () => this.pump());
     channel.addEventListener("close", () => this.closeAll("the data channel closed"));
-    this.announced = false; // our SETTINGS go just before our first frame
   }
 
   openStream(timeoutMs = CONNECT_TIMEOUT_MS) {
