@@ -459,3 +459,58 @@ async def test_wss_relay_verifies_with_the_given_ca_and_refuses_an_unknown_one(t
         await b.close()
     with pytest.raises(ValueError, match="wss://"):
         SignalingClient("ws://127.0.0.1:1/", TOKEN, "conv", lambda s: None, ca_file=cert)
+
+
+class _QueuePeer:
+    """The table's view of a connection (conversations.Peer): a bounded queue, recorded."""
+
+    def __init__(self, peer_id: str, room: int = 100) -> None:
+        self.peer_id, self.address, self.resume, self.credential = peer_id, "", "", ""
+        self.room = room
+        self.signals: list[dict] = []
+        self.evicted: str | None = None
+
+    def deliver(self, signals, *, bounded=True):
+        if bounded and len(self.signals) + len(signals) > self.room:
+            return False
+        self.signals.extend(signals)
+        return True
+
+    def presence(self, event):
+        return True
+
+    def forward(self, message):
+        return True
+
+    def take_undelivered(self):
+        return []
+
+    def supersede(self):
+        pass
+
+    def evict(self, reason):
+        self.evicted = reason
+
+
+async def test_relay_now_takes_the_common_case_and_leaves_the_rest_to_relay():
+    """The relay's coroutine-free path: it delivers when the other peer takes the signal,
+    and otherwise changes nothing, so relay() decides exactly as it always did."""
+    table = MemoryConversationTable()
+    a, b = _QueuePeer("a"), _QueuePeer("b", room=2)
+    await table.join("c", a)
+    assert not table.relay_now("c", a, [sig("alone")])  # no other peer: relay() holds it
+    assert table.held_count("c") == 0
+    assert not (await table.relay("c", a, [sig("alone")])).rejected
+    assert table.held_count("c") == 1
+    await table.join("c", b)  # gets the held signal on joining
+    assert [s["data"] for s in b.signals] == ["alone"]
+    assert table.relay_now("c", a, [sig("one")])
+    assert [s["data"] for s in b.signals] == ["alone", "one"]
+    assert not table.relay_now("c", a, [sig("two")])  # b's queue is full: nothing done
+    assert b.evicted is None and table.held_count("c") == 0
+    assert not (await table.relay("c", a, [sig("two")])).rejected  # relay() evicts and holds
+    assert b.evicted is not None and table.held_count("c") == 1
+    stale = _QueuePeer("a")  # a connection of "a" that is not the current one
+    assert not table.relay_now("c", stale, [sig("x")])
+    assert (await table.relay("c", stale, [sig("x")])).superseded
+    assert not table.relay_now("elsewhere", a, [sig("x")])

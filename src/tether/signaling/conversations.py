@@ -309,6 +309,23 @@ class MemoryConversationTable:
             return
         self._remove(conversation, peer)
 
+    def relay_now(self, conversation_id: str, sender: Peer, signals: list[Signal]) -> bool:
+        """:meth:`relay` in its common case, without a coroutine or a result object: True when
+        the sender is current and the first other peer took ``signals``; False when nothing
+        was done (``deliver`` refuses without side effects), and :meth:`relay` decides
+        (superseded, evicting a peer that cannot keep up, holding)."""
+        conversation = self._conversations.get(conversation_id)
+        if conversation is None:
+            return False
+        peers = conversation.peers
+        me = sender.peer_id
+        if peers.get(me) is not sender:
+            return False
+        for peer_id, peer in peers.items():
+            if peer_id != me:
+                return peer.deliver(signals)
+        return False
+
     async def relay(
         self, conversation_id: str, sender: Peer, signals: list[Signal]
     ) -> RelayResult:

@@ -736,6 +736,8 @@ class SignalingServer:
             self.table.observe_redis = self.metrics.redis.observe  # type: ignore[attr-defined]
         # A networked table times delivery where the signal arrives; else it is the relay call.
         self._time_relay = not hasattr(self.table, "observe_delivery")
+        # The in-memory table's coroutine-free path for a signal a present peer takes.
+        self._relay_now = getattr(self.table, "relay_now", None)
         if getattr(self.table, "observe_delivery", "absent") is None:
             self.table.observe_delivery = (  # type: ignore[attr-defined]
                 self.metrics.delivery.observe
@@ -1094,17 +1096,22 @@ class SignalingServer:
                 if (type(payload) is dict
                         and _plain(payload, endpoint.peer_id, endpoint.conversation_id)):
                     started = time.perf_counter()
-                    result = await self.table.relay(
-                        endpoint.conversation_id, endpoint, [with_text(payload, message)]
-                    )
-                    if result.superseded:
-                        return False  # a newer connection of this peer took over
+                    signals = [with_text(payload, message)]
+                    relay_now = self._relay_now
+                    rejected = None
+                    if relay_now is None or not relay_now(
+                            endpoint.conversation_id, endpoint, signals):
+                        result = await self.table.relay(
+                            endpoint.conversation_id, endpoint, signals)
+                        if result.superseded:
+                            return False  # a newer connection of this peer took over
+                        rejected = result.rejected
                     if self._time_relay:
                         metrics.delivery.observe(time.perf_counter() - started)
-                    if not result.rejected:
+                    if not rejected:
                         metrics.signals += 1
                         return True
-                    return self._rejected(endpoint, result.rejected)
+                    return self._rejected(endpoint, rejected)
             return await self._on_frame(endpoint, message, parsed)
         except Exception as exc:
             log.warning(
