@@ -317,12 +317,6 @@ class Tunnel:
                      self.name, "exposing" if self.accepts_streams else "connecting",
                      self.window, self.high_water)
 
-    def _settings(self) -> bytes:
-        """What we accept (the larger DATA frames), for the peer: sent just before our first
-        frame, so it precedes every OPEN and OPEN_OK (and so every DATA) of ours; a tunnel
-        that never carries a stream sends nothing. An older peer ignores it."""
-        return frames.encode_settings(frames.MAX_DATA_LARGE)
-
     def _on_settings(self, max_data: int) -> None:
         if max_data:
             self.peer_max_data = max(frames.MAX_DATA, min(max_data, frames.MAX_DATA_LARGE))
@@ -474,7 +468,7 @@ class Tunnel:
         if not self._can_send():
             logger.debug("tube %s: channel not open, dropping a control frame", self.name)
             return False
-        settings = b"" if self._announced else self._settings()
+        settings = b"" if self._announced else _OUR_SETTINGS
         buffered = self._buffered_amount()
         if buffered + len(settings) + len(frame) > self.bound:
             if optional:
@@ -742,6 +736,12 @@ class Tunnel:
                 self.channel.remove_listener(event, handler)
             except Exception:  # already removed (aiortc drops all listeners on close)
                 pass
+
+
+#: What we accept (the larger DATA frames), for the peer: sent just before our first frame,
+#: so it precedes every OPEN and OPEN_OK (and so every DATA) of ours; a tunnel that never
+#: carries a stream sends nothing. An older peer ignores it.
+_OUR_SETTINGS = frames.encode_settings(frames.MAX_DATA_LARGE)
 
 
 def _frame_name(frame: bytes) -> str:
