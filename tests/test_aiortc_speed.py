@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import hashlib
+import math
 import random
 import sys
 from collections import deque
@@ -674,6 +675,73 @@ async def test_marks_without_an_event_need_request_rescan() -> None:
     aiortc_speed.request_rescan(sctp)
     await sctp._transmit()
     assert [c.tsn for c in sent] == [queue[0].tsn]
+
+
+# -- pace_bursts (unit, injected clock) ----------------------------------------------------
+
+
+def idle_sender(cwnd_packets: int, srtt: float) -> tuple[RTCSctpTransport, list[Any], FakeTimers]:
+    """An established sender with nothing in flight (it was waiting for its application)."""
+    sctp, sent, _ = sender(0)
+    timers = sctp._loop
+    sctp._cwnd = cwnd_packets * USERDATA_MAX_LENGTH
+    sctp._srtt = srtt
+    return sctp, sent, timers  # type: ignore[return-value]
+
+
+def data_sent(sent: list[Any]) -> int:
+    return sum(isinstance(c, DataChunk) for c in sent)
+
+
+async def test_what_the_burst_limit_holds_back_is_paced() -> None:
+    """A 60 KiB message (52 packets) after an idle spell on a 600 ms path: 4 packets at
+    once (Max.Burst), the rest at the window's pace, none waiting for a SACK."""
+    sctp, sent, timers = idle_sender(cwnd_packets=160, srtt=0.6)
+    await sctp._send(0, 53, b"z" * 60 * 1024)
+    packets = math.ceil(60 * 1024 / USERDATA_MAX_LENGTH)
+    assert data_sent(sent) == 4
+    gap = aiortc_speed.PACE_GAIN * 0.6 * 4 / 160  # half the time cwnd takes for 4 packets
+    assert timers.pending() == [pytest.approx(gap)]
+    ticks = 0
+    while timers.pending():
+        timers.advance(gap)
+        ticks += 1
+        assert data_sent(sent) == min(4 + 4 * ticks, packets)
+    assert ticks == math.ceil((packets - 4) / 4)  # 0.1 s, not 4 round trips (2.4 s)
+    assert sctp._flight_size == 60 * 1024
+
+
+async def test_pacing_never_goes_beyond_cwnd() -> None:
+    sctp, sent, timers = idle_sender(cwnd_packets=10, srtt=0.6)
+    await sctp._send(0, 53, b"z" * 60 * 1024)
+    timers.advance(1.0)
+    timers.advance(1.0)
+    assert data_sent(sent) == 10  # cwnd is full: the rest waits for SACKs
+    assert timers.pending() == []
+
+
+async def test_pace_waits_at_least_pace_min_and_one_timer_at_a_time() -> None:
+    sctp, sent, timers = idle_sender(cwnd_packets=100_000, srtt=aiortc_speed.PACE_MIN_RTT)
+    await sctp._send(0, 53, b"z" * 60 * 1024)
+    await sctp._send(0, 53, b"z" * 60 * 1024)  # a second message: still one timer
+    assert timers.pending() == [pytest.approx(aiortc_speed.PACE_MIN)]
+
+
+@pytest.mark.parametrize("srtt", [None, 0.002])
+async def test_no_pacing_on_a_short_or_unmeasured_path(srtt: float | None) -> None:
+    """There the next SACK comes sooner than a timer would help."""
+    sctp, sent, timers = idle_sender(cwnd_packets=160, srtt=0.6)
+    sctp._srtt = srtt
+    await sctp._send(0, 53, b"z" * 60 * 1024)
+    assert data_sent(sent) == 4 and timers.pending() == []
+
+
+async def test_closing_cancels_the_pace_timer() -> None:
+    sctp, sent, timers = idle_sender(cwnd_packets=160, srtt=0.6)
+    await sctp._send(0, 53, b"z" * 60 * 1024)
+    sctp._set_state(RTCSctpTransport.State.CLOSED)
+    timers.advance(1.0)
+    assert data_sent(sent) == 4 and timers.pending() == []
 
 
 # -- lazy T3 (unit, injected clock) ------------------------------------------------------
