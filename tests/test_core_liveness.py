@@ -11,12 +11,15 @@ import heapq
 import itertools
 import math
 import random
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tether.cores.ice_path import PathClock
+from aioice import stun
+
+from tether.cores.ice_path import PathClock, _ice_at_work
 
 
 class SimPath:
@@ -319,3 +322,18 @@ def test_strays_on_a_path_that_still_answers_change_nothing():
         clock.stray(now + 0.05)  # e.g. a late check from another candidate
         assert clock.poll(now + 0.06, busy=False).alive
         assert clock.poll(now + 0.099, busy=False).alive
+
+
+def test_checks_on_other_pairs_are_ice_at_work_not_strays():
+    """What the path's receive hook counts as a stray (the far end of the nominated pair
+    is 10.0.0.1:5000; ICE also checks 10.0.0.1:6000, the peer's other uplink)."""
+    checked = SimpleNamespace(remote_addr=("10.0.0.1", 6000))
+    nominated = SimpleNamespace(remote_addr=("10.0.0.1", 5000))
+    gen = SimpleNamespace(_check_list=[nominated, checked])
+    request = bytes(stun.Message(message_method=stun.Method.BINDING,
+                                 message_class=stun.Class.REQUEST))
+    dtls = bytes([23, 0xFE, 0xFD]) + b"\x00" * 20
+    assert _ice_at_work(gen, request, ("10.0.0.1", 6000))  # a late check: ICE at work
+    assert not _ice_at_work(gen, dtls, ("10.0.0.1", 6000))  # data from there: a stray
+    assert not _ice_at_work(gen, request, ("10.0.0.1", 7000))  # a NAT's new port: a stray
+    assert not _ice_at_work(gen, b"", ("10.0.0.1", 6000))

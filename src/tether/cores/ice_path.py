@@ -402,7 +402,7 @@ class IcePath:
                 if _from_pair(gen, addr):
                     if self.clock.received(now):
                         self._kick.set()
-                elif self.clock.stray(now):
+                elif not _ice_at_work(gen, data, addr) and self.clock.stray(now):
                     self._kick.set()
             receive(data, addr)
 
@@ -762,6 +762,25 @@ def _from_pair(gen: aioice.Connection, addr: tuple[Any, ...]) -> bool:
     """
     pair = gen._nominated.get(COMPONENT)
     return pair is None or tuple(addr[:2]) == tuple(pair.remote_addr[:2])
+
+
+def _ice_at_work(gen: aioice.Connection, data: bytes, addr: tuple[Any, ...]) -> bool:
+    """Whether a datagram from outside the nominated pair is ICE checking another pair.
+
+    After the nomination, checks still run on other pairs for a while (a check the peer
+    started just before, our triggered check in answer, their retransmissions up to
+    seconds later), from the peer's other candidates. Those are not the path moving:
+    counted as strays, one of them plus a round trip that grew at that moment (the
+    lab's slow_path turns 5 ms into 600 ms) declared a working path dead. So a STUN
+    message (first byte 0-3, RFC 7983) from the far end of a pair in the check list is
+    ICE at work; DTLS from anywhere else, and STUN from an address ICE has not seen (a
+    NAT's new port: aioice learns it as a peer-reflexive pair only after this first
+    datagram), are strays.
+    """
+    if not data or data[0] > 3:
+        return False
+    where = tuple(addr[:2])
+    return any(tuple(pair.remote_addr[:2]) == where for pair in gen._check_list)
 
 
 def _candidate_line(candidate: Candidate) -> str:
