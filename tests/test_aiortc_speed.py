@@ -689,6 +689,13 @@ def idle_sender(cwnd_packets: int, srtt: float) -> tuple[RTCSctpTransport, list[
     return sctp, sent, timers  # type: ignore[return-value]
 
 
+async def tick(timers: FakeTimers, seconds: float) -> None:
+    """Advance the injected clock, then let the tasks its timers started run."""
+    timers.advance(seconds)
+    for _ in range(3):
+        await asyncio.sleep(0)
+
+
 def data_sent(sent: list[Any]) -> int:
     return sum(isinstance(c, DataChunk) for c in sent)
 
@@ -704,7 +711,7 @@ async def test_what_the_burst_limit_holds_back_is_paced() -> None:
     assert timers.pending() == [pytest.approx(gap)]
     ticks = 0
     while timers.pending():
-        timers.advance(gap)
+        await tick(timers, gap)
         ticks += 1
         assert data_sent(sent) == min(4 + 4 * ticks, packets)
     assert ticks == math.ceil((packets - 4) / 4)  # 0.1 s, not 4 round trips (2.4 s)
@@ -714,8 +721,8 @@ async def test_what_the_burst_limit_holds_back_is_paced() -> None:
 async def test_pacing_never_goes_beyond_cwnd() -> None:
     sctp, sent, timers = idle_sender(cwnd_packets=10, srtt=0.6)
     await sctp._send(0, 53, b"z" * 60 * 1024)
-    timers.advance(1.0)
-    timers.advance(1.0)
+    await tick(timers, 1.0)
+    await tick(timers, 1.0)
     assert data_sent(sent) == 10  # cwnd is full: the rest waits for SACKs
     assert timers.pending() == []
 
@@ -740,7 +747,7 @@ async def test_closing_cancels_the_pace_timer() -> None:
     sctp, sent, timers = idle_sender(cwnd_packets=160, srtt=0.6)
     await sctp._send(0, 53, b"z" * 60 * 1024)
     sctp._set_state(RTCSctpTransport.State.CLOSED)
-    timers.advance(1.0)
+    await tick(timers, 1.0)
     assert data_sent(sent) == 4 and timers.pending() == []
 
 

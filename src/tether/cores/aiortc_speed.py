@@ -269,25 +269,28 @@ def _sack_timer_fired(sctp: RTCSctpTransport) -> None:
     """The delayed SACK's timer: acknowledge what is still unacknowledged."""
     sctp._tether_sack_timer = None
     if sctp._sack_needed and sctp._association_state == RTCSctpTransport.State.ESTABLISHED:
-        _run_now(sctp, sctp._send_sack)
+        _run_now(sctp, sctp._send_sack())
 
 
-def _run_now(sctp: RTCSctpTransport, method: Callable[[], Coroutine[Any, Any, None]]) -> None:
-    """Run ``method`` (``_send_sack`` or ``_transmit``) from a timer callback: it sends
-    datagrams and normally never suspends, so it runs to its end right here; if it does
-    suspend, a task owned by ``sctp`` (and cancelled when the association closes) runs it
-    again from the start (both only send what is still due)."""
-    coro = method()
+def _run_now(sctp: RTCSctpTransport, coro: Coroutine[Any, Any, None]) -> None:
+    """Run ``coro`` from a timer callback: it sends a datagram and normally never suspends,
+    so it runs to its end right here; if it does suspend, a task owned by ``sctp`` (and
+    cancelled when the association closes) finishes it."""
     try:
         coro.send(None)
     except StopIteration:
         return
-    except ConnectionError as exc:  # the path closed under us: nowhere to send
-        logger.debug("%s from a timer: %s", method.__name__, exc)
+    except ConnectionError as exc:  # the path closed under us: the SACK has nowhere to go
+        logger.debug("delayed SACK not sent: %s", exc)
         return
     coro.close()
+    _own_task(sctp, sctp._send_sack())
+
+
+def _own_task(sctp: RTCSctpTransport, coro: Coroutine[Any, Any, None]) -> None:
+    """Run ``coro`` as a task that ``sctp`` owns (cancelled when the association closes)."""
     tasks: set[asyncio.Task[None]] = sctp.__dict__.setdefault("_tether_tasks", set())
-    task = asyncio.ensure_future(method())
+    task = asyncio.ensure_future(coro)
     tasks.add(task)
     task.add_done_callback(tasks.discard)
 
@@ -453,7 +456,7 @@ def _burst_ended(sctp: RTCSctpTransport) -> None:
     sctp._tether_burst_end = None
     if (sctp._sack_needed and getattr(sctp, "_tether_unacked", 0) >= SACK_EVERY
             and sctp._association_state == RTCSctpTransport.State.ESTABLISHED):
-        _run_now(sctp, sctp._send_sack)
+        _run_now(sctp, sctp._send_sack())
 
 
 # -- 2. _transmit without rescanning -------------------------------------------------------
@@ -599,9 +602,11 @@ def pace_rest(sctp: RTCSctpTransport) -> None:
 
 
 def _pace_fired(sctp: RTCSctpTransport) -> None:
+    # A task, as aiortc's own T3 runs _transmit: a send may suspend (a TURN channel bind),
+    # and a _transmit cut off there would leave a chunk counted in flight but never sent.
     sctp._tether_pace_timer = None
     if sctp._association_state == RTCSctpTransport.State.ESTABLISHED:
-        _run_now(sctp, sctp._transmit)
+        _own_task(sctp, sctp._transmit())
 
 
 # -- 2b. a SACK without gap blocks, handled inline ----------------------------------------
