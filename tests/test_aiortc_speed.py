@@ -701,7 +701,7 @@ def data_sent(sent: list[Any]) -> int:
 
 
 async def test_what_the_burst_limit_holds_back_is_paced() -> None:
-    """A 60 KiB message (52 packets) after an idle spell on a 600 ms path: 4 packets at
+    """A 60 KiB message (53 packets) after an idle spell on a 600 ms path: 4 packets at
     once (Max.Burst), the rest at the window's pace, none waiting for a SACK."""
     sctp, sent, timers = idle_sender(cwnd_packets=160, srtt=0.6)
     await sctp._send(0, 53, b"z" * 60 * 1024)

@@ -14,10 +14,9 @@ import random
 from types import SimpleNamespace
 
 import pytest
+from aioice import stun
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from aioice import stun
 
 from tether.cores.ice_path import PathClock, _ice_at_work
 

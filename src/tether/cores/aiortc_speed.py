@@ -565,7 +565,7 @@ def pace_bursts() -> None:
     when a SACK arrives. When the flight is small - the sender was waiting for the
     application, such as a tunnel stream waiting for its peer's credit - and then a large
     message is queued, the rest of it waits for SACKs: 4 packets, then a round trip,
-    then 2 more per SACK, so a 60 KiB message (52 packets) takes about 4 round trips to
+    then 2 more per SACK, so a 60 KiB message (53 packets) takes about 4 round trips to
     leave although cwnd allows it at once. On the lab's 600 ms path that is 2.4 s per
     message, and a message is delivered only when it is complete.
 
@@ -576,11 +576,11 @@ def pace_bursts() -> None:
     pacing TCP sender in slow start does (Linux paces at twice cwnd/srtt), and never as
     one line-rate burst. Only on a path whose smoothed round trip is PACE_MIN_RTT or
     more: on a shorter one the next SACK comes within a few ms anyway, and a timer only
-    splits the bursts a receiver acknowledges together (on loopback, 0.37-0.44 SACKs per
-    DATA packet became 0.41-0.46). One timer per association, cancelled when it closes. It is part
-    of the ``_transmit`` that transmit_without_rescan installs (without that patch
-    aiortc's own ``_transmit`` runs and nothing is paced). Upstream: the same pacing
-    timer in aiortc's ``_transmit``.
+    splits the bursts a receiver acknowledges together (on loopback, 0.37-0.44 SACKs
+    per DATA packet became 0.41-0.46). One timer per association, cancelled when it
+    closes. It is part of the ``_transmit`` that transmit_without_rescan installs
+    (without that patch aiortc's own ``_transmit`` runs and nothing is paced).
+    Upstream: the same pacing timer in aiortc's ``_transmit``.
     """
     _pacing[0] = True
     RTCSctpTransport._set_state = _set_state_cancelling  # type: ignore[method-assign]
