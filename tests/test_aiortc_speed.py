@@ -61,8 +61,13 @@ from aiortc.rtcsctptransport import (
 )
 
 from tether import runloop
-from tether.cores import aiortc_fastpath, aiortc_speed
-from tether.cores.aiortc_core import AiortcTubeRegistry, resend_in_flight
+from tether.cores import aiortc_fastpath, aiortc_speed, path_mtu
+from tether.cores.aiortc_core import (
+    AiortcTubeRegistry,
+    decode_sdp,
+    encode_sdp,
+    resend_in_flight,
+)
 from tether.cores.gathering import LOOPBACK
 
 from .tube_pair import FAST_LIVENESS, connect_tubes, until
@@ -838,6 +843,14 @@ def test_check_pacing() -> None:
 # -- real peers ----------------------------------------------------------------------------
 
 
+def aiortc_packets(tube_id: str, *sides: AiortcTubeRegistry) -> None:
+    """Keep aiortc's 1,189-byte packets on this tube (path_mtu grows them to 16 KiB on
+    loopback): the tests that count per-packet work need packets at the rate of a path
+    that carries no more."""
+    for side in sides:
+        path_mtu.prober(side._tube(tube_id).pc.sctp).keep_base()
+
+
 def drop_every(registry: AiortcTubeRegistry, tube_id: str, nth: int) -> dict[str, int]:
     """Drop every ``nth`` SCTP datagram this side sends on the nominated path."""
     conn = registry._tube(tube_id).pc.sctp.transport.transport._connection
@@ -940,6 +953,7 @@ def test_burst_sacks_between_real_peers() -> None:
         b = AiortcTubeRegistry(host_addresses=LOOPBACK, liveness=FAST_LIVENESS)
         try:
             tube_id = await connect_tubes(a, b)
+            aiortc_packets(tube_id, a, b)
             counts = count_chunks(a, tube_id), count_chunks(b, tube_id)
             await move(a, b, tube_id, 4 << 20, seed=5)
         finally:
@@ -971,6 +985,10 @@ async def test_patched_and_unpatched_peer_under_loss(fast_cores: Any) -> None:
     async def create_unpatched(*args: Any, **kwargs: Any) -> dict[str, str]:
         result = await real_create(*args, **kwargs)
         aiortc_speed.unpatch(b._tube(result["tube_id"]).pc.sctp)
+        # aiortc as shipped does not say it reads records beyond 1,500 bytes (path_mtu)
+        answer = decode_sdp(result["answer"])
+        assert "a=x-tether-records:16384" in answer
+        result["answer"] = encode_sdp(answer.replace("a=x-tether-records:16384\r\n", ""))
         return result
 
     b.create_tube = create_unpatched  # type: ignore[method-assign]
@@ -984,6 +1002,7 @@ async def test_patched_and_unpatched_peer_under_loss(fast_cores: Any) -> None:
     assert a._tube(tube_id).chunks_resent > 0 and b._tube(tube_id).chunks_resent > 0
     batch = batches(a, tube_id)  # the patched side's datagrams left in batches
     assert batch is not None and batch.datagrams > 1000
+    assert path_mtu.prober(a._tube(tube_id).pc.sctp).packet <= 1500  # probed no further
 
 
 class CountingSSL:
@@ -1015,6 +1034,10 @@ async def test_dtls_receive_skips_empty_bio_reads(fast_cores: Any) -> None:
     async def create_unpatched(*args: Any, **kwargs: Any) -> dict[str, str]:
         result = await real_create(*args, **kwargs)
         aiortc_speed.unpatch(b._tube(result["tube_id"]).pc.sctp)
+        # aiortc as shipped does not say it reads records beyond 1,500 bytes (path_mtu)
+        answer = decode_sdp(result["answer"])
+        assert "a=x-tether-records:16384" in answer
+        result["answer"] = encode_sdp(answer.replace("a=x-tether-records:16384\r\n", ""))
         return result
 
     b.create_tube = create_unpatched  # type: ignore[method-assign]
@@ -1146,6 +1169,10 @@ async def test_direct_records_interoperate_with_openssl(fast_cores: Any) -> None
     async def create_unpatched(*args: Any, **kwargs: Any) -> dict[str, str]:
         result = await real_create(*args, **kwargs)
         aiortc_speed.unpatch(b._tube(result["tube_id"]).pc.sctp)
+        # aiortc as shipped does not say it reads records beyond 1,500 bytes (path_mtu)
+        answer = decode_sdp(result["answer"])
+        assert "a=x-tether-records:16384" in answer
+        result["answer"] = encode_sdp(answer.replace("a=x-tether-records:16384\r\n", ""))
         return result
 
     b.create_tube = create_unpatched  # type: ignore[method-assign]
@@ -1163,6 +1190,7 @@ async def test_direct_records_interoperate_with_openssl(fast_cores: Any) -> None
 async def test_direct_records_between_patched_peers(fast_cores: Any) -> None:
     a, b = fast_cores
     tube_id = await connect_tubes(a, b)
+    aiortc_packets(tube_id, a, b)
     await move(a, b, tube_id, 1 << 20, seed=6)
     for side in (a, b):
         dtls = sides(side, tube_id)
@@ -1223,6 +1251,7 @@ async def test_batched_sends_between_real_peers(fast_cores: Any) -> None:
     every byte arrives in order."""
     a, b = fast_cores
     tube_id = await connect_tubes(a, b)
+    aiortc_packets(tube_id, a, b)
     await until(lambda: a._tube(tube_id).path.watching and b._tube(tube_id).path.watching, 10)
     drop_every(a, tube_id, 43)
     drop_every(b, tube_id, 47)
@@ -1502,6 +1531,7 @@ async def test_direct_sends_between_real_peers(fast_cores: Any) -> None:
     send_data_direct's one call (IcePath.send_now), and every byte arrives."""
     a, b = fast_cores
     tube_id = await connect_tubes(a, b)
+    aiortc_packets(tube_id, a, b)
     path = a._tube(tube_id).path
     direct = {"now": 0}
     send_now = path.send_now

@@ -47,7 +47,7 @@ from aiortc.rtcicetransport import parse_stun_turn_uri
 from aiortc.rtcsctptransport import SCTP_RTO_MIN, USERDATA_MAX_LENGTH
 
 from .. import signals
-from . import aiortc_speed, gathering
+from . import aiortc_speed, gathering, path_mtu
 from . import sdp as sdp_rules
 from .ice_path import IcePath, candidate_ufrag, parse_candidate
 
@@ -535,6 +535,7 @@ class AiortcTubeRegistry:
 
     def _outgoing_sdp(self, tube: _Tube) -> str:
         sdp = sdp_rules.with_ice_option(tube.pc.localDescription.sdp, "trickle")
+        sdp = path_mtu.announce(sdp)
         tube.sdp_version = sdp_rules.origin_version(sdp)
         if not tube.trickle:
             return sdp
@@ -563,6 +564,7 @@ class AiortcTubeRegistry:
     async def _apply_remote(self, tube: _Tube, sdp: str, kind: str) -> None:
         tube.path.first_answer(sdp_credentials(sdp)[0])
         await tube.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type=kind))
+        tube.pc.sctp._tether_peer_reads = path_mtu.peer_reads(sdp)  # how far to probe
         await self._apply_held(tube)
 
     async def _apply_held(self, tube: _Tube) -> None:
@@ -615,6 +617,7 @@ class AiortcTubeRegistry:
         sctp = tube.pc.sctp
         if sctp is None or tube.closing:
             return
+        path_mtu.path_changed(sctp)  # a new path may carry less: base size until probed
         marked = await resend_in_flight(sctp)
         tube.chunks_resent_at_once += marked
         logger.debug("tube %s: %s, %d SCTP chunks resent at once", tube.tube_id, why, marked)
@@ -872,14 +875,16 @@ def path_info(registry: AiortcTubeRegistry, tube_id: str) -> dict[str, Any] | No
 
     ``local``/``remote`` are "host:port (type)"; ``via`` is "relay" when either end is a
     TURN relay candidate, else "direct"; ``rtt_ms`` is the smoothed STUN round trip of the
-    liveness probes (``sctp_rtt_ms`` SCTP's). None for a tube the registry does not know.
+    liveness probes (``sctp_rtt_ms`` SCTP's); ``sctp_packet`` is the size of the SCTP packets
+    sent (path_mtu raises it from 1,189 to what the path carries). None for a tube the
+    registry does not know.
     """
     tube = registry._tubes.get(tube_id)
     if tube is None:
         return None
     info: dict[str, Any] = {"local": None, "remote": None, "local_type": None,
                             "remote_type": None, "via": None, "generation": None,
-                            "rtt_ms": None, "sctp_rtt_ms": None}
+                            "rtt_ms": None, "sctp_rtt_ms": None, "sctp_packet": None}
     path = tube.path
     if path is not None:
         info["generation"] = path.generation
@@ -895,6 +900,9 @@ def path_info(registry: AiortcTubeRegistry, tube_id: str) -> dict[str, Any] | No
     sctp = tube.pc.sctp
     srtt = getattr(sctp, "_srtt", None) if sctp is not None else None
     info["sctp_rtt_ms"] = round(srtt * 1000.0, 3) if srtt is not None else None
+    if sctp is not None:
+        found = path_mtu.prober(sctp)
+        info["sctp_packet"] = found.packet if found is not None else path_mtu.BASE_PACKET
     return info
 
 

@@ -90,6 +90,11 @@ FAST_CHECKS = 8
 CHECK_INTERVAL = 0.02
 
 
+# The user data one DATA chunk carries: aiortc's fixed cut, until path_mtu finds that
+# this association's path carries larger packets (an instance attribute then).
+RTCSctpTransport._tether_data_max = USERDATA_MAX_LENGTH  # type: ignore[attr-defined]
+
+
 class UnsupportedVersionError(RuntimeError):
     """aiortc or aioice is not the version these patches were written for."""
 
@@ -156,7 +161,8 @@ def install() -> None:
         check_versions()
     sctp = RTCSctpTransport
     for name in ("_handle_data", "_send_sack", "_set_state", "_transmit",
-                 "_receive_sack_chunk", "_t3_expired", "_t3_cancel", "_mark_received"):
+                 "_receive_sack_chunk", "_t3_expired", "_t3_cancel", "_mark_received",
+                 "_send", "_receive_chunk"):
         _originals[name] = getattr(sctp, name)
     _originals["connect"] = Connection.connect
     _originals["dtls_recv_next"] = RTCDtlsTransport._recv_next
@@ -510,8 +516,9 @@ async def _transmit_flagged(self: RTCSctpTransport) -> None:
         if not self._t3_handle:
             self._t3_start()
 
-    # Burst limit: 2 packets in fast recovery, else 4 (SCTP_MAX_BURST).
-    burst = (2 if self._fast_recovery_exit is not None else 4) * USERDATA_MAX_LENGTH
+    # Burst limit: 2 packets in fast recovery, else 4 (SCTP_MAX_BURST), of this
+    # association's chunk size (path_mtu may have raised it).
+    burst = (2 if self._fast_recovery_exit is not None else 4) * self._tether_data_max
     cwnd = min(self._flight_size + burst, self._cwnd)
 
     if getattr(self, "_tether_rescan", True):
@@ -590,14 +597,15 @@ _pacing = [False]  # pace_bursts is on (read by _transmit_flagged)
 PACE_GAIN = 0.5
 PACE_MIN = 0.001
 PACE_MIN_RTT = 0.02
-MAX_BURST_BYTES = 4 * USERDATA_MAX_LENGTH  # aiortc's SCTP_MAX_BURST packets
+MAX_BURST = 4  # aiortc's SCTP_MAX_BURST packets
 
 
 def pace_rest(sctp: RTCSctpTransport) -> None:
     """Arm the timer that sends the next burst, unless it is armed already."""
     if getattr(sctp, "_tether_pace_timer", None) is not None:
         return
-    delay = max(PACE_MIN, PACE_GAIN * sctp._srtt * MAX_BURST_BYTES / sctp._cwnd)
+    burst_bytes = MAX_BURST * sctp._tether_data_max
+    delay = max(PACE_MIN, PACE_GAIN * sctp._srtt * burst_bytes / sctp._cwnd)
     sctp._tether_pace_timer = sctp._loop.call_later(delay, _pace_fired, sctp)
 
 
@@ -671,12 +679,12 @@ async def _receive_sack_fast(self: RTCSctpTransport, chunk: SackChunk) -> None:
     if exit_tsn is None:
         if done and cwnd_fully_utilized:
             if self._cwnd <= self._ssthresh:
-                self._cwnd += min(done_bytes, USERDATA_MAX_LENGTH)
+                self._cwnd += min(done_bytes, self._tether_data_max)  # one MTU at most
             else:
                 self._partial_bytes_acked += done_bytes
                 if self._partial_bytes_acked >= self._cwnd:
                     self._partial_bytes_acked -= self._cwnd
-                    self._cwnd += USERDATA_MAX_LENGTH
+                    self._cwnd += self._tether_data_max
     elif (cumulative - exit_tsn) % SCTP_TSN_MODULO < _HALF:  # uint32_gte
         self._fast_recovery_exit = None
 
@@ -828,6 +836,16 @@ def receive_drained() -> None:
 
 
 _drain = [False]  # receive_drained is on (read by _recv_next_quiet)
+# The most plaintext a DTLS 1.2 record carries (2^14). aiortc reads at most 1,500 bytes of
+# a record; OpenSSL keeps the rest for the next read, so a larger record puts every read
+# after it one record behind, for good. Ours read whole records (path_mtu relies on it).
+RECORD_MAX = 16384
+
+
+def reads_whole_records() -> bool:
+    """Whether DTLS's receive path in use takes records of RECORD_MAX whole: tether's
+    (dtls_quiet_receive), not aiortc's."""
+    return RTCDtlsTransport._recv_next is _recv_next_quiet
 DRAIN_MAX = 64  # datagrams handled per _recv_next call at most
 
 
@@ -860,7 +878,7 @@ async def receive_datagram(self: RTCDtlsTransport, data: bytes, quiet: bool) -> 
         self._ssl.bio_write(data)
         plain: bytes | None
         try:
-            plain = self._ssl.recv(1500)
+            plain = self._ssl.recv(RECORD_MAX)  # aiortc reads 1,500: see path_mtu
         except rtcdtls.SSL.ZeroReturnError:
             plain = None
         except rtcdtls.SSL.Error:
@@ -1092,3 +1110,7 @@ PATCHES["send_data_direct"] = aiortc_fastpath.send_data_direct
 PATCHES["receive_drained"] = receive_drained
 PATCHES["receive_in_order"] = receive_in_order
 PATCHES["pace_bursts"] = pace_bursts
+
+from . import path_mtu  # noqa: E402  (the same)
+
+PATCHES["path_mtu"] = path_mtu.path_mtu

@@ -360,6 +360,18 @@ class IcePath:
         add[1](data, pair.remote_addr)
         return True
 
+    def probe_batch(self) -> tuple[Any, tuple[str, int]] | None:
+        """(the current pair's SendBatch, the far end's address) when path MTU probes
+        can be sent on it (udp_batch.SendBatch.send_probe); None otherwise (no pair, a
+        TURN relay, no batching, a cut path)."""
+        pair = self.current._nominated.get(COMPONENT)
+        if pair is None or self._cut is self.current:
+            return None
+        batch = pair.protocol.__dict__.get("_tether_batch")
+        if batch is None or not batch.probes_possible():
+            return None
+        return batch, pair.remote_addr
+
     def lost(self) -> None:
         """SCTP saw a packet lost on the path: its batched sends spread out for a while
         (udp_batch.SPREAD_AFTER_LOSS)."""

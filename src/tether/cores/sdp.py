@@ -140,6 +140,25 @@ def with_ice_option(sdp: str, option: str) -> str:
     raise ValueError("SDP has no a=ice-ufrag line to put a=ice-options next to")
 
 
+def with_session_attribute(sdp: str, attribute: str) -> str:
+    """``sdp`` with ``a=<attribute>`` at session level (before the first ``m=`` line),
+    where peers that do not know it ignore it (RFC 8866 section 5.13)."""
+    lines = _lines(sdp)
+    at = next((i for i, line in enumerate(lines) if line.startswith("m=")), len(lines))
+    return _join([*lines[:at], f"a={attribute}", *lines[at:]])
+
+
+def session_attribute(sdp: str, name: str) -> str | None:
+    """The value of the session-level ``a=<name>:<value>`` of ``sdp`` (None without one)."""
+    prefix = f"a={name}:"
+    for line in _lines(sdp):
+        if line.startswith("m="):
+            return None
+        if line.startswith(prefix):
+            return line[len(prefix):].strip()
+    return None
+
+
 def with_credentials(sdp: str, ufrag: str, pwd: str) -> str:
     """``sdp`` with its ICE credentials replaced."""
     out = []

@@ -51,6 +51,11 @@ MAX_PENDING = 256  # datagrams held in one turn before a flush is forced
 SPREAD_AFTER_LOSS = 2.0
 GSO_REFUSED = frozenset({errno.EINVAL, errno.EIO, errno.ENOPROTOOPT, errno.EOPNOTSUPP})
 
+# Don't Fragment (linux/in.h, linux/in6.h): "don't" lets routers cut a datagram larger
+# than their link; "probe" sets DF whatever MTU the kernel has learned for the route.
+MTU_DISCOVER = {socket.AF_INET: (socket.IPPROTO_IP, 10), socket.AF_INET6: (socket.IPPROTO_IPV6, 23)}
+PMTUDISC_DONT, PMTUDISC_PROBE = 0, 3
+
 Addr = tuple[Any, ...]
 
 _enabled = False
@@ -129,6 +134,49 @@ class SendBatch:
         elif not self._scheduled:
             self._scheduled = True
             self._loop.call_soon(self.flush)
+
+    def probes_possible(self) -> bool:
+        """Whether :meth:`send_probe` can work here (Linux, our own descriptor)."""
+        return (self._sock is not None and sys.platform.startswith("linux")
+                and self._sock.family in MTU_DISCOVER)
+
+    def let_routers_fragment(self) -> bool:
+        """No Don't Fragment bit on this socket's datagrams from now on (path_mtu): a
+        datagram cut for a larger path than the one it meets still arrives, in pieces,
+        instead of being dropped where no "fragmentation needed" comes back."""
+        if not self.probes_possible():
+            return False
+        assert self._sock is not None
+        level, name = MTU_DISCOVER[self._sock.family]
+        try:
+            self._sock.setsockopt(level, name, PMTUDISC_DONT)
+        except OSError as exc:
+            logger.debug("cannot clear Don't Fragment: %s", exc)
+            return False
+        return True
+
+    def send_probe(self, data: bytes, addr: Addr) -> bool:
+        """Send ``data`` now, alone and with Don't Fragment, whatever the kernel knows of
+        the route: a router on a smaller link drops it, so its answer proves the size
+        fits. After what is pending (order kept); False if it could not leave (larger
+        than the local link, a full buffer)."""
+        if not self.probes_possible() or self._transport.is_closing():
+            return False
+        self.flush()
+        sock = self._sock
+        assert sock is not None
+        level, name = MTU_DISCOVER[sock.family]
+        try:
+            before = sock.getsockopt(level, name)
+            sock.setsockopt(level, name, PMTUDISC_PROBE)
+            try:
+                sock.sendto(data, addr)
+            finally:
+                sock.setsockopt(level, name, before)
+        except OSError as exc:
+            logger.debug("probe of %d bytes not sent: %s", len(data), exc)
+            return False
+        return True
 
     def lost(self) -> None:
         """The path lost a packet: spread sends for SPREAD_AFTER_LOSS."""
