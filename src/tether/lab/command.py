@@ -31,7 +31,8 @@ logger = logging.getLogger(__name__)
 #: that this is exactly tether.lab.scenarios.SCENARIOS, in order).
 SCENARIO_NAMES = ("link_cut", "long_outage", "ip_change", "ip_change_expose", "uplink_switch",
                   "both_change", "nat_idle_keepalive", "nat_new_port", "packet_loss",
-                  "slow_path", "peer_restart", "relay_restart", "turn_only")
+                  "path_mtu_shrink", "slow_path", "peer_restart", "relay_restart",
+                  "turn_only")
 
 
 AsJson = Annotated[bool, typer.Option("--json", help="End with one JSON line of results.")]

@@ -8,11 +8,15 @@ it acted at into the :class:`~tether.lab.metrics.Observation` that is scored aft
 from __future__ import annotations
 
 import asyncio
+import re
+import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from ..cores import path_mtu
+from ..cores.path_mtu import packet_sizes
 from . import netns
 from .metrics import Observation
 from .session import LabOptions, LabSession
@@ -161,6 +165,51 @@ async def packet_loss(s: LabSession, obs: Observation) -> None:
     obs.extra["transfer_s"] = round(seconds, 2)
 
 
+JUMBO_MTU = 9000
+
+
+async def path_mtu_prepare(s: LabSession) -> None:
+    await s.topo.link_mtu(JUMBO_MTU)
+
+
+PACKET_LOGGED = re.compile(r"path MTU: (\d+)-byte SCTP packets")
+
+
+def packets_logged(s: LabSession) -> dict[str, int | None]:
+    """Each peer's SCTP packet size, as its last path MTU log line says."""
+    sizes: dict[str, int | None] = {}
+    for side in ("connect", "expose"):
+        path = s.run_dir / f"{side}.log"
+        found = PACKET_LOGGED.findall(path.read_text(errors="replace")) if path.exists() else []
+        sizes[side] = int(found[-1]) if found else None
+    return sizes
+
+
+async def path_mtu_shrink(s: LabSession, obs: Observation) -> None:
+    """The tunnel found 9,000-byte links (its packets grew to them); then the link beyond
+    the router becomes 1,500-byte Ethernet while the echo flows. Larger packets arrive cut
+    by R (or by B's own stack) until each side's next probe of its size goes unanswered;
+    then they must shrink to fit, with no byte lost."""
+    ethernet = 1500
+    await instant(s, obs, lambda: s.topo.link_mtu(ethernet, beyond_router=True))
+    obs.extra["packets_before"] = before = packets_logged(s)
+    fits = max(packet_sizes(ethernet, socket.AF_INET))
+
+    def shrunk() -> bool:
+        return all(size is not None and size <= fits for size in packets_logged(s).values())
+
+    deadline = time.time() + path_mtu.CONFIRM_EVERY + 10.0
+    while not shrunk() and time.time() < deadline:
+        await asyncio.sleep(0.2)
+    obs.extra["packets_after"] = after = packets_logged(s)
+    if not all(size is not None and size > fits for size in before.values()):
+        obs.error = f"packets did not grow on the {JUMBO_MTU}-byte links: {before}"
+    elif not shrunk():
+        obs.error = f"packets did not shrink to {fits} bytes or less: {after}"
+    elif not await observe(s, time.time()):
+        obs.error = "the echo stopped after the packets shrank"
+
+
 async def slow_path_prepare(s: LabSession) -> None:
     await s.start_delayer()
 
@@ -271,6 +320,8 @@ SCENARIOS: dict[str, Scenario] = {sc.name: sc for sc in [
     Scenario("nat_new_port", "conntrack flushed, masquerade to random ports", nat_new_port),
     Scenario("packet_loss", "5 % loss both ways, 50 MiB echoed", packet_loss,
              prepare=packet_loss_prepare, rate=0.0, total=lambda o: o.loss_bytes),
+    Scenario("path_mtu_shrink", "9,000-byte links, then 1,500 beyond the router",
+             path_mtu_shrink, prepare=path_mtu_prepare),
     Scenario("slow_path", "600 ms round trip via a user-space delay line", slow_path,
              prepare=slow_path_prepare),
     Scenario("peer_restart", "expose SIGKILLed and started again", peer_restart),

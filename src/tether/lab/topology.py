@@ -192,6 +192,15 @@ class Topology:
             f"add rule ip labnat post ip saddr {A_NETS} oifname \"rb\" masquerade random\n")
         await netns.run("ip", "netns", "exec", self.r, "conntrack", "-F", check=False)
 
+    async def link_mtu(self, mtu: int, *, beyond_router: bool = False) -> None:
+        """Every link's MTU (``beyond_router``: only R - B's, so A's own links keep a
+        larger one and learn of the smaller only from R's ICMP "fragmentation needed")."""
+        if not beyond_router:
+            await self.ip_batch(self.a, [f"link set a1 mtu {mtu}", f"link set a2 mtu {mtu}"])
+            await self.ip_batch(self.r, [f"link set ra1 mtu {mtu}", f"link set ra2 mtu {mtu}"])
+        await self.ip_batch(self.r, [f"link set rb mtu {mtu}"])
+        await self.ip_batch(self.b, [f"link set b0 mtu {mtu}"])
+
     async def packet_loss(self, percent: int) -> None:
         """Drop ``percent`` % of forwarded packets at random, both ways."""
         await self.nft(f"add rule inet lab faults numgen random mod 100 < {percent} drop\n")
