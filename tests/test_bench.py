@@ -72,8 +72,11 @@ def test_summary_null_with_reason_and_ratios() -> None:
     assert out["loss5_mb_s_why"] == "failed: boom"
     assert "flag" not in out["spread"] and "nan" not in out["spread"]
     assert "tunnel_cpu_vs_floor" not in out  # the floor was not measured: no such ratio
-    c.add({"cpu_ms_per_mb": 50.0, "floor_cpu_ms_per_mb_busier": 20.0})
-    assert summary(c)["tunnel_cpu_vs_floor"] == 2.5
+    c.add({"cpu_ms_per_mb_base_packet": 50.0, "floor_cpu_ms_per_mb_busier": 20.0})
+    assert summary(c)["tunnel_cpu_vs_floor"] == 2.5  # like for like: aiortc's packet size
+    assert "path_mtu_gain" not in summary(c)
+    c.add({"tunnel_base_packet_mb_s": 5.0})
+    assert summary(c)["path_mtu_gain"] == 4.0  # tunnel_mb_s median 20 over 5
     assert Spread.of([]) is None
     assert Spread.of([3, 1, 2]) == Spread(1.0, 2.0, 3.0, 3)
 

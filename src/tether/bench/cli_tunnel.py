@@ -83,13 +83,14 @@ class Running:
 
 
 @contextlib.asynccontextmanager
-async def cli_tunnel(target_port: int, flags: Sequence[str]) -> AsyncIterator[Running]:
+async def cli_tunnel(target_port: int, flags: Sequence[str],
+                     env_extra: dict[str, str] | None = None) -> AsyncIterator[Running]:
     """``serve`` + ``expose`` (to ``target_port``) + ``connect`` as real processes with
-    ``flags`` on both tunnel ends; yields once the connecting side's tunnel is open, stops
-    them all after."""
+    ``flags`` on both tunnel ends (and ``env_extra`` in their environment); yields once the
+    connecting side's tunnel is open, stops them all after."""
     serve_port, listen_port = free_port(), free_port()
     env = {**os.environ, "TETHER_TOKEN": secrets.token_urlsafe(16),
-           "TETHER_SECRET": secrets.token_urlsafe(32)}
+           "TETHER_SECRET": secrets.token_urlsafe(32), **(env_extra or {})}
     signal = f"ws://127.0.0.1:{serve_port}"
     procs: dict[str, asyncio.subprocess.Process] = {}
     with tempfile.TemporaryDirectory(prefix="tether-bench-") as tmp:
@@ -135,6 +136,36 @@ def cpu_ms_per_mb(before: list[float | None], after: list[float | None],
     return {side: (b - a) * 1000.0 / mb
             for side, a, b in zip(("expose", "connect"), before, after)
             if a is not None and b is not None}
+
+
+def base_packet_env() -> dict[str, str]:
+    """Every speed patch but path_mtu: aiortc's 1,189-byte packets on any path."""
+    from ..cores import aiortc_speed
+
+    names = [name for name in aiortc_speed.PATCHES if name != "path_mtu"]
+    return {aiortc_speed.PATCHES_ENV: ",".join(names)}
+
+
+async def measure_base_packet(mb: float, seed: int = 4) -> dict[str, Any]:
+    """A push with aiortc's packet size: what the path MTU search adds on loopback, and
+    tether's CPU per packet as it is on a path that carries no more than that."""
+    payload = Payload.make(int(mb * checked.MB), seed)
+    target = _Target(payload)
+    target.mode = "push"
+    server = await asyncio.start_server(target.handle, "127.0.0.1", 0)
+    try:
+        async with cli_tunnel(server.sockets[0].getsockname()[1], ["--loopback"],
+                              base_packet_env()) as run:
+            cpu0 = run.cpu()
+            seconds = await checked.push(run.address, payload)
+            per_side = cpu_ms_per_mb(cpu0, run.cpu(), payload.mb)
+            out: dict[str, Any] = {"tunnel_base_packet_mb_s": payload.mb / seconds}
+            if per_side:
+                out["cpu_ms_per_mb_base_packet"] = max(per_side.values())
+            return out
+    finally:
+        server.close()
+        await server.wait_closed()
 
 
 async def measure(mb: float, seed: int = 3) -> dict[str, Any]:

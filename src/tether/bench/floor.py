@@ -26,7 +26,8 @@ Figures: ``floor_mb_s`` (one way, checked by SHA-256 at the sink), ``floor_cpu_m
 and ``floor_cpu_ms_per_mb_receive`` (each side's own CPU over the transfer; ``_busier`` the
 larger), ``floor_sys_ms_per_mb_*`` (the kernel's part of it: system calls and the loopback
 delivery they do), ``floor_resends`` (go-back-N rounds; 0 when no datagram was lost).
-``tether bench`` adds ``tunnel_cpu_vs_floor``: the CLI's busier side over the floor's.
+``tether bench`` adds ``tunnel_cpu_vs_floor``: the CLI's busier side over the floor's, both
+with aiortc's packet size (the CLI's ``cli_base`` figure: path_mtu off).
 
 The sides run as ``python -m tether.bench.floor send|receive ...``; both are driven by
 :func:`measure`, which serves the source and the sink on loopback.

@@ -78,6 +78,10 @@ FIGURES: dict[str, Figure] = {f.name: f for f in [
     Figure("cli", "tether serve + expose + connect (loopback): push, pull, CPU, connect",
            ("tunnel_mb_s", "tunnel_pull_mb_s", "cpu_ms_per_mb", "connect_ms"),
            lambda q: cli_tunnel.measure(_sizes(q)["cli"])),
+    Figure("cli_base", "the same CLI push with aiortc's 1,189-byte packets (path_mtu "
+           "off): the per-packet path, as on a path that carries no more",
+           ("tunnel_base_packet_mb_s", "cpu_ms_per_mb_base_packet"),
+           lambda q: cli_tunnel.measure_base_packet(_sizes(q)["cli"])),
     Figure("floor", "the least Python a packet path can do: AEAD records, SCTP-shaped "
            "DATA and SACKs, GSO sends, one process per side; CPU per MB",
            ("floor_mb_s", "floor_cpu_ms_per_mb_send", "floor_cpu_ms_per_mb_receive"),

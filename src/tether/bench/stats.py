@@ -100,7 +100,10 @@ def summary(collected: Collected, extra_keys: Iterable[str] = ()) -> dict[str, A
     keys = list(REQUIRED_KEYS) + [k for k in extra_keys if k not in REQUIRED_KEYS]
     derived = {"tunnel_vs_aiortc": ("tunnel_mb_s", "aiortc_dc_mb_s"),
                "tunnel_vs_keeper": ("tunnel_mb_s", "keeper_mb_s"),
-               "tunnel_cpu_vs_floor": ("cpu_ms_per_mb", "floor_cpu_ms_per_mb_busier")}
+               # like for like: the floor's packets are aiortc's size
+               "tunnel_cpu_vs_floor": ("cpu_ms_per_mb_base_packet",
+                                       "floor_cpu_ms_per_mb_busier"),
+               "path_mtu_gain": ("tunnel_mb_s", "tunnel_base_packet_mb_s")}
     # A ratio beyond the required ones is shown when both of its figures were measured.
     keys += [k for k, (a, b) in derived.items() if k not in keys
              and collected.spread(a) is not None and collected.spread(b) is not None]
