@@ -836,6 +836,8 @@ def receive_drained() -> None:
 
 
 _drain = [False]  # receive_drained is on (read by _recv_next_quiet)
+DRAIN_MAX = 64  # datagrams handled per _recv_next call at most
+
 # The most plaintext a DTLS 1.2 record carries (2^14). aiortc reads at most 1,500 bytes of
 # a record; OpenSSL keeps the rest for the next read, so a larger record puts every read
 # after it one record behind, for good. Ours read whole records (path_mtu relies on it).
@@ -846,7 +848,6 @@ def reads_whole_records() -> bool:
     """Whether DTLS's receive path in use takes records of RECORD_MAX whole: tether's
     (dtls_quiet_receive), not aiortc's."""
     return RTCDtlsTransport._recv_next is _recv_next_quiet
-DRAIN_MAX = 64  # datagrams handled per _recv_next call at most
 
 
 async def receive_datagram(self: RTCDtlsTransport, data: bytes, quiet: bool) -> None:

@@ -53,7 +53,8 @@ GSO_REFUSED = frozenset({errno.EINVAL, errno.EIO, errno.ENOPROTOOPT, errno.EOPNO
 
 # Don't Fragment (linux/in.h, linux/in6.h): "don't" lets routers cut a datagram larger
 # than their link; "probe" sets DF whatever MTU the kernel has learned for the route.
-MTU_DISCOVER = {socket.AF_INET: (socket.IPPROTO_IP, 10), socket.AF_INET6: (socket.IPPROTO_IPV6, 23)}
+MTU_DISCOVER = {socket.AF_INET: (socket.IPPROTO_IP, 10),
+                socket.AF_INET6: (socket.IPPROTO_IPV6, 23)}
 PMTUDISC_DONT, PMTUDISC_PROBE = 0, 3
 
 Addr = tuple[Any, ...]
@@ -158,7 +159,8 @@ class SendBatch:
     def send_probe(self, data: bytes, addr: Addr) -> bool:
         """Send ``data`` now, alone and with Don't Fragment, whatever the kernel knows of
         the route: a router on a smaller link drops it, so its answer proves the size
-        fits. After what is pending (order kept); False if it could not leave (larger
+        fits. After what this turn collected (it may overtake datagrams queued behind a
+        full socket buffer: harmless for a probe); False if it could not leave (larger
         than the local link, a full buffer)."""
         if not self.probes_possible() or self._transport.is_closing():
             return False
