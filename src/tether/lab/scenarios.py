@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import re
-import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from ..cores import path_mtu
-from ..cores.path_mtu import packet_sizes
 from . import netns
 from .metrics import Observation
 from .session import LabOptions, LabSession
@@ -189,11 +186,19 @@ async def path_mtu_shrink(s: LabSession, obs: Observation) -> None:
     """The tunnel found 9,000-byte links (its packets grew to them); then the link beyond
     the router becomes 1,500-byte Ethernet while the echo flows. Larger packets arrive cut
     by R (or by B's own stack) until each side's next probe of its size goes unanswered;
-    then they must shrink to fit, with no byte lost."""
+    then they must shrink to fit, with no byte lost. (aiortc's core: the Rust core keeps
+    its own packet size.)"""
+    import socket
+
+    from ..cores import path_mtu  # aiortc's: only this scenario needs it
+
+    if s.options.core != "aiortc":
+        obs.error = f"path MTU discovery is the aiortc core's; not the {s.options.core} core's"
+        return
     ethernet = 1500
     await instant(s, obs, lambda: s.topo.link_mtu(ethernet, beyond_router=True))
     obs.extra["packets_before"] = before = packets_logged(s)
-    fits = max(packet_sizes(ethernet, socket.AF_INET))
+    fits = max(path_mtu.packet_sizes(ethernet, socket.AF_INET))
 
     def shrunk() -> bool:
         return all(size is not None and size <= fits for size in packets_logged(s).values())
