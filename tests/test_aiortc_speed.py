@@ -851,6 +851,22 @@ def aiortc_packets(tube_id: str, *sides: AiortcTubeRegistry) -> None:
         path_mtu.prober(side._tube(tube_id).pc.sctp).keep_base()
 
 
+def answer_as_shipped(b: AiortcTubeRegistry) -> None:
+    """The tubes ``b`` answers run aiortc's own code (``unpatch``), and its answers say
+    what aiortc as shipped says: nothing of reading records beyond 1,500 bytes."""
+    real_create = b.create_tube
+
+    async def create_unpatched(*args: Any, **kwargs: Any) -> dict[str, str]:
+        result = await real_create(*args, **kwargs)
+        aiortc_speed.unpatch(b._tube(result["tube_id"]).pc.sctp)
+        answer = decode_sdp(result["answer"])
+        assert "a=x-tether-records:16384" in answer
+        result["answer"] = encode_sdp(answer.replace("a=x-tether-records:16384\r\n", ""))
+        return result
+
+    b.create_tube = create_unpatched  # type: ignore[method-assign]
+
+
 def drop_every(registry: AiortcTubeRegistry, tube_id: str, nth: int) -> dict[str, int]:
     """Drop every ``nth`` SCTP datagram this side sends on the nominated path."""
     conn = registry._tube(tube_id).pc.sctp.transport.transport._connection
@@ -980,18 +996,7 @@ async def test_patched_peers_under_loss(fast_cores: Any) -> None:
 async def test_patched_and_unpatched_peer_under_loss(fast_cores: Any) -> None:
     """One peer runs aiortc's own SCTP code: the two still interoperate, with loss."""
     a, b = fast_cores
-    real_create = b.create_tube
-
-    async def create_unpatched(*args: Any, **kwargs: Any) -> dict[str, str]:
-        result = await real_create(*args, **kwargs)
-        aiortc_speed.unpatch(b._tube(result["tube_id"]).pc.sctp)
-        # aiortc as shipped does not say it reads records beyond 1,500 bytes (path_mtu)
-        answer = decode_sdp(result["answer"])
-        assert "a=x-tether-records:16384" in answer
-        result["answer"] = encode_sdp(answer.replace("a=x-tether-records:16384\r\n", ""))
-        return result
-
-    b.create_tube = create_unpatched  # type: ignore[method-assign]
+    answer_as_shipped(b)
     tube_id = await connect_tubes(a, b)
     plain = b._tube(tube_id).pc.sctp
     assert plain._handle_data.__func__ is aiortc_speed._originals["_handle_data"]
@@ -1029,18 +1034,7 @@ async def test_dtls_receive_skips_empty_bio_reads(fast_cores: Any) -> None:
     """Receiving application data no longer reads the (empty) outgoing BIO each time;
     aiortc's own code does, once per datagram."""
     a, b = fast_cores
-    real_create = b.create_tube
-
-    async def create_unpatched(*args: Any, **kwargs: Any) -> dict[str, str]:
-        result = await real_create(*args, **kwargs)
-        aiortc_speed.unpatch(b._tube(result["tube_id"]).pc.sctp)
-        # aiortc as shipped does not say it reads records beyond 1,500 bytes (path_mtu)
-        answer = decode_sdp(result["answer"])
-        assert "a=x-tether-records:16384" in answer
-        result["answer"] = encode_sdp(answer.replace("a=x-tether-records:16384\r\n", ""))
-        return result
-
-    b.create_tube = create_unpatched  # type: ignore[method-assign]
+    answer_as_shipped(b)
     tube_id = await connect_tubes(a, b)
     counted = {}
     for name, side in (("patched", a), ("plain", b)):
@@ -1164,18 +1158,7 @@ async def test_direct_records_interoperate_with_openssl(fast_cores: Any) -> None
     """A peer sealing its own records against one whose records all go through OpenSSL
     (``unpatch``): each side opens the other's records, with loss, every byte checked."""
     a, b = fast_cores
-    real_create = b.create_tube
-
-    async def create_unpatched(*args: Any, **kwargs: Any) -> dict[str, str]:
-        result = await real_create(*args, **kwargs)
-        aiortc_speed.unpatch(b._tube(result["tube_id"]).pc.sctp)
-        # aiortc as shipped does not say it reads records beyond 1,500 bytes (path_mtu)
-        answer = decode_sdp(result["answer"])
-        assert "a=x-tether-records:16384" in answer
-        result["answer"] = encode_sdp(answer.replace("a=x-tether-records:16384\r\n", ""))
-        return result
-
-    b.create_tube = create_unpatched  # type: ignore[method-assign]
+    answer_as_shipped(b)
     tube_id = await connect_tubes(a, b)
     await until(lambda: bool(sides(b, tube_id).transport._connection._nominated), 10)
     drop_every(a, tube_id, 41)
