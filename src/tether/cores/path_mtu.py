@@ -47,7 +47,7 @@ import os
 import socket
 import struct
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Any
 
 from aiortc.rtcsctptransport import (
@@ -255,7 +255,6 @@ class PathMtuProber:
     def __init__(self, sctp: RTCSctpTransport) -> None:
         self.sctp = sctp
         self.search = MtuSearch()
-        self.route: tuple[int, int] | None = None
         self._loop = sctp._loop
         self._timer: Any = None
         self._nonce = int.from_bytes(os.urandom(8), "big")
@@ -272,14 +271,13 @@ class PathMtuProber:
         """Search the current path from the base size (on establishment and on every
         path change)."""
         sizes: tuple[int, ...] = ()
-        self.route = None
         found = self._probe_path()
         if found is not None:
             batch, remote = found
-            self.route = route_mtu(remote)
+            route = route_mtu(remote)
             peer = self.sctp.__dict__.get("_tether_peer_reads", UNANNOUNCED_MAX_PACKET)
-            if self.route is not None and batch.let_routers_fragment():
-                sizes = tuple(size for size in packet_sizes(*self.route) if size <= peer)
+            if route is not None and batch.let_routers_fragment():
+                sizes = tuple(size for size in packet_sizes(*route) if size <= peer)
         self._nonce += 1  # answers to an earlier search's probes are ignored
         self.search.restart(sizes, self._loop.time())
         self._apply()
@@ -418,12 +416,18 @@ def _set_state_probing(self: RTCSctpTransport, state: Any) -> None:
         found.stop()
 
 
-async def _receive_chunk_probing(self: RTCSctpTransport, chunk: Any) -> None:
+def _receive_chunk_probing(self: RTCSctpTransport, chunk: Any) -> Awaitable[None]:
+    # A plain function handing back aiortc's coroutine: every SACK a sender receives
+    # comes through here, and must not cost a coroutine more.
     if type(chunk) is HeartbeatAckChunk and (found := prober(self)) is not None:
         for kind, value in chunk.params:
             if kind == HEARTBEAT_INFO and found.answered(value):
-                return
-    await _wrapped["_receive_chunk"](self, chunk)
+                return _taken()
+    return _wrapped["_receive_chunk"](self, chunk)  # type: ignore[no-any-return]
+
+
+async def _taken() -> None:
+    """A probe's answer, taken: nothing more to do with the chunk."""
 
 
 def _t3_expired_probing(self: RTCSctpTransport) -> None:
