@@ -189,3 +189,103 @@ def test_exactly_once_in_order_whatever_the_channel_does(ops):
     assert len(box) == 0, "everything kept was acknowledged in the end"
     expected = [seq for seq in sorted(tubes) if seq not in discarded_undelivered]
     assert [seq for seq in delivered if seq not in discarded_undelivered] == expected
+
+
+def test_inbox_delivers_a_run_that_follows_on_at_once_and_leaves_any_other_alone():
+    inbox = Inbox()
+    assert inbox.classify_run("p", "s", 0, [1, 2, 3])
+    assert inbox.last("p", "s") == 3
+    assert not inbox.classify_run("p", "s", 2, [3, 4])  # 3 was delivered
+    assert not inbox.classify_run("p", "s", 4, [5, 6])  # 4 is missing
+    assert inbox.last("p", "s") == 3  # refusals change nothing
+    assert inbox.classify_run("p", "s", 2, [7])  # 4-6 discarded by the sender: follows on
+    assert inbox.last("p", "s") == 7
+
+
+# -- the client's burst: deciding a frame at once gives what deciding each signal gives ----
+
+_FIELD = st.one_of(st.integers(-1, 9), st.booleans(), st.none(), st.just(2.0), st.just("3"))
+
+
+@st.composite
+def _frame(draw):
+    """A frame as a relay (or a hostile one) may send: often a run, sometimes anything."""
+    peer = draw(st.sampled_from(["p", "q"]))
+    session = draw(st.sampled_from(["s", "t"]))
+    if draw(st.booleans()):  # a run: rising seqs, each naming the one before
+        prev = draw(st.integers(0, 3))  # often what the inbox delivered last
+        frame = []
+        for _ in range(draw(st.integers(1, 5))):
+            seq = prev + draw(st.integers(0, 2))  # 0: the same seq again
+            frame.append({"peer": peer, "session": session, "seq": seq, "prev": prev})
+            prev = seq
+        if draw(st.booleans()):  # then spoil one field of one signal
+            victim = draw(st.sampled_from(frame))
+            key = draw(st.sampled_from(["peer", "session", "seq", "prev"]))
+            victim[key] = draw(st.one_of(_FIELD, st.sampled_from(["p", "q", "s", "t"])))
+        return frame
+    frame = []
+    for _ in range(draw(st.integers(1, 5))):
+        signal = {}
+        for key, values in (("peer", st.sampled_from(["p", "q", 1])),
+                            ("session", st.sampled_from(["s", "t"])),
+                            ("seq", _FIELD), ("prev", _FIELD)):
+            if draw(st.integers(0, 5)):
+                signal[key] = draw(values)
+        frame.append(signal)
+    return frame
+
+
+def _each_on_its_own(history, frames):
+    """What the client did before frames were decided at once: every signal on its own."""
+    inbox = Inbox()
+    for peer, session, seq in history:
+        inbox.classify(peer, session, seq, None)
+    acks, delivered = {}, []
+    for frame in frames:
+        key = None
+        for signal in frame:
+            peer, session, seq = signal.get("peer"), signal.get("session"), signal.get("seq")
+            if type(peer) is str and type(session) is str and type(seq) is int and seq >= 0:
+                if key is None:
+                    key = (peer, session)
+                    acks.setdefault(key, [])
+                elif key != (peer, session):
+                    continue
+                prev = signal.get("prev")
+                prev = prev if type(prev) is int and prev >= 0 else None
+                verdict = inbox.classify(peer, session, seq, prev)
+                if verdict == GAP:
+                    continue
+                acks[key].append(seq)
+                if verdict == DUPLICATE:
+                    continue
+            delivered.append(signal)
+    return [(key, seqs) for key, seqs in acks.items() if seqs], delivered
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["p", "q"]), st.sampled_from(["s", "t"]),
+                          st.integers(1, 3)), max_size=4),
+       st.lists(_frame(), min_size=1, max_size=5))
+def test_a_burst_is_accepted_and_acknowledged_as_if_each_signal_were_decided_alone(
+        history, frames):
+    from tether.signaling import SignalingClient
+
+    delivered = []
+    client = SignalingClient("ws://127.0.0.1:1/", "token", "conv", delivered.append)
+    for peer, session, seq in history:
+        client._inbox.classify(peer, session, seq, None)
+
+    class Socket:
+        acks = []
+
+        async def send(self, text):
+            ack = json.loads(text)
+            self.acks.append(((ack["to"], ack["session"]), ack["seqs"]))
+
+    socket = Socket()
+    flush = client._flush(socket, [list(frame) for frame in frames])
+    with pytest.raises(StopIteration):  # nothing in it waits: the socket takes every ack
+        flush.send(None)
+    assert (socket.acks, delivered) == _each_on_its_own(history, frames)

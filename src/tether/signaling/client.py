@@ -528,10 +528,16 @@ class _Conversation(_Lifecycle):
             return
         frames = burst[:]
         burst.clear()
-        classify = self._inbox.classify
+        classify, classify_run = self._inbox.classify, self._inbox.classify_run
         acks: dict[tuple[str, str], list[int]] = {}
         accepted: list[Signal] = []
         for signals in frames:
+            run = _run_of(signals)
+            if run is not None and classify_run(*run):
+                # The usual frame: the next signals of one sender, in order, decided once.
+                acks.setdefault((run[0], run[1]), []).extend(run[3])
+                accepted += signals
+                continue
             key: tuple[str, str] | None = None  # the one (peer, session) of this frame
             seqs: list[int] = []
             for signal in signals:
@@ -1186,6 +1192,26 @@ def backoff(base: float, maximum: float, attempt: int, retry_after: float = 0.0)
     delay = min(maximum, base * (2**attempt))
     delay = delay / 2 + random.uniform(0, delay / 2)
     return max(delay, min(retry_after, MAX_RETRY_AFTER))
+
+
+def _run_of(signals: list[Signal]) -> tuple[str, str, int, list[int]] | None:
+    """(peer, session, prev, seqs) when a frame is one sender's run: each signal of the same
+    peer and session, with an int seq above the one before, naming it as ``prev``. None
+    otherwise (then each signal is looked at on its own)."""
+    first = signals[0]
+    peer, session, prev = first.get(PEER_FIELD), first.get(SESSION_FIELD), first.get(PREV_FIELD)
+    if type(peer) is not str or type(session) is not str or type(prev) is not int or prev < 0:
+        return None
+    start = prev
+    seqs = []
+    for signal in signals:
+        seq = signal.get(SEQ_FIELD)
+        if (type(seq) is not int or seq <= prev or signal.get(PREV_FIELD) != prev
+                or signal.get(PEER_FIELD) != peer or signal.get(SESSION_FIELD) != session):
+            return None
+        seqs.append(seq)
+        prev = seq
+    return peer, session, start, seqs
 
 
 def _is_count(value: Any) -> bool:

@@ -145,11 +145,28 @@ class Inbox:
             return DUPLICATE
         if prev is not None and prev > last:
             return GAP
+        self._remember(key, seq)
+        return DELIVER
+
+    def classify_run(self, peer: str, session: str, prev: int, seqs: list[int]) -> bool:
+        """Deliver a whole run at once, if :meth:`classify` would deliver each of it.
+
+        ``seqs`` rise, each signal after the first naming the one before as ``prev`` and the
+        first naming ``prev``: the usual frame from the relay. True (and remembered) when
+        the run follows on from what was delivered; False, with nothing changed, otherwise
+        (then classify each signal)."""
+        key = (peer, session)
+        last = self._last.get(key, 0)
+        if seqs[0] <= last or prev > last:
+            return False
+        self._remember(key, seqs[-1])
+        return True
+
+    def _remember(self, key: tuple[str, str], seq: int) -> None:
         self._last[key] = seq
         self._last.move_to_end(key)
         while len(self._last) > self._limit:
             self._last.popitem(last=False)
-        return DELIVER
 
 
 class ResendTimer:
