@@ -77,6 +77,8 @@ def test_summary_null_with_reason_and_ratios() -> None:
     assert "path_mtu_gain" not in summary(c)
     c.add({"tunnel_base_packet_mb_s": 5.0})
     assert summary(c)["path_mtu_gain"] == 4.0  # tunnel_mb_s median 20 over 5
+    c.add({"handler_signals_per_cpu_s": 200_000.0, "handler_floor_signals_per_s": 700_000.0})
+    assert summary(c)["handler_cpu_vs_floor"] == 3.5  # CPU per signal, in floors
     assert Spread.of([]) is None
     assert Spread.of([3, 1, 2]) == Spread(1.0, 2.0, 3.0, 3)
 
@@ -120,6 +122,7 @@ async def test_handler_path_counts_every_signal() -> None:
     assert result["handler_sealed_signals_per_s"] > 0
     assert 0 < result["handler_ack_frames_per_frame"] <= 1  # coalesced: at most 1 per frame
     assert result["router_signals_per_s"] > 0
+    assert result["handler_floor_signals_per_s"] > 0
 
 
 async def test_sctp_receive_step_both_ways_same_sacks() -> None:

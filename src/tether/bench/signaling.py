@@ -228,6 +228,7 @@ async def measure_handler(total: int, *, sealed: bool | None = None) -> dict[str
         out = await measure_handler(total, sealed=False)
         out.update(await measure_handler(max(PER_FRAME, total // 5), sealed=True))
         out.update(await measure_router(total))
+        out.update(await measure_floor(total))
         return out
     from ..sealing import Sealer
     from ..signaling import SignalingClient
@@ -321,6 +322,29 @@ async def measure_router(total: int) -> dict[str, Any]:
     if core.candidates != 3 * total:
         raise RuntimeError(f"the router delivered {core.candidates} of {3 * total} candidates")
     return {"router_signals_per_s": total / best}
+
+
+async def measure_floor(total: int) -> dict[str, Any]:
+    """``handler_floor_signals_per_s``: the least any Python client does per signal, on the
+    same frames: parse each frame (orjson), find each signal's tube in a dict, await its
+    core's ``add_ice_candidate`` (best of 3, per CPU second). No validation, order check,
+    acknowledgement, router, manager or socket: what is left when all of those cost
+    nothing. ``tether bench`` divides it by ``handler_signals_per_cpu_s``:
+    ``handler_cpu_vs_floor``, the client's CPU per signal in floors."""
+    frames = _frames(total, "bench")
+    core = CountingCore(3 * total)
+    cores = {f"tube-{tube:06d}": core for tube in range(TUBES)}
+    loads = orjson.loads
+    best = math.inf
+    for _ in range(3):
+        started = time.process_time()
+        for frame in frames:
+            for signal in loads(frame):
+                await cores[signal["tube_id"]].add_ice_candidate(signal["tube_id"], signal["data"])
+        best = min(best, time.process_time() - started)
+    if core.candidates != 3 * total:
+        raise RuntimeError(f"the floor delivered {core.candidates} of {3 * total} candidates")
+    return {"handler_floor_signals_per_s": total / best}
 
 
 # -- the relay (fallback until tether.bench.relay exists) ------------------------------------

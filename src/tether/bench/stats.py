@@ -103,7 +103,10 @@ def summary(collected: Collected, extra_keys: Iterable[str] = ()) -> dict[str, A
                # like for like: the floor's packets are aiortc's size
                "tunnel_cpu_vs_floor": ("cpu_ms_per_mb_base_packet",
                                        "floor_cpu_ms_per_mb_busier"),
-               "path_mtu_gain": ("tunnel_mb_s", "tunnel_base_packet_mb_s")}
+               "path_mtu_gain": ("tunnel_mb_s", "tunnel_base_packet_mb_s"),
+               # the client's CPU per signal over the least Python can do
+               "handler_cpu_vs_floor": ("handler_floor_signals_per_s",
+                                        "handler_signals_per_cpu_s")}
     # A ratio beyond the required ones is shown when both of its figures were measured.
     keys += [k for k, (a, b) in derived.items() if k not in keys
              and collected.spread(a) is not None and collected.spread(b) is not None]
