@@ -278,7 +278,8 @@ def test_a_burst_is_accepted_and_acknowledged_as_if_each_signal_were_decided_alo
         client._inbox.classify(peer, session, seq, None)
 
     class Socket:
-        acks = []
+        def __init__(self):
+            self.acks = []
 
         async def send(self, text):
             ack = json.loads(text)

@@ -151,10 +151,10 @@ class Inbox:
     def classify_run(self, peer: str, session: str, prev: int, seqs: list[int]) -> bool:
         """Deliver a whole run at once, if :meth:`classify` would deliver each of it.
 
-        ``seqs`` rise, each signal after the first naming the one before as ``prev`` and the
-        first naming ``prev``: the usual frame from the relay. True (and remembered) when
-        the run follows on from what was delivered; False, with nothing changed, otherwise
-        (then classify each signal)."""
+        A run is the usual frame from the relay: ``seqs`` rise, the first signal names
+        ``prev`` as its predecessor and each later one the signal before it. True (and
+        remembered) when the run follows on from what was delivered; False, with nothing
+        changed, otherwise (then classify each signal)."""
         key = (peer, session)
         last = self._last.get(key, 0)
         if seqs[0] <= last or prev > last:
