@@ -21,7 +21,7 @@ from typing import Any
 
 from . import checked
 from .checked import Payload
-from .cli_tunnel import cli_tunnel, cpu_ms_per_mb
+from .cli_tunnel import cli_tunnel, timed_push
 from .keeper import Skip, in_lo_namespace, unavailable
 
 __all__ = ["Skip", "measure", "unavailable"]
@@ -41,13 +41,11 @@ async def _run_inside(mb: float, seed: int) -> dict[str, Any]:
     sink = await checked.start_sink()
     try:
         async with cli_tunnel(sink.sockets[0].getsockname()[1], ["--core", "keeper"]) as run:
-            cpu0 = run.cpu()
-            seconds = await checked.push(run.address, payload)
-            cpu = cpu_ms_per_mb(cpu0, run.cpu(), payload.mb)
-            out: dict[str, Any] = {"keeper_tether_mb_s": payload.mb / seconds,
+            mb_s, busier = await timed_push(run, payload)
+            out: dict[str, Any] = {"keeper_tether_mb_s": mb_s,
                                    "keeper_tether_connect_ms": run.connect_ms}
-            if cpu:
-                out["keeper_tether_cpu_ms_per_mb"] = max(cpu.values())
+            if busier is not None:
+                out["keeper_tether_cpu_ms_per_mb"] = busier
             return out
     finally:
         sink.close()
